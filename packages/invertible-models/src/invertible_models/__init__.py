@@ -1,5 +1,40 @@
-"""invertible-models."""
+"""invertible-models: the ResNet/RevNet zoo of the RevNet paper, and a memory/time profiler.
+
+Build a model by name::
+
+    from invertible_models import create_model, list_models
+
+    model = create_model("revnet110", num_classes=100)  # reversible stages save memory
+    plain = create_model("revnet110", num_classes=100, memory_saving=False)
+
+Run ``invertible-profile revnet110 resnet110`` to see what reversibility buys.
+"""
 
 from invertible_models._version import __version__
+from invertible_models.blocks import (
+    BasicBlock,
+    BasicResidual,
+    Bottleneck,
+    BottleneckResidual,
+    ResidualBlock,
+    reversible_block,
+)
+from invertible_models.registry import create_model, list_models, register_model
+from invertible_models.resnet import ResNet
+from invertible_models.revnet import RevNet, RevNetStage
 
-__all__ = ["__version__"]
+__all__ = [
+    "BasicBlock",
+    "BasicResidual",
+    "Bottleneck",
+    "BottleneckResidual",
+    "ResNet",
+    "ResidualBlock",
+    "RevNet",
+    "RevNetStage",
+    "__version__",
+    "create_model",
+    "list_models",
+    "register_model",
+    "reversible_block",
+]

@@ -1,0 +1,71 @@
+"""One name, one constructor: the registry of the zoo.
+
+Model files register their constructors with :func:`register_model`; users build models
+with :func:`create_model` by name (``"revnet110"``), so configuration files and command
+lines hold names, never import paths (loading classes from dotted paths in a config runs
+arbitrary code). :func:`list_models` tells what exists.
+"""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from torch import nn
+
+__all__ = ["create_model", "list_models", "register_model"]
+
+ModelFn = TypeVar("ModelFn", bound=Callable[..., nn.Module])
+
+_MODELS: dict[str, Callable[..., nn.Module]] = {}
+
+
+def register_model(fn: ModelFn) -> ModelFn:
+    """Register a model constructor under its function name; returns it unchanged.
+
+    The constructor takes ``num_classes`` and keyword options; if it also takes
+    ``memory_saving``, :func:`create_model` passes that through.
+    """
+    name = fn.__name__
+    if name in _MODELS and _MODELS[name] is not fn:
+        raise ValueError(f"a model named {name!r} is already registered")
+    _MODELS[name] = fn
+    return fn
+
+
+def list_models() -> list[str]:
+    """The registered model names, sorted."""
+    _load_zoo()
+    return sorted(_MODELS)
+
+
+def create_model(
+    name: str, num_classes: int = 10, memory_saving: bool = True, **options: Any
+) -> nn.Module:
+    """Build the registered model ``name``.
+
+    Args:
+        name: a name from :func:`list_models`, e.g. ``"resnet110"`` or ``"revnet110"``.
+        num_classes: outputs of the classifier (10 for CIFAR-10, 100 for CIFAR-100).
+        memory_saving: for reversible networks, run the reversible stages without storing
+            their activations (recomputed in backward). ResNets have no reversible stage and
+            ignore it; their memory/time trade-off is ``checkpoint_blocks=True``.
+        **options: passed to the network class (e.g. ``checkpoint_transitions``,
+            ``anchor_every``, ``stem``, ``in_channels``).
+
+    Raises:
+        ValueError: unknown ``name``; the message lists the known names.
+    """
+    _load_zoo()
+    if name not in _MODELS:
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_MODELS))}")
+    fn = _MODELS[name]
+    if "memory_saving" in inspect.signature(fn).parameters:
+        options["memory_saving"] = memory_saving
+    return fn(num_classes=num_classes, **options)
+
+
+def _load_zoo() -> None:
+    """Import the model files so that their constructors are registered."""
+    from invertible_models import resnet, revnet  # noqa: F401
