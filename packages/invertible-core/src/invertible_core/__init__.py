@@ -1,5 +1,38 @@
-"""invertible-core: memory-efficient invertible (reversible) layers for PyTorch."""
+"""invertible-core: memory-efficient invertible (reversible) layers for PyTorch.
+
+Couplings turn shape-preserving functions into invertible blocks; a
+:class:`ReversibleSequence` trains a chain of them with memory flat in depth; the
+:class:`InvertibleModuleWrapper` (MemCNN's API) saves memory around any single invertible
+module; :func:`is_invertible_module` checks invertibility without side effects.
+"""
 
 from invertible_core._version import __version__
+from invertible_core.checks import is_invertible_module
+from invertible_core.couplings import (
+    AdditiveCoupling,
+    AffineAdapterNaive,
+    AffineAdapterSigmoid,
+    AffineCoupling,
+    Coupling,
+    create_coupling,
+)
+from invertible_core.memory import MemoryStats, measure_memory
+from invertible_core.sequence import COUPLING_PROTOCOL, ReversibleSequence
+from invertible_core.wrapper import InvertibleModuleWrapper, ReversibleBlock
 
-__all__ = ["__version__"]
+__all__ = [
+    "COUPLING_PROTOCOL",
+    "AdditiveCoupling",
+    "AffineAdapterNaive",
+    "AffineAdapterSigmoid",
+    "AffineCoupling",
+    "Coupling",
+    "InvertibleModuleWrapper",
+    "MemoryStats",
+    "ReversibleBlock",
+    "ReversibleSequence",
+    "__version__",
+    "create_coupling",
+    "is_invertible_module",
+    "measure_memory",
+]

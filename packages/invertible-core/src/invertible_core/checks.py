@@ -1,0 +1,1 @@
+is_invertible_module=None

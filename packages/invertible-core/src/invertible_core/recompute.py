@@ -1,0 +1,177 @@
+"""The state a recomputation must replay: random numbers, autocast, normalisation statistics.
+
+Rebuilding activations in the backward pass means running ``Fm`` and ``Gm`` a second time.
+That second run must compute *the same function* as the first, or the gradients are wrong
+(dropout masks differ) or the model's state drifts (BatchNorm counts every batch twice).
+This module holds the three pieces of state involved:
+
+- :class:`BlockRecord` captures the CPU (and CUDA) random state before each recomputed call,
+  so that dropout draws the same masks again; the caller's own random stream is restored
+  after the backward pass (:func:`forked_rng`).
+- :class:`AutocastState` captures the autocast settings of the forward pass, so that the
+  recompute runs in the same precision (fp16/bf16) instead of silently in float32.
+- :func:`frozen_norm_statistics` lets BatchNorm layers normalise with batch statistics
+  during the recompute without updating ``running_mean``, ``running_var`` or
+  ``num_batches_tracked`` a second time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+__all__ = [
+    "AutocastState",
+    "BlockRecord",
+    "forked_rng",
+    "frozen_norm_statistics",
+    "tensor_devices",
+]
+
+
+def tensor_devices(tensors: Iterable[torch.Tensor]) -> tuple[torch.device, ...]:
+    """The distinct non-CPU devices of ``tensors`` (the CPU generator is always handled)."""
+    seen: dict[torch.device, None] = {}
+    for t in tensors:
+        if t.device.type != "cpu":
+            seen[t.device] = None
+    return tuple(seen)
+
+
+def _get_device_rng(device: torch.device) -> torch.Tensor:
+    if device.type == "cuda":
+        return torch.cuda.get_rng_state(device)
+    raise NotImplementedError(
+        f"preserve_rng_state does not know how to capture the random state of device "
+        f"{str(device)!r}; pass preserve_rng_state=False"
+    )
+
+
+def _set_device_rng(device: torch.device, state: torch.Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+
+
+class BlockRecord:
+    """What one block's recompute must replay: random states and autocast settings.
+
+    The forward pass calls :meth:`capture` before each module call of the block (``slot``
+    0 for ``Fm``, 1 for ``Gm`` in a coupling); the backward pass runs each recomputed call
+    inside :meth:`replay` with the same slot. Capturing a random state costs one copy of
+    the generator state (about 5 KB on the CPU) per call, and only when ``preserve_rng``.
+    """
+
+    __slots__ = ("_autocast", "_devices", "_preserve_rng", "_states")
+
+    def __init__(
+        self,
+        devices: tuple[torch.device, ...],
+        preserve_rng: bool,
+        autocast: AutocastState | None,
+    ) -> None:
+        self._devices = devices
+        self._preserve_rng = preserve_rng
+        self._autocast = autocast
+        self._states: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+
+    def capture(self, slot: int) -> None:
+        if self._preserve_rng:
+            self._states[slot] = (
+                torch.get_rng_state(),
+                tuple(_get_device_rng(d) for d in self._devices),
+            )
+
+    @contextmanager
+    def replay(self, slot: int) -> Iterator[None]:
+        """Restore the random state captured for ``slot`` and re-enter the autocast state."""
+        state = self._states.get(slot)
+        if state is not None:
+            cpu_state, device_states = state
+            torch.set_rng_state(cpu_state)
+            for device, device_state in zip(self._devices, device_states):
+                _set_device_rng(device, device_state)
+        if self._autocast is None:
+            yield
+        else:
+            with self._autocast.replay():
+                yield
+
+
+@contextmanager
+def forked_rng(devices: tuple[torch.device, ...], enabled: bool = True) -> Iterator[None]:
+    """Leave the caller's random streams (CPU and ``devices``) as they were on exit."""
+    if not enabled:
+        yield
+        return
+    cpu_state = torch.get_rng_state()
+    device_states = [_get_device_rng(d) for d in devices]
+    try:
+        yield
+    finally:
+        torch.set_rng_state(cpu_state)
+        for device, state in zip(devices, device_states):
+            _set_device_rng(device, state)
+
+
+@dataclass(frozen=True)
+class AutocastState:
+    """Autocast settings (per device type) in force when the forward pass ran."""
+
+    settings: tuple[tuple[str, bool, torch.dtype, bool], ...]
+
+    @classmethod
+    def capture(cls, devices: tuple[torch.device, ...]) -> AutocastState:
+        device_types = ["cpu", *(d.type for d in devices if d.type != "cpu")]
+        settings = []
+        for device_type in dict.fromkeys(device_types):
+            enabled = torch.is_autocast_enabled(device_type)
+            settings.append(
+                (
+                    device_type,
+                    enabled,
+                    torch.get_autocast_dtype(device_type),
+                    torch.is_autocast_cache_enabled(),
+                )
+            )
+        return cls(tuple(settings))
+
+    @contextmanager
+    def replay(self) -> Iterator[None]:
+        """Run the enclosed recompute under the captured autocast settings."""
+        with ExitStack() as stack:
+            for device_type, enabled, dtype, cache_enabled in self.settings:
+                stack.enter_context(
+                    torch.autocast(
+                        device_type=device_type,
+                        dtype=dtype,
+                        enabled=enabled,
+                        cache_enabled=cache_enabled,
+                    )
+                )
+            yield
+
+
+@contextmanager
+def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
+    """Normalise with batch statistics but leave running statistics untouched.
+
+    In training mode a BatchNorm layer with ``track_running_stats=False`` uses the batch's
+    statistics (as it did in the forward pass) and writes no buffer, which is exactly what a
+    recompute needs. The flag is restored on exit, even on error.
+    """
+    frozen: list[nn.modules.batchnorm._BatchNorm] = []
+    for root in modules:
+        for m in root.modules():
+            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+                frozen.append(m)
+    for m in frozen:
+        m.track_running_stats = False
+    try:
+        yield
+    finally:
+        for m in frozen:
+            m.track_running_stats = True

@@ -1,0 +1,2 @@
+InvertibleModuleWrapper=None
+ReversibleBlock=None
