@@ -1,2 +1,329 @@
-InvertibleModuleWrapper=None
-ReversibleBlock=None
+"""InvertibleModuleWrapper: memory saving around one invertible module (MemCNN's API).
+
+The trade-off: a wrapped module keeps no activation of its own while training. Its output
+is kept (autograd needs *something* to start from) until the next wrapped module takes it
+over; that module rebuilds it in its own backward pass and hands it back. A chain of
+wrapped blocks therefore holds one block's output at a time, whatever its depth. The cost
+is one recompute per block: for couplings the fused RevNet step (``Gm(y1)`` and ``Fm(x2)``
+once each, with grad); for any other module with an ``inverse`` the inverse plus a
+re-forward (two calls).
+
+How this differs from MemCNN's wrapper, on purpose:
+
+- No tensor's storage is ever freed or refilled. MemCNN shrinks the caller's input to zero
+  bytes and rewrites it in backward, which corrupts tensors that other ops saved (a ReLU
+  feeding the block: MemCNN issue 70), destroys inputs under ``no_grad``/eval, and breaks
+  DDP and ``torch.compile``. Here the caller's tensors are left intact, always: memory is
+  saved by not *keeping* references, never by destroying them.
+- ``preserve_rng_state`` defaults to ``True`` (as in ``torch.utils.checkpoint``): dropout
+  inside the module draws the same masks in the recompute, so gradients are exact.
+- BatchNorm statistics are updated once per forward (MemCNN: three times).
+- Leaf inputs receive their gradient once (MemCNN: twice); ``torch.autograd.grad`` works.
+- The recompute runs under the forward pass's autocast settings (MemCNN forces float32).
+- The deprecated ``implementation_*`` arguments of the couplings are accepted and ignored.
+
+For whole chains of couplings prefer :class:`~invertible_core.ReversibleSequence`: one
+autograd node for the chain, a little faster, and nothing to hand over between blocks.
+
+Limits: if a wrapped block's output is modified in place after the call, backward raises
+(the output is version-checked, like any saved tensor). If block k's output feeds wrapped
+block k+1 whose own output does not reach the loss, block k cannot be rebuilt and backward
+raises with advice (use ``keep_input=True`` on block k+1). The backward pass is not itself
+differentiable (no double backward).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
+
+from invertible_core.couplings import Coupling, create_coupling
+from invertible_core.recompute import (
+    AutocastState,
+    BlockRecord,
+    forked_rng,
+    frozen_norm_statistics,
+    tensor_devices,
+)
+
+__all__ = ["InvertibleModuleWrapper", "ReversibleBlock"]
+
+
+class _WrapperRun:
+    """Per-call settings and state shared by forward and backward."""
+
+    def __init__(
+        self, wrapper: InvertibleModuleWrapper, n_inputs: int, inverse: bool, params: list[Tensor]
+    ) -> None:
+        self.fn = wrapper._fn
+        self.n_inputs = n_inputs
+        self.inverse = inverse
+        self.keep_input = wrapper.keep_input_inverse if inverse else wrapper.keep_input
+        self.num_bwd_passes = wrapper.num_bwd_passes
+        self.preserve_rng = wrapper.preserve_rng_state
+        self.params = params
+
+
+def _call(fn: nn.Module, inverse: bool, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    out = fn.inverse(*inputs) if inverse else fn(*inputs)
+    outputs = out if isinstance(out, tuple) else (out,)
+    for i, t in enumerate(outputs):
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"InvertibleModuleWrapper: fn.{'inverse' if inverse else 'forward'} returned a "
+                f"{type(t).__name__} at position {i}; it must return tensors"
+            )
+    return outputs
+
+
+def _is_coupling_call(fn: nn.Module, n_inputs: int) -> bool:
+    return isinstance(fn, Coupling) and n_inputs == 1
+
+
+class _WrapperFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, run: _WrapperRun, *args: Tensor) -> tuple[Tensor, ...]:
+        inputs = args[: run.n_inputs]
+        devices = tensor_devices(inputs)
+        record = BlockRecord(devices, run.preserve_rng, AutocastState.capture(devices))
+        fn = run.fn
+        if not run.keep_input and _is_coupling_call(fn, run.n_inputs):
+            assert isinstance(fn, Coupling)
+            step = fn.inverse_halves if run.inverse else fn.forward_halves
+            outputs: tuple[Tensor, ...] = (fn.merge(*step(*fn.split(inputs[0]), record=record)),)
+        else:
+            record.capture(0)
+            outputs = _call(fn, run.inverse, inputs)
+        ctx.run = run
+        ctx.record = record
+        ctx.devices = devices
+        ctx.passes = 0
+        ctx.rebuilt = [None] * len(outputs)
+        ctx.promises = []
+        ctx.output_meta = [(t.shape, t.dtype, t.device) for t in outputs]
+        ctx.outputs = None
+        if run.keep_input:
+            ctx.save_for_backward(*inputs)
+        else:
+            # Keep our outputs until a wrapped consumer takes them over; take over the
+            # inputs that a wrapped producer kept, promising to hand them back rebuilt.
+            ctx.outputs = [(t.detach(), t._version) for t in outputs]
+            for j, x in enumerate(inputs):
+                producer = x.grad_fn
+                if type(producer) is _WrapperFunction._backward_cls:  # type: ignore[attr-defined]
+                    slot = x.output_nr
+                    if producer.outputs is not None and producer.outputs[slot] is not None:
+                        producer.outputs[slot] = None
+                        ctx.promises.append((producer, slot, j))
+        return outputs
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
+        run: _WrapperRun = ctx.run
+        ctx.passes += 1
+        if ctx.passes > run.num_bwd_passes:
+            raise RuntimeError(
+                f"InvertibleModuleWrapper: backward pass {ctx.passes} through this block, but "
+                f"it was built with num_bwd_passes={run.num_bwd_passes}; construct it with "
+                f"num_bwd_passes={ctx.passes} (or more) to backpropagate through it that often"
+            )
+        outputs = () if run.keep_input else _held_outputs(ctx)
+        grads = tuple(
+            torch.zeros(shape, dtype=dtype, device=device) if g is None else g.to(dtype)
+            for g, (shape, dtype, device) in zip(grad_outputs, ctx.output_meta)
+        )
+        needs = ctx.needs_input_grad
+        wanted = [i for i, p in enumerate(run.params) if needs[1 + run.n_inputs + i]]
+        params = [run.params[i] for i in wanted]
+        fn = run.fn
+        with forked_rng(ctx.devices, enabled=run.preserve_rng), frozen_norm_statistics([fn]):
+            if not run.keep_input and _is_coupling_call(fn, run.n_inputs):
+                assert isinstance(fn, Coupling)
+                step = fn.inverse_backward_halves if run.inverse else fn.backward_halves
+                y1, y2 = fn.split(outputs[0])
+                dy1, dy2 = fn.split(grads[0])
+                x1, x2, dx1, dx2, param_grads = step(y1, y2, dy1, dy2, ctx.record, params)
+                inputs: tuple[Tensor, ...] = (fn.merge(x1, x2),)
+                input_grads: tuple[Tensor | None, ...] = (fn.merge(dx1, dx2),)
+            else:
+                if run.keep_input:
+                    inputs = tuple(ctx.saved_tensors)
+                else:
+                    with torch.no_grad():
+                        inputs = _call(fn, not run.inverse, outputs)
+                inputs, input_grads, param_grads = _reforward(ctx, inputs, grads, params)
+        if not run.keep_input:
+            for producer, slot, j in ctx.promises:
+                producer.rebuilt[slot] = inputs[j].detach()
+        if ctx.passes == run.num_bwd_passes:
+            ctx.outputs = None
+            ctx.promises = []
+        result: list[Tensor | None] = [None] * (1 + run.n_inputs + len(run.params))
+        for j, g in enumerate(input_grads):
+            if needs[1 + j]:
+                result[1 + j] = g
+        for i, g in zip(wanted, param_grads):
+            result[1 + run.n_inputs + i] = g
+        return tuple(result)
+
+
+def _held_outputs(ctx: Any) -> tuple[Tensor, ...]:
+    """This block's outputs: kept by itself, or rebuilt and handed back by its consumer."""
+    held: list[Tensor] = []
+    for slot in range(len(ctx.rebuilt)):
+        rebuilt = ctx.rebuilt[slot]
+        kept = None if ctx.outputs is None else ctx.outputs[slot]
+        if rebuilt is not None:
+            ctx.rebuilt[slot] = None  # free it as soon as this pass is done with it
+            held.append(rebuilt)
+        elif kept is not None:
+            tensor, version = kept
+            if tensor._version != version:
+                raise RuntimeError(
+                    "InvertibleModuleWrapper: an output of this block was modified in place "
+                    "after the call, so its input cannot be rebuilt from it. Clone the output "
+                    "before modifying it, or use keep_input=True."
+                )
+            held.append(tensor)
+        else:
+            raise RuntimeError(
+                "InvertibleModuleWrapper: this block's output was handed to the next wrapped "
+                "block to be rebuilt, but that block's backward did not run (its output does "
+                "not reach the loss). Construct the next block with keep_input=True."
+            )
+    return tuple(held)
+
+
+def _reforward(
+    ctx: Any,
+    inputs: tuple[Tensor, ...],
+    grads: tuple[Tensor, ...],
+    params: list[Tensor],
+) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...], tuple[Tensor | None, ...]]:
+    """Run ``fn`` again with grad from known inputs and backpropagate ``grads`` through it."""
+    run: _WrapperRun = ctx.run
+    detached = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in inputs)
+    with torch.enable_grad(), ctx.record.replay(0):
+        outputs = _call(run.fn, run.inverse, detached)
+    differentiable = [x for x in detached if x.requires_grad]
+    result = torch.autograd.grad(
+        outputs, (*differentiable, *params), grads, allow_unused=True
+    )
+    it = iter(result[: len(differentiable)])
+    input_grads = tuple(next(it) if x.requires_grad else None for x in detached)
+    return detached, input_grads, tuple(result[len(differentiable) :])
+
+
+class InvertibleModuleWrapper(nn.Module):
+    """Save memory around an invertible module by rebuilding its input in backward.
+
+    Args:
+        fn: a module with ``forward(*x)`` and ``inverse(*y)``, taking and returning tensors
+            (a one-element output comes back as a bare tensor). Couplings get the fused
+            one-recompute backward; other modules inverse + re-forward.
+        keep_input: keep the input of ``forward()`` for backward (no rebuild: exact, costs
+            its memory). ``False`` (default) rebuilds it from the output.
+        keep_input_inverse: the same for ``inverse()``.
+        num_bwd_passes: how many backward passes may run through the block (for
+            ``retain_graph=True``); one more raises an error that says so.
+        disable: plain autograd, no saving (for debugging and comparisons).
+        preserve_rng_state: reproduce random ops in the recompute (default ``True``; MemCNN
+            defaulted to ``False``, which gives wrong gradients with dropout).
+
+    Saving is active only in training mode, with grad enabled and something requiring a
+    gradient; otherwise ``fn`` is called directly. The caller's tensors are never freed.
+    """
+
+    def __init__(
+        self,
+        fn: nn.Module,
+        keep_input: bool = False,
+        keep_input_inverse: bool = False,
+        num_bwd_passes: int = 1,
+        disable: bool = False,
+        preserve_rng_state: bool = True,
+    ) -> None:
+        super().__init__()
+        if not isinstance(fn, nn.Module):
+            raise TypeError(f"InvertibleModuleWrapper: fn must be an nn.Module, got {type(fn).__name__}")
+        if not callable(getattr(fn, "inverse", None)):
+            raise TypeError(
+                f"InvertibleModuleWrapper: fn ({type(fn).__name__}) has no inverse() method; "
+                "wrap an invertible module, e.g. AdditiveCoupling(Fm, Gm)"
+            )
+        if not isinstance(num_bwd_passes, int) or num_bwd_passes < 1:
+            raise ValueError(f"num_bwd_passes must be an int >= 1, got {num_bwd_passes!r}")
+        self.disable = disable
+        self.keep_input = keep_input
+        self.keep_input_inverse = keep_input_inverse
+        self.num_bwd_passes = num_bwd_passes
+        self.preserve_rng_state = preserve_rng_state
+        self._fn = fn
+
+    def forward(self, *xin: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """``fn(*xin)``; while training, keeps no activation of its own."""
+        return self._run_direction(xin, inverse=False)
+
+    def inverse(self, *yin: Tensor) -> Tensor | tuple[Tensor, ...]:
+        """``fn.inverse(*yin)``; while training, keeps no activation of its own."""
+        return self._run_direction(yin, inverse=True)
+
+    def _run_direction(self, inputs: tuple[Tensor, ...], inverse: bool) -> Tensor | tuple[Tensor, ...]:
+        name = "inverse" if inverse else "forward"
+        if len(inputs) == 0:
+            raise TypeError(f"InvertibleModuleWrapper.{name}() needs at least one tensor")
+        for i, x in enumerate(inputs):
+            if not isinstance(x, Tensor):
+                raise TypeError(
+                    f"InvertibleModuleWrapper.{name}() takes tensors only; argument {i} is a "
+                    f"{type(x).__name__}"
+                )
+        params = [p for p in self._fn.parameters() if p.requires_grad]
+        saving = (
+            not self.disable
+            and self.training
+            and torch.is_grad_enabled()
+            and (any(x.requires_grad for x in inputs) or bool(params))
+        )
+        if not saving:
+            outputs = _call(self._fn, inverse, inputs)
+        else:
+            run = _WrapperRun(self, len(inputs), inverse, params)
+            outputs = _WrapperFunction.apply(run, *inputs, *params)
+        return outputs[0] if len(outputs) == 1 else outputs
+
+
+class ReversibleBlock(InvertibleModuleWrapper):
+    """Deprecated (MemCNN): ``InvertibleModuleWrapper(create_coupling(Fm, Gm, coupling))``."""
+
+    def __init__(
+        self,
+        Fm: nn.Module,
+        Gm: nn.Module | None = None,
+        coupling: str = "additive",
+        keep_input: bool = False,
+        keep_input_inverse: bool = False,
+        implementation_fwd: int = -1,
+        implementation_bwd: int = -1,
+        adapter: Any = None,
+    ) -> None:
+        warnings.warn(
+            "ReversibleBlock is deprecated: use InvertibleModuleWrapper(AdditiveCoupling(Fm, Gm)) "
+            "or, for chains, ReversibleSequence",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        fn = create_coupling(
+            Fm,
+            Gm,
+            coupling=coupling,
+            implementation_fwd=implementation_fwd,
+            implementation_bwd=implementation_bwd,
+            adapter=adapter,
+        )
+        super().__init__(fn, keep_input=keep_input, keep_input_inverse=keep_input_inverse)
