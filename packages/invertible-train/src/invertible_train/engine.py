@@ -1,0 +1,657 @@
+"""The training loop: one :class:`Trainer` that trains, evaluates, logs and checkpoints.
+
+What a run leaves in its results directory (written by the main process only)::
+
+    config.toml            the resolved experiment (reusable with --config)
+    metrics.jsonl          one JSON object per logged step ("train") and evaluation ("eval")
+    summary.json           final test_accuracy (a fraction), test_loss, parameters,
+                           activation memory, images/s, versions of our packages and torch
+    checkpoints/last.pt    written every train.checkpoint_every iterations and at the end
+    checkpoints/best.pt    the evaluated model with the highest test accuracy so far
+    tensorboard/           event files: loss, accuracy, lr, throughput, memory
+
+Rerunning the same command resumes from ``checkpoints/last.pt``: same iteration, same
+position in the epoch's data order, same random states, so on the CPU the resumed run ends
+with bit-for-bit the weights of an uninterrupted one. A non-finite loss stops the run with
+:class:`NonFiniteLossError` before anything is saved over the last good checkpoint.
+
+Distributed training builds on four seams, each in one place: :meth:`Trainer.wrap_model`
+(wrap for DDP), :meth:`Trainer.reduce` (all-reduce evaluation sums), the sampler's
+``num_replicas``/``rank``, and :attr:`Trainer.is_main_process` (who writes files).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import json
+import math
+import shutil
+import sys
+import time
+from collections.abc import Iterator
+from importlib import metadata
+from pathlib import Path
+from typing import IO, Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from invertible_train.checkpoint import (
+    CheckpointError,
+    capture_rng_state,
+    load_checkpoint,
+    restore_rng_state,
+    save_checkpoint,
+)
+from invertible_train.config import ConfigError, ExperimentConfig, config_to_dict, dump_toml
+from invertible_train.data import BatchTransform, ImageData, ResumableSampler, build_data
+from invertible_train.data import make_loader
+from invertible_train.optim import build_optimizer, build_scheduler
+
+__all__ = [
+    "NonFiniteLossError",
+    "ResultsDirError",
+    "Trainer",
+    "build_model",
+    "package_versions",
+    "remove_results",
+    "select_device",
+]
+
+#: config keys that may change between a run and its resumption (they do not change what
+#: is computed, or they only extend it); any other difference refuses to resume.
+RESUMABLE_CHANGES = frozenset(
+    {
+        "data.workers",
+        "data.data_dir",
+        "data.download",
+        "data.eval_batch_size",
+        "train.iterations",
+        "train.epochs",
+        "train.device",
+        "train.log_every",
+        "train.eval_every",
+        "train.checkpoint_every",
+        "train.tensorboard",
+        "train.measure_memory",
+    }
+)
+
+_AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class NonFiniteLossError(RuntimeError):
+    """The loss became NaN or infinite; the last good checkpoint was kept."""
+
+
+class ResultsDirError(RuntimeError):
+    """The results directory holds something this run must not overwrite or resume."""
+
+
+def select_device(spec: str = "auto", no_cuda: bool = False) -> torch.device:
+    """``auto`` picks CUDA when present; ``no_cuda`` forces the CPU whatever ``spec`` says."""
+    if no_cuda or (spec == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if spec == "auto":
+        return torch.device("cuda")
+    device = torch.device(spec)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ConfigError(f"train.device is {spec!r} but CUDA is not available; use cpu or auto")
+    return device
+
+
+def build_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
+    """The network named in the config, from ``invertible_models``' registry."""
+    import invertible_models
+
+    try:
+        return invertible_models.create_model(  # type: ignore[attr-defined,no-any-return]
+            cfg.model.name,
+            num_classes=num_classes,
+            memory_saving=cfg.model.memory_saving,
+            **cfg.model.options,
+        )
+    except (KeyError, ValueError) as exc:
+        known = ", ".join(invertible_models.list_models())  # type: ignore[attr-defined]
+        raise ConfigError(f"cannot build model {cfg.model.name!r}: {exc}. Models: {known}") from None
+
+
+def package_versions() -> dict[str, str]:
+    """Installed versions of our three packages, torch and torchvision (for summaries)."""
+    out = {}
+    for dist in ("invertible-core", "invertible-models", "invertible-train", "torch", "torchvision"):
+        try:
+            out[dist] = metadata.version(dist)
+        except metadata.PackageNotFoundError:  # pragma: no cover - partial installs
+            out[dist] = "not installed"
+    return out
+
+
+_RESULT_MARKERS = ("config.toml", "checkpoints", "metrics.jsonl", "summary.json")
+
+
+def remove_results(path: Path) -> None:
+    """Delete an experiment's results (``--fresh``), refusing folders that are not results."""
+    if not path.exists():
+        return
+    if not path.is_dir() or not any((path / m).exists() for m in _RESULT_MARKERS):
+        raise ResultsDirError(
+            f"--fresh would delete {path}, which does not look like a results directory "
+            f"(none of {', '.join(_RESULT_MARKERS)}); remove it yourself or pick another one"
+        )
+    shutil.rmtree(path)
+
+
+def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    flat: dict[str, Any] = {}
+    for key, value in tree.items():
+        if isinstance(value, dict) and key != "options":
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[prefix + key] = value
+    return flat
+
+
+class Trainer:
+    """Trains one experiment into one results directory (see the module docstring).
+
+    ``rank``/``world_size`` describe the process group when training is distributed
+    (``data.batch_size`` is the global batch, split evenly across ranks); the defaults
+    describe a single process.
+    """
+
+    def __init__(
+        self,
+        cfg: ExperimentConfig,
+        results_dir: str | Path,
+        device: torch.device | str = "cpu",
+        quiet: bool = False,
+        data: ImageData | None = None,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.cfg = cfg
+        self.results_dir = Path(results_dir)
+        self.device = torch.device(device)
+        self.quiet = quiet
+        self.rank = rank
+        self.world_size = world_size
+        if cfg.data.batch_size % world_size:
+            raise ConfigError(
+                f"data.batch_size {cfg.data.batch_size} is not divisible by {world_size} processes"
+            )
+        self.local_batch_size = cfg.data.batch_size // world_size
+        self.data = data if data is not None else build_data(cfg.data, cfg.train.seed)
+        cuda = self.device.type == "cuda"
+        if cuda:
+            torch.backends.cudnn.benchmark = True
+
+        torch.manual_seed(cfg.train.seed)  # model initialisation depends on the seed only
+        model = build_model(cfg, self.data.num_classes).to(self.device)
+        self.module = model
+        self.model = self.wrap_model(model)
+        self.optimizer = build_optimizer(self.module.parameters(), cfg.optimizer)
+
+        self.sampler = ResumableSampler(
+            len(self.data.train),  # type: ignore[arg-type]
+            seed=cfg.train.seed,
+            num_replicas=world_size,
+            rank=rank,
+        )
+        self.batches_per_epoch = len(self.sampler) // self.local_batch_size
+        if self.batches_per_epoch == 0:
+            raise ConfigError(
+                f"data.batch_size {cfg.data.batch_size} exceeds the {len(self.sampler)} "
+                "training images per process"
+            )
+        self.total_iterations = (
+            cfg.train.epochs * self.batches_per_epoch if cfg.train.epochs else cfg.train.iterations
+        )
+        self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, self.total_iterations)
+        self.amp_dtype = _AMP_DTYPES.get(cfg.train.amp)
+        self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
+        self.loader = make_loader(
+            self.data.train,
+            self.local_batch_size,
+            sampler=self.sampler,
+            workers=cfg.data.workers,
+            pin_memory=cuda,
+            drop_last=True,
+        )
+        test_indices = list(range(rank, len(self.data.test), world_size))  # type: ignore[arg-type]
+        self.test_loader = make_loader(
+            self.data.test,
+            cfg.data.eval_batch_size,
+            sampler=test_indices,  # type: ignore[arg-type]
+            workers=cfg.data.workers,
+            pin_memory=cuda,
+        )
+        self.transform = BatchTransform(
+            self.data.mean,
+            self.data.std,
+            self.device,
+            augment=cfg.data.augment,
+            padding=cfg.data.crop_padding,
+            flip=cfg.data.horizontal_flip,
+            seed=cfg.train.seed,
+        )
+        self.iteration = 0
+        self.epoch = 0
+        self.position = 0  # batches of the current epoch already trained
+        self.best_accuracy = -math.inf
+        self._metrics: IO[str] | None = None
+        self._writer: Any = None
+
+    # -- the seams distributed training overrides -------------------------------------
+    @property
+    def is_main_process(self) -> bool:
+        """Whether this process writes files and prints (rank 0)."""
+        return self.rank == 0
+
+    def wrap_model(self, model: nn.Module) -> nn.Module:
+        """Where the model is wrapped for training (DistributedDataParallel goes here)."""
+        return model
+
+    def reduce(self, tensor: torch.Tensor) -> torch.Tensor:
+        """Sum a tensor over processes (identity for one process)."""
+        return tensor
+
+    # -- paths ----------------------------------------------------------------------
+    @property
+    def checkpoint_dir(self) -> Path:
+        return self.results_dir / "checkpoints"
+
+    @property
+    def last_checkpoint(self) -> Path:
+        return self.checkpoint_dir / "last.pt"
+
+    @property
+    def best_checkpoint(self) -> Path:
+        return self.checkpoint_dir / "best.pt"
+
+    # -- state --------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a bit-exact resume needs, as weights-only-loadable data."""
+        return {
+            "model": self.module.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "position": self.position,
+            "sampler": {
+                "epoch": self.epoch,
+                "start_index": self.position * self.local_batch_size,
+                "seed": self.sampler.seed,
+                "num_replicas": self.world_size,
+            },
+            "rng": capture_rng_state(),
+            "config": config_to_dict(self.cfg),
+            "num_classes": self.data.num_classes,
+            "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
+            "best_test_accuracy": self.best_accuracy,
+        }
+
+    def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
+        """Restore :meth:`state_dict`; a mismatch raises :class:`CheckpointError`."""
+        self._check_resumable(state, source)
+        try:
+            self.module.load_state_dict(state["model"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            self.scheduler.load_state_dict(state["scheduler"])
+            self.scaler.load_state_dict(state["scaler"])
+            self.iteration = int(state["iteration"])
+            self.epoch = int(state["epoch"])
+            self.position = int(state["position"])
+            self.best_accuracy = float(state["best_test_accuracy"])
+            restore_rng_state(state["rng"])
+        except (KeyError, RuntimeError, ValueError, TypeError) as exc:
+            raise CheckpointError(
+                f"checkpoint {source} does not fit this experiment ({type(exc).__name__}: "
+                f"{str(exc).splitlines()[0][:200]}); rerun with --fresh to start over, or "
+                "use another --results-dir"
+            ) from None
+
+    def _check_resumable(self, state: dict[str, Any], source: Path) -> None:
+        saved = _flatten(state.get("config", {}))
+        now = _flatten(config_to_dict(self.cfg))
+        differ = sorted(
+            key
+            for key in set(saved) | set(now)
+            if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key)
+        )
+        if differ:
+            changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+            raise ResultsDirError(
+                f"{self.results_dir} holds a run of a different experiment ({changes}), saved in "
+                f"{source}. Rerun with --fresh to discard it, or choose another --results-dir "
+                "or experiment name"
+            )
+        if state.get("sampler", {}).get("num_replicas", 1) != self.world_size:
+            raise ResultsDirError(
+                f"{source} was written by {state['sampler']['num_replicas']} processes; resume "
+                f"with the same number (now {self.world_size}) or rerun with --fresh"
+            )
+
+    def save(self, path: Path) -> None:
+        """Write a checkpoint (main process only)."""
+        if self.is_main_process:
+            save_checkpoint(self.state_dict(), path)
+
+    def resume(self) -> bool:
+        """Load ``checkpoints/last.pt`` when there is one; True when a run was resumed."""
+        for stale in self.checkpoint_dir.glob(".*.tmp"):  # a write a kill interrupted
+            stale.unlink(missing_ok=True)
+        if not self.last_checkpoint.exists():
+            return False
+        self.load_state_dict(load_checkpoint(self.last_checkpoint), self.last_checkpoint)
+        return True
+
+    # -- evaluation ------------------------------------------------------------------
+    def _autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """``(test_loss, test_accuracy)`` of the current model on the untouched test set.
+
+        Sums are reduced over processes before dividing, so the result is the same for
+        any number of processes.
+        """
+        was_training = self.model.training
+        self.model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for images, labels in self.test_loader:
+            images = images.to(self.device, non_blocking=True)
+            labels = labels.to(self.device, non_blocking=True)
+            with self._autocast():
+                logits = self.model(self.transform.test(images))
+            loss = F.cross_entropy(logits.float(), labels, reduction="sum")
+            sums[0] += loss
+            sums[1] += (logits.argmax(1) == labels).sum()
+            sums[2] += labels.numel()
+        self.model.train(was_training)
+        loss_sum, correct, count = self.reduce(sums).tolist()
+        return loss_sum / max(count, 1), correct / max(count, 1)
+
+    def measure_activation_memory(self) -> dict[str, int]:
+        """Bytes held for backward after one training forward, and the step's peak.
+
+        Measured on a copy of the model with the random state forked, so the measurement
+        changes nothing the run depends on (BatchNorm statistics, RNG).
+        """
+        from invertible_core.memory import measure_memory
+
+        images, labels = next(iter(self.test_loader))
+        n = min(self.local_batch_size, images.shape[0])
+        x = self.transform.test(images[:n].to(self.device))
+        y = labels[:n].to(self.device)
+        model = copy.deepcopy(self.module).train()
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+
+            def forward() -> torch.Tensor:
+                with self._autocast():
+                    return F.cross_entropy(model(x), y)
+
+            loss, fwd = measure_memory(forward, self.device)
+            del loss
+
+            def step() -> None:
+                forward().backward()
+
+            _, full = measure_memory(step, self.device)
+        return {"activation_bytes": fwd.retained_bytes, "step_peak_bytes": full.peak_bytes}
+
+    # -- logging ---------------------------------------------------------------------
+    def _open_logs(self, resumed: bool) -> None:
+        if not self.is_main_process:
+            return
+        self.results_dir.mkdir(parents=True, exist_ok=True)
+        (self.results_dir / "config.toml").write_text(
+            dump_toml(config_to_dict(self.cfg)), encoding="utf-8"
+        )
+        metrics = self.results_dir / "metrics.jsonl"
+        if resumed and metrics.exists():  # drop what the interrupted run logged after its checkpoint
+            kept = [
+                line
+                for line in metrics.read_text(encoding="utf-8").splitlines()
+                if line.strip() and json.loads(line).get("iteration", 0) <= self.iteration
+            ]
+            metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
+        elif metrics.exists():
+            metrics.unlink()
+        self._metrics = metrics.open("a", encoding="utf-8")
+        if self.cfg.train.tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(
+                str(self.results_dir / "tensorboard"),
+                purge_step=self.iteration if resumed else None,
+            )
+
+    def _log(self, record: dict[str, Any]) -> None:
+        if not self.is_main_process:
+            return
+        if self._metrics is not None:
+            self._metrics.write(json.dumps(record) + "\n")
+            self._metrics.flush()
+        if self._writer is not None:
+            kind = record["kind"]
+            for key, value in record.items():
+                if key not in ("kind", "iteration", "epoch", "time") and isinstance(
+                    value, (int, float)
+                ):
+                    self._writer.add_scalar(f"{kind}/{key}", value, record["iteration"])
+
+    def _close_logs(self) -> None:
+        if self._metrics is not None:
+            self._metrics.close()
+            self._metrics = None
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def _progress(self) -> Any:
+        from tqdm.auto import tqdm
+
+        silent = self.quiet or not self.is_main_process or not sys.stderr.isatty()
+        return tqdm(
+            total=self.total_iterations,
+            initial=self.iteration,
+            disable=silent,
+            desc=self.cfg.run_name(),
+            unit="it",
+            dynamic_ncols=True,
+        )
+
+    # -- training ----------------------------------------------------------------------
+    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """Training batches from the saved position onwards, epoch after epoch."""
+        while True:
+            if self.position >= self.batches_per_epoch:
+                self.epoch += 1
+                self.position = 0
+            self.sampler.set_epoch(self.epoch, self.position * self.local_batch_size)
+            for images, labels in self.loader:
+                yield images, labels
+            if self.position < self.batches_per_epoch:  # pragma: no cover - defensive
+                self.position = self.batches_per_epoch
+
+    def _nonfinite(self, bad: torch.Tensor, since: int) -> None:
+        if not bool(bad):
+            return
+        where = (
+            f"at iteration {self.iteration}"
+            if since == self.iteration - 1
+            else f"between iterations {since + 1} and {self.iteration}"
+        )
+        kept = (
+            f"the last good checkpoint {self.last_checkpoint} is kept"
+            if self.last_checkpoint.exists()
+            else "no checkpoint had been written yet"
+        )
+        message = (
+            f"non-finite training loss {where}; stopped, {kept}. Lower optimizer.lr "
+            "(--lr or --set optimizer.lr=...), or use --amp bf16/off instead of fp16"
+        )
+        self._log({"kind": "stopped", "iteration": self.iteration, "reason": message})
+        raise NonFiniteLossError(message)
+
+    def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """One optimisation step; returns detached ``(loss, correct)`` without syncing."""
+        x = self.transform.train(images, self.iteration, self.rank)
+        with self._autocast():
+            logits = self.model(x)
+            loss = F.cross_entropy(logits, labels)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        return loss.detach().float(), (logits.detach().argmax(1) == labels).sum()
+
+    def fit(self) -> dict[str, Any]:
+        """Train to ``total_iterations`` (resuming when possible); returns the summary."""
+        resumed = self.resume()
+        self._open_logs(resumed)
+        try:
+            return self._fit(resumed)
+        finally:
+            self._close_logs()
+
+    def _fit(self, resumed: bool) -> dict[str, Any]:
+        train = self.cfg.train
+        cpu = self.device.type == "cpu"
+        started = time.perf_counter()
+        train_seconds = 0.0
+        trained_images = 0
+        last_eval: tuple[float, float] | None = None
+        if resumed:
+            self._log({"kind": "resumed", "iteration": self.iteration, "epoch": self.epoch})
+        loss_sum = torch.zeros((), device=self.device)
+        correct = torch.zeros((), dtype=torch.int64, device=self.device)
+        bad = torch.zeros((), dtype=torch.bool, device=self.device)
+        window_images, window_seconds, checked = 0, 0.0, self.iteration
+        window_start = time.perf_counter()
+        self.model.train()
+        with self._progress() as bar:
+            batches = self._batches()
+            while self.iteration < self.total_iterations:
+                images, labels = next(batches)
+                images = images.to(self.device, non_blocking=True)
+                labels = labels.to(self.device, non_blocking=True)
+                loss, hits = self.train_step(images, labels)
+                self.iteration += 1
+                self.position += 1
+                n = labels.shape[0]
+                loss_sum += loss * n
+                correct += hits
+                bad |= ~torch.isfinite(loss)
+                window_images += n
+                bar.update(1)
+                if cpu:  # free on the CPU: stop at the very step that diverged
+                    self._nonfinite(bad, checked)
+                    checked = self.iteration
+                last = self.iteration >= self.total_iterations
+                log_now = self.iteration % train.log_every == 0 or last
+                eval_now = self.iteration % train.eval_every == 0 or last
+                save_now = self.iteration % train.checkpoint_every == 0 or last
+                if not (log_now or eval_now or save_now):
+                    continue
+                if self.device.type == "cuda":
+                    torch.cuda.synchronize(self.device)
+                window_seconds += time.perf_counter() - window_start
+                self._nonfinite(bad, checked)  # never save or report a diverged model
+                checked = self.iteration
+                if log_now:
+                    elapsed, window_seconds = window_seconds, 0.0
+                    train_seconds += elapsed
+                    trained_images += window_images
+                    record = {
+                        "kind": "train",
+                        "iteration": self.iteration,
+                        "epoch": self.epoch,
+                        "loss": loss_sum.item() / window_images,
+                        "accuracy": correct.item() / window_images,
+                        "lr": self.optimizer.param_groups[0]["lr"],
+                        "images_per_second": window_images / max(elapsed, 1e-9),
+                        "time": time.time(),
+                    }
+                    if self.device.type == "cuda":
+                        record["memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+                    self._log(record)
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        acc=f"{record['accuracy']:.3f}",
+                        img_s=f"{record['images_per_second']:.0f}",
+                        refresh=False,
+                    )
+                    loss_sum.zero_()
+                    correct.zero_()
+                    window_images = 0
+                if eval_now:
+                    test_loss, test_accuracy = last_eval = self.evaluate()
+                    self._log(
+                        {
+                            "kind": "eval",
+                            "iteration": self.iteration,
+                            "epoch": self.epoch,
+                            "test_loss": test_loss,
+                            "test_accuracy": test_accuracy,
+                        }
+                    )
+                    if test_accuracy > self.best_accuracy:
+                        self.best_accuracy = test_accuracy
+                        self.save(self.best_checkpoint)
+                if save_now:
+                    self.save(self.last_checkpoint)
+                window_start = time.perf_counter()
+            batches.close()  # shuts down loader workers now rather than at garbage collection
+        if last_eval is None:  # resumed a run that had already finished
+            last_eval = self.evaluate()
+        return self._summarize(last_eval, train_seconds, trained_images, started)
+
+    def _summarize(
+        self,
+        last_eval: tuple[float, float],
+        train_seconds: float,
+        trained_images: int,
+        started: float,
+    ) -> dict[str, Any]:
+        memory: dict[str, int | None] = {"activation_bytes": None, "step_peak_bytes": None}
+        if self.cfg.train.measure_memory:
+            memory.update(self.measure_activation_memory())
+        summary: dict[str, Any] = {
+            "experiment": self.cfg.run_name(),
+            "model": self.cfg.model.name,
+            "memory_saving": self.cfg.model.memory_saving,
+            "dataset": self.cfg.data.dataset,
+            "iterations": self.iteration,
+            "epochs": self.iteration / self.batches_per_epoch,
+            "test_accuracy": last_eval[1],
+            "test_loss": last_eval[0],
+            "best_test_accuracy": self.best_accuracy,
+            "parameters": sum(p.numel() for p in self.module.parameters()),
+            **memory,
+            "images_per_second": trained_images / train_seconds if train_seconds else None,
+            "train_seconds": train_seconds,
+            "wall_seconds": time.perf_counter() - started,
+            "device": str(self.device),
+            "amp": self.cfg.train.amp,
+            "world_size": self.world_size,
+            "versions": package_versions(),
+        }
+        if self.is_main_process:
+            if self._writer is not None and memory["activation_bytes"] is not None:
+                self._writer.add_scalar("memory/activation_bytes", memory["activation_bytes"], 0)
+                self._writer.add_scalar("memory/step_peak_bytes", memory["step_peak_bytes"], 0)
+            (self.results_dir / "summary.json").write_text(
+                json.dumps(summary, indent=2) + "\n", encoding="utf-8"
+            )
+        return summary
