@@ -17,6 +17,7 @@ torch.set_num_threads(min(2, os.cpu_count() or 1))
 #: a synthetic experiment that trains the tiny model in well under a second
 FAST = [
     "--set", "data.image_size=8",
+    "--set", "data.crop_padding=1",
     "--set", "data.synthetic_train_size=256",
     "--set", "data.synthetic_test_size=64",
     "--set", "data.eval_batch_size=64",

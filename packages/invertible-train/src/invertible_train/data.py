@@ -189,9 +189,9 @@ def _cifar(cfg: DataConfig, name: str) -> tuple[InMemoryImages, InMemoryImages, 
     try:
         splits = [cls(str(root), train=train, download=cfg.download) for train in (True, False)]
     except (OSError, RuntimeError) as exc:
-        how = "the download failed" if cfg.download else "downloading is off (data.download)"
+        how = f"the download failed ({exc})" if cfg.download else "downloading is off"
         raise DatasetUnavailableError(
-            f"{name} is not in {root} and {how} ({exc}). Put the extracted folder at "
+            f"{name} is not in {root} and {how}. Put the extracted folder at "
             f"{root / folder} (from {archive}, https://www.cs.toronto.edu/~kriz/cifar.html), "
             f"or the archive itself at {root / archive}, or pass --data-dir to where it is."
         ) from None

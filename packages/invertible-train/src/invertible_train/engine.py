@@ -58,6 +58,7 @@ __all__ = [
     "package_versions",
     "remove_results",
     "select_device",
+    "step_memory",
 ]
 
 #: config keys that may change between a run and its resumption (they do not change what
@@ -127,6 +128,41 @@ def package_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:  # pragma: no cover - partial installs
             out[dist] = "not installed"
     return out
+
+
+def step_memory(
+    model: nn.Module,
+    images: torch.Tensor,
+    labels: torch.Tensor,
+    amp_dtype: torch.dtype | None = None,
+) -> dict[str, int]:
+    """Bytes held for backward after one training forward, and the training step's peak.
+
+    ``activation_bytes`` is what the forward pass keeps alive for backward (what memory
+    saving reduces); ``step_peak_bytes`` is the peak of forward plus backward. Both are
+    measured with ``invertible_core.memory.measure_memory`` (exact on the CPU) on a copy of
+    the model with the random state forked, so the measurement changes nothing a run
+    depends on (BatchNorm statistics, RNG).
+    """
+    from invertible_core.memory import measure_memory
+
+    device = images.device
+    model = copy.deepcopy(model).train()
+    devices = [device.index or 0] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=devices):
+
+        def forward() -> torch.Tensor:
+            with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+                return F.cross_entropy(model(images), labels)
+
+        loss, fwd = measure_memory(forward, device)
+        del loss
+
+        def step() -> None:
+            forward().backward()
+
+        _, full = measure_memory(step, device)
+    return {"activation_bytes": fwd.retained_bytes, "step_peak_bytes": full.peak_bytes}
 
 
 _RESULT_MARKERS = ("config.toml", "checkpoints", "metrics.jsonl", "summary.json")
@@ -380,33 +416,11 @@ class Trainer:
         return loss_sum / max(count, 1), correct / max(count, 1)
 
     def measure_activation_memory(self) -> dict[str, int]:
-        """Bytes held for backward after one training forward, and the step's peak.
-
-        Measured on a copy of the model with the random state forked, so the measurement
-        changes nothing the run depends on (BatchNorm statistics, RNG).
-        """
-        from invertible_core.memory import measure_memory
-
+        """Activation memory of one training step of this run's model (see step_memory)."""
         images, labels = next(iter(self.test_loader))
         n = min(self.local_batch_size, images.shape[0])
         x = self.transform.test(images[:n].to(self.device))
-        y = labels[:n].to(self.device)
-        model = copy.deepcopy(self.module).train()
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-
-            def forward() -> torch.Tensor:
-                with self._autocast():
-                    return F.cross_entropy(model(x), y)
-
-            loss, fwd = measure_memory(forward, self.device)
-            del loss
-
-            def step() -> None:
-                forward().backward()
-
-            _, full = measure_memory(step, self.device)
-        return {"activation_bytes": fwd.retained_bytes, "step_peak_bytes": full.peak_bytes}
+        return step_memory(self.module, x, labels[:n].to(self.device), self.amp_dtype)
 
     # -- logging ---------------------------------------------------------------------
     def _open_logs(self, resumed: bool) -> None:
