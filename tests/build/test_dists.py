@@ -151,10 +151,12 @@ def test_train_console_scripts_point_at_modules_in_the_wheel(built):
     for script in ["invertible-train", "invertible-demo"]:
         assert script in scripts, f"the README promises a `{script}` command"
     files = set(dist.wheel_files())
+    missing = []
     for target in scripts.values():
-        module = target.split(":", 1)[0]
-        path = module.replace(".", "/")
-        assert f"{path}.py" in files or f"{path}/__init__.py" in files, f"{target}: no such module"
+        path = target.split(":", 1)[0].replace(".", "/")
+        if f"{path}.py" not in files and f"{path}/__init__.py" not in files:
+            missing.append(target)
+    assert missing == [], f"console scripts whose module is not in {dist.wheel.name}: {missing}"
 
 
 def test_repository_root_is_tool_configuration_only():
@@ -169,6 +171,6 @@ def test_each_package_takes_its_version_from_its_own_tags(name):
     scm = config["tool"]["setuptools_scm"]
     assert scm["root"] == "../.."
     assert f"^{name}-v" in scm["tag_regex"]
-    assert f"{name}-v*" in config["tool"]["setuptools_scm"]["scm"]["git"]["describe_command"]
+    assert f"{name}-v*" in scm["scm"]["git"]["describe_command"]
     assert "fallback_version" in scm
     assert config["project"]["dynamic"] == ["version"]

@@ -20,7 +20,9 @@ README = REPO_ROOT / "README.md"
 CI_RUN = REPO_ROOT / ".ci" / "run"
 EXAMPLE_TIMEOUT_S = 300
 
-FENCE = re.compile(r"^```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL)
+FENCE = re.compile(
+    r"^```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL
+)
 
 
 def code_blocks(text: str, lang: str) -> list[tuple[int, str]]:
@@ -46,7 +48,9 @@ def test_readme_has_python_examples():
 
 
 @pytest.mark.parametrize(
-    "source", [body for _, body in PYTHON_BLOCKS], ids=[f"README.md:{line}" for line, _ in PYTHON_BLOCKS]
+    "source",
+    [body for _, body in PYTHON_BLOCKS],
+    ids=[f"README.md:{line}" for line, _ in PYTHON_BLOCKS],
 )
 def test_readme_python_example_runs(source, tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="default")
