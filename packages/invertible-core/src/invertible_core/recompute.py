@@ -65,25 +65,37 @@ class BlockRecord:
     the generator state (about 5 KB on the CPU) per call, and only when ``preserve_rng``.
     """
 
-    __slots__ = ("_autocast", "_devices", "_preserve_rng", "_states")
+    __slots__ = ("_autocast", "_devices", "_last", "_preserve_rng", "_states")
 
     def __init__(
         self,
         devices: tuple[torch.device, ...],
         preserve_rng: bool,
         autocast: AutocastState | None,
+        previous: BlockRecord | None = None,
     ) -> None:
         self._devices = devices
         self._preserve_rng = preserve_rng
         self._autocast = autocast
         self._states: dict[int, tuple[torch.Tensor, tuple[torch.Tensor, ...]]] = {}
+        # The last state captured in this forward pass (shared along a chain): a module
+        # that draws no random numbers leaves the state unchanged, and an unchanged state
+        # is stored once, not once per call.
+        self._last: list[tuple[torch.Tensor, tuple[torch.Tensor, ...]] | None] = (
+            previous._last if previous is not None else [None]
+        )
 
     def capture(self, slot: int) -> None:
-        if self._preserve_rng:
-            self._states[slot] = (
-                torch.get_rng_state(),
-                tuple(_get_device_rng(d) for d in self._devices),
-            )
+        if not self._preserve_rng:
+            return
+        state = (torch.get_rng_state(), tuple(_get_device_rng(d) for d in self._devices))
+        last = self._last[0]
+        if last is not None and all(
+            torch.equal(a, b) for a, b in zip((state[0], *state[1]), (last[0], *last[1]))
+        ):
+            state = last
+        self._last[0] = state
+        self._states[slot] = state
 
     @contextmanager
     def replay(self, slot: int) -> Iterator[None]:

@@ -115,10 +115,11 @@ class _ChainFunction(torch.autograd.Function):
         keep_truth = owner.check_reconstruction != "off"
         last = len(run.blocks) - 1
         halves = run.blocks[0].split(x)
+        record: BlockRecord | None = None
         for i, block in enumerate(run.blocks):
             if keep_truth:
                 run.truths[i] = halves
-            record = BlockRecord(run.devices, run.preserve[i], autocast)
+            record = BlockRecord(run.devices, run.preserve[i], autocast, previous=record)
             run.records.append(record)
             step = block.inverse_halves if run.inverse else block.forward_halves
             halves = _checked(step(*halves, record=record), halves, i, block)
