@@ -403,17 +403,32 @@ def test_invalid_options_are_errors() -> None:
         make_sequence(check_reconstruction="loud")
 
 
+class CompiledNet(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.body = make_sequence(depth=2, dtype=torch.float32)
+        self.head = nn.Linear(4, 3)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(torch.relu(self.stem(x))).mean(dim=(2, 3)))
+
+
+def test_compile_breaks_the_graph_once_at_the_sequence() -> None:
+    graphs: list[int] = []
+
+    def counting_backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        graphs.append(len(gm.graph.nodes))
+        return gm.forward
+
+    torch._dynamo.reset()
+    model = torch.compile(CompiledNet(), backend=counting_backend)
+    model(torch.randn(2, 3, 6, 6)).sum().backward()
+    assert len(graphs) == 2  # stem before the sequence, head after it; the sequence runs eagerly
+
+
 def test_compile_trains_and_matches_eager() -> None:
-    class Net(nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.stem = nn.Conv2d(3, 4, 3, padding=1)
-            self.body = make_sequence(depth=2, dtype=torch.float32)
-            self.head = nn.Linear(4, 3)
-
-        def forward(self, x: torch.Tensor) -> torch.Tensor:
-            return self.head(self.body(self.stem(x)).mean(dim=(2, 3)))
-
+    Net = CompiledNet
     torch.manual_seed(0)
     eager = Net()
     compiled_net = copy.deepcopy(eager)

@@ -169,6 +169,16 @@ class _ChainFunction(torch.autograd.Function):
         return tuple(grads)
 
 
+@torch.compiler.disable
+def _apply_chain(run: _ChainRun, x: Tensor, *params: Tensor) -> Tensor:
+    """The chain's autograd function, kept out of ``torch.compile``'s graphs on purpose.
+
+    Its backward replays random states and calls autograd itself, which graphs cannot
+    express; compiled models run it eagerly (one graph break) and compile what surrounds it.
+    """
+    return _ChainFunction.apply(run, x, *params)  # type: ignore[no-any-return]
+
+
 def _checked(
     out: tuple[Tensor, Tensor], inp: tuple[Tensor, Tensor], index: int, block: nn.Module
 ) -> tuple[Tensor, Tensor]:
@@ -306,7 +316,7 @@ class ReversibleSequence(nn.Module):
             return blocks[-1].merge(*halves)
         run = _ChainRun(self, blocks, inverse, params, preserve)
         flat = [p for ps in params for p in ps]
-        return _ChainFunction.apply(run, x, *flat)
+        return _apply_chain(run, x, *flat)
 
     def _report_reconstruction(self, errors: list[float]) -> None:
         self.reconstruction_errors = errors

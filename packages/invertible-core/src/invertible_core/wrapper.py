@@ -219,6 +219,12 @@ def _reforward(
     return detached, input_grads, tuple(result[len(differentiable) :])
 
 
+@torch.compiler.disable
+def _apply_wrapper(run: _WrapperRun, *args: Tensor) -> tuple[Tensor, ...]:
+    """Run eagerly under ``torch.compile`` (a graph break): see ReversibleSequence."""
+    return _WrapperFunction.apply(run, *args)  # type: ignore[no-any-return]
+
+
 class InvertibleModuleWrapper(nn.Module):
     """Save memory around an invertible module by rebuilding its input in backward.
 
@@ -294,7 +300,7 @@ class InvertibleModuleWrapper(nn.Module):
             outputs = _call(self._fn, inverse, inputs)
         else:
             run = _WrapperRun(self, len(inputs), inverse, params)
-            outputs = _WrapperFunction.apply(run, *inputs, *params)
+            outputs = _apply_wrapper(run, *inputs, *params)
         return outputs[0] if len(outputs) == 1 else outputs
 
 
