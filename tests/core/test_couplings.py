@@ -14,6 +14,7 @@ from invertible_core import (
     AffineAdapterNaive,
     AffineAdapterSigmoid,
     AffineCoupling,
+    Coupling,
     ReversibleBlock,
     create_coupling,
 )
@@ -295,3 +296,11 @@ def test_gm_not_a_module_is_a_clear_error() -> None:
 def test_split_dim_must_be_an_int() -> None:
     with pytest.raises(TypeError, match="split_dim must be an int"):
         AdditiveCoupling(nn.Identity(), split_dim=1.0)  # type: ignore[arg-type]
+
+
+def test_the_coupling_base_class_has_no_law_of_its_own() -> None:
+    block = Coupling(nn.Identity())
+    with pytest.raises(NotImplementedError):
+        block(_x(1, 4))
+    with pytest.raises(NotImplementedError):
+        block.inverse(_x(1, 4))

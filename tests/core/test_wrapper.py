@@ -22,7 +22,7 @@ from conftest import (
     make_conv_coupling,
     plain_copy,
 )
-from invertible_core import AdditiveCoupling, InvertibleModuleWrapper
+from invertible_core import AdditiveCoupling, Coupling, InvertibleModuleWrapper
 
 F64 = torch.float64
 
@@ -579,3 +579,109 @@ def test_fn_returning_a_non_tensor_is_a_clear_error(training: bool) -> None:
     wrapped = InvertibleModuleWrapper(_ReturnsNumber()).train(training)
     with pytest.raises(TypeError, match="returned a float at position 1"):
         wrapped(_x(2, 3))
+
+
+# -- any coupling law, any device ------------------------------------------------------------
+class MultiplicativeCoupling(Coupling):
+    """A coupling law defined by ``_couple``/``_decouple`` only: ``y = x * exp(h)``.
+
+    Its gradients come from the base class's autograd-derived law backward.
+    """
+
+    def _couple(self, x: Tensor, h) -> Tensor:
+        return x * torch.exp(h)
+
+    def _decouple(self, y: Tensor, h) -> Tensor:
+        return y * torch.exp(-h)
+
+
+@pytest.mark.parametrize("direction", ["forward", "inverse"])
+def test_a_new_coupling_law_gets_plain_grads_from_the_default_law_backward(direction: str) -> None:
+    torch.manual_seed(0)
+    fm = conv_function(2)
+    with torch.no_grad():
+        fm[0].weight.mul_(0.1)
+    wrapped = InvertibleModuleWrapper(MultiplicativeCoupling(fm).double())
+    _compare_with_plain(wrapped, lambda m, x: getattr(m, direction)(x), _x(2, 4, 5, 5))
+
+
+class _LearnedConstant(nn.Module):
+    """Ignores its input: the coupling's condition gets no gradient through it."""
+
+    def __init__(self, shape: tuple[int, ...]) -> None:
+        super().__init__()
+        self.value = nn.Parameter(torch.randn(shape, dtype=F64))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.value.expand_as(x)
+
+
+def test_an_fm_that_ignores_its_input_gets_plain_grads() -> None:
+    torch.manual_seed(0)
+    wrapped = InvertibleModuleWrapper(AdditiveCoupling(_LearnedConstant((2, 5))))
+    _compare_with_plain(wrapped, lambda m, x: m(x), _x(3, 4, 5))
+
+
+def test_an_unsupported_device_with_preserve_rng_state_raises_naming_the_option() -> None:
+    wrapped = InvertibleModuleWrapper(AdditiveCoupling(nn.Linear(2, 2, device="meta")))
+    x = torch.empty(3, 4, device="meta", requires_grad=True)
+    with pytest.raises(NotImplementedError, match="preserve_rng_state=False"):
+        wrapped(x)
+
+
+def test_an_unsupported_device_without_preserve_rng_state_trains() -> None:
+    # The meta device computes shapes only: what tracing and memory planners use.
+    wrapped = InvertibleModuleWrapper(
+        AdditiveCoupling(nn.Linear(2, 2, device="meta")), preserve_rng_state=False
+    )
+    x = torch.empty(3, 4, device="meta", requires_grad=True)
+    wrapped(x).sum().backward()
+    assert x.grad is not None and x.grad.shape == x.shape
+
+
+# -- CUDA (skipped without a GPU) ------------------------------------------------------------
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+
+@pytest.mark.cuda
+@cuda
+def test_cuda_dropout_with_preserve_rng_state_gives_the_plain_run_grads() -> None:
+    torch.manual_seed(0)
+    chain = nn.Sequential(
+        *(InvertibleModuleWrapper(make_conv_coupling(4, dropout=0.5)) for _ in range(2))
+    ).cuda()
+    plain = plain_copy(chain)
+    x = _x(2, 4, 5, 5).cuda()
+    x_wrapped, x_plain = leaf_copy(x), leaf_copy(x)
+    torch.manual_seed(5)
+    _loss(chain(x_wrapped)).backward()
+    after_wrapped = torch.cuda.get_rng_state()
+    torch.manual_seed(5)
+    _loss(plain(x_plain)).backward()
+    assert torch.equal(torch.cuda.get_rng_state(), after_wrapped)
+    torch.testing.assert_close(x_wrapped.grad, x_plain.grad)
+    assert_grads_close(chain, plain, rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_cuda_autocast_runs_the_block_and_its_recompute_in_the_autocast_dtype(
+    dtype: torch.dtype,
+) -> None:
+    torch.manual_seed(0)
+    block = make_conv_coupling(4, dtype=torch.float32).cuda()
+    plain = plain_copy(block)  # before the hook: deep copies take hooks along
+    wrapped = InvertibleModuleWrapper(block)
+    dtypes: list[torch.dtype] = []
+    block.Fm[0].register_forward_hook(lambda m, i, o: dtypes.append(o.dtype))
+    x = _x(2, 4, 6, 6, dtype=torch.float32).cuda()
+    x_wrapped, x_plain = leaf_copy(x), leaf_copy(x)
+    with torch.autocast("cuda", dtype=dtype):
+        y = wrapped(x_wrapped)
+        y_plain = plain(x_plain)
+    _loss(y.float()).backward()
+    _loss(y_plain.float()).backward()
+    assert dtypes == [dtype, dtype]
+    torch.testing.assert_close(x_wrapped.grad, x_plain.grad, rtol=2e-2, atol=2e-2)
+    assert_grads_close(wrapped, plain, rtol=2e-2, atol=2e-2)
