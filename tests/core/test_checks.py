@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from conftest import ElementwiseAffine, TwoWayCoupling, make_conv_coupling
-from invertible_core import InvertibleModuleWrapper, is_invertible_module
+from invertible_core import AdditiveCoupling, InvertibleModuleWrapper, is_invertible_module
 
 SHAPE = (2, 4, 5, 5)
 
@@ -61,6 +61,12 @@ def test_a_coupling_is_invertible_in_train_and_eval_mode(coupling: str, training
     torch.manual_seed(0)
     block = make_conv_coupling(4, coupling, batchnorm=True, dtype=torch.float32).train(training)
     assert is_invertible_module(block, SHAPE, atol=1e-5)
+
+
+def test_a_coupling_is_invertible_with_memcnns_default_arguments() -> None:
+    torch.manual_seed(0)
+    fm = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2), nn.ReLU())
+    assert is_invertible_module(AdditiveCoupling(fm), test_input_shape=SHAPE)
 
 
 def test_a_coupling_is_invertible_in_float64_with_a_tight_tolerance() -> None:

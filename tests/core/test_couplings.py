@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import warnings
 
 import pytest
@@ -304,3 +305,33 @@ def test_the_coupling_base_class_has_no_law_of_its_own() -> None:
         block(_x(1, 4))
     with pytest.raises(NotImplementedError):
         block.inverse(_x(1, 4))
+
+
+def test_signatures_match_memcnn() -> None:
+    def names(fn) -> list[str]:
+        return [n for n in inspect.signature(fn).parameters if n != "self"]
+
+    assert names(AdditiveCoupling.__init__) == [
+        "Fm",
+        "Gm",
+        "implementation_fwd",
+        "implementation_bwd",
+        "split_dim",
+    ]
+    assert names(AffineCoupling.__init__) == [
+        "Fm",
+        "Gm",
+        "adapter",
+        "implementation_fwd",
+        "implementation_bwd",
+        "split_dim",
+    ]
+    assert names(create_coupling)[:6] == [
+        "Fm",
+        "Gm",
+        "coupling",
+        "implementation_fwd",
+        "implementation_bwd",
+        "adapter",
+    ]
+    assert "split_dim" in names(create_coupling)

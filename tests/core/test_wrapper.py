@@ -6,6 +6,7 @@ Every gradient is compared with plain autograd on an unwrapped deep copy (``plai
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import pytest
@@ -22,7 +23,7 @@ from conftest import (
     make_conv_coupling,
     plain_copy,
 )
-from invertible_core import AdditiveCoupling, Coupling, InvertibleModuleWrapper
+from invertible_core import AdditiveCoupling, Coupling, InvertibleModuleWrapper, ReversibleBlock
 
 F64 = torch.float64
 
@@ -157,6 +158,38 @@ def test_grads_match_plain_autograd_when_only_one_of_two_outputs_reaches_the_los
     _loss(wrapped(a, b)[1]).backward()
     _loss(plain(a_ref, b_ref)[1]).backward()
     torch.testing.assert_close((a.grad, b.grad), (a_ref.grad, b_ref.grad))
+    assert_grads_close(wrapped, plain)
+
+
+def test_an_input_that_needs_no_grad_gets_none_among_two_inputs() -> None:
+    torch.manual_seed(0)
+    wrapped = InvertibleModuleWrapper(TwoWayCoupling(3).double())
+    plain = plain_copy(wrapped)
+    a, b = leaf_copy(_x(4, 3, seed=1)), _x(4, 3, seed=2)
+    a_ref = leaf_copy(a)
+    _loss(torch.cat(wrapped(a, b))).backward()
+    _loss(torch.cat(plain(a_ref, b))).backward()
+    torch.testing.assert_close(a.grad, a_ref.grad)
+    assert b.grad is None
+    assert_grads_close(wrapped, plain)
+
+
+class _TwoWayWithBatchNorm(TwoWayCoupling):
+    def __init__(self, features: int) -> None:
+        super().__init__(features)
+        self.f = nn.Sequential(nn.Linear(features, features), nn.BatchNorm1d(features))
+
+
+def test_batchnorm_in_a_generic_module_is_updated_once_per_forward() -> None:
+    torch.manual_seed(0)
+    wrapped = InvertibleModuleWrapper(_TwoWayWithBatchNorm(3).double())
+    plain = plain_copy(wrapped)
+    for step in range(3):
+        a, b = _x(4, 3, seed=step), _x(4, 3, seed=10 + step)
+        _loss(torch.cat(wrapped(leaf_copy(a), leaf_copy(b)))).backward()
+        _loss(torch.cat(plain(leaf_copy(a), leaf_copy(b)))).backward()
+    assert_buffers_equal(wrapped, plain)
+    assert int(wrapped._fn.f[1].num_batches_tracked) == 3
     assert_grads_close(wrapped, plain)
 
 
@@ -303,8 +336,11 @@ def _dropout_chain() -> nn.Sequential:
     )
 
 
-def test_dropout_with_preserve_rng_state_gives_the_plain_run_grads() -> None:
+@pytest.mark.parametrize("keep_input", [False, True])
+def test_dropout_with_preserve_rng_state_gives_the_plain_run_grads(keep_input: bool) -> None:
     chain = _dropout_chain()
+    for block in chain:
+        block.keep_input = keep_input
     assert all(block.preserve_rng_state for block in chain)  # the default
     plain = plain_copy(chain)
     x = _x(2, 4, 5, 5)
@@ -518,6 +554,35 @@ def test_one_output_comes_back_as_a_bare_tensor_and_two_as_a_tuple() -> None:
     assert isinstance(single(leaf_copy(_x(2, 4, 5, 5))), Tensor)
     out = double(leaf_copy(_x(2, 3)), _x(2, 3))
     assert isinstance(out, tuple) and len(out) == 2
+
+
+def test_signatures_match_memcnn() -> None:
+    wrapper = inspect.signature(InvertibleModuleWrapper.__init__)
+    assert list(wrapper.parameters)[1:] == [
+        "fn",
+        "keep_input",
+        "keep_input_inverse",
+        "num_bwd_passes",
+        "disable",
+        "preserve_rng_state",
+    ]
+    block = inspect.signature(ReversibleBlock.__init__)
+    assert list(block.parameters)[1:] == [
+        "Fm",
+        "Gm",
+        "coupling",
+        "keep_input",
+        "keep_input_inverse",
+        "implementation_fwd",
+        "implementation_bwd",
+        "adapter",
+    ]
+
+
+def test_positional_arguments_mean_what_they_meant_in_memcnn() -> None:
+    wrapped = InvertibleModuleWrapper(make_conv_coupling(4), True, True, 3, True, False)
+    assert (wrapped.keep_input, wrapped.keep_input_inverse) == (True, True)
+    assert (wrapped.num_bwd_passes, wrapped.disable, wrapped.preserve_rng_state) == (3, True, False)
 
 
 def test_defaults_match_memcnn_except_preserve_rng_state() -> None:
