@@ -329,6 +329,24 @@ def test_batchnorm_statistics_equal_the_plain_run_after_several_steps() -> None:
     assert_grads_close(chain, plain)
 
 
+def test_instance_norm_running_statistics_equal_the_plain_run() -> None:
+    # InstanceNorm(track_running_stats=True) keeps running statistics like BatchNorm does;
+    # the recompute must not update them a second time either.
+    torch.manual_seed(0)
+    fm = nn.Sequential(
+        nn.Conv2d(2, 2, 3, padding=1), nn.InstanceNorm2d(2, affine=True, track_running_stats=True)
+    )
+    wrapped = InvertibleModuleWrapper(AdditiveCoupling(fm).double())
+    plain = plain_copy(wrapped)
+    for step in range(2):
+        x = _x(2, 4, 5, 5, seed=step)
+        _loss(wrapped(leaf_copy(x))).backward()
+        _loss(plain(leaf_copy(x))).backward()
+    assert_grads_close(wrapped, plain)
+    for (name, a), (_, b) in zip(wrapped.named_buffers(), plain.named_buffers()):
+        torch.testing.assert_close(a, b, msg=lambda m, n=name: f"{n}: {m}")
+
+
 def _dropout_chain() -> nn.Sequential:
     torch.manual_seed(0)
     return nn.Sequential(
@@ -531,6 +549,17 @@ def test_second_backward_with_the_default_num_bwd_passes_raises(keep_input: bool
     loss.backward(retain_graph=True)
     with pytest.raises(RuntimeError, match="num_bwd_passes"):
         loss.backward()
+
+
+def test_double_backward_raises_instead_of_giving_wrong_second_derivatives() -> None:
+    # Documented: the backward pass is not itself differentiable.
+    wrapped = InvertibleModuleWrapper(
+        AdditiveCoupling(nn.Sequential(nn.Linear(2, 2), nn.Tanh())).double()
+    )
+    x = leaf_copy(_x(3, 4))
+    (grad,) = torch.autograd.grad(_loss(wrapped(x)), [x], create_graph=True)
+    with pytest.raises(RuntimeError, match="differentiate twice"):
+        grad.sum().backward()
 
 
 def test_modifying_the_output_in_place_before_backward_raises_a_clear_error() -> None:
