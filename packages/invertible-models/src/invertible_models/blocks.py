@@ -32,9 +32,10 @@ from contextlib import contextmanager
 from typing import Literal, Protocol
 
 import torch
-from invertible_core import AdditiveCoupling
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from invertible_core import AdditiveCoupling
 
 __all__ = [
     "BasicBlock",
@@ -288,11 +289,13 @@ def init_weights(module: nn.Module) -> None:
 
 
 @contextmanager
-def _frozen_batchnorm_stats(module: nn.Module) -> Iterator[None]:
-    """Restore every BatchNorm running statistic of ``module`` on exit.
+def _restored_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
+    """Put every BatchNorm running statistic of ``module`` back as it was on entry.
 
-    A recomputation repeats a forward pass that already updated the statistics once; without
-    this they would move twice per step and differ from a plain (non-recomputed) run.
+    The core's ``frozen_norm_statistics`` switches ``track_running_stats`` off instead,
+    which changes what BatchNorm saves for backward; ``torch.utils.checkpoint`` checks that
+    a recompute saves exactly what the forward saved and refuses. Running the layer as it
+    ran and restoring its few buffers afterwards keeps the recompute identical.
     """
     saved = [
         (buf, buf.clone())
@@ -325,7 +328,9 @@ def run_checkpointed(module: nn.Module, x: Tensor) -> Tensor:
         calls += 1
         if calls == 1:
             return module(inp)
-        with _frozen_batchnorm_stats(module):
+        # The recompute repeats a forward that already updated BatchNorm's running
+        # statistics; without freezing them they would move twice per step.
+        with _restored_batchnorm_statistics(module):
             return module(inp)
 
     out = checkpoint(run, x, use_reentrant=False)

@@ -9,6 +9,7 @@ arbitrary code). :func:`list_models` tells what exists.
 from __future__ import annotations
 
 import inspect
+import re
 from collections.abc import Callable
 from typing import Any, TypeVar
 
@@ -35,9 +36,9 @@ def register_model(fn: ModelFn) -> ModelFn:
 
 
 def list_models() -> list[str]:
-    """The registered model names, sorted."""
+    """The registered model names, by family and then by depth (resnet32 before resnet110)."""
     _load_zoo()
-    return sorted(_MODELS)
+    return sorted(_MODELS, key=_natural_key)
 
 
 def create_model(
@@ -59,11 +60,19 @@ def create_model(
     """
     _load_zoo()
     if name not in _MODELS:
-        raise ValueError(f"unknown model {name!r}; known models: {', '.join(sorted(_MODELS))}")
+        raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     fn = _MODELS[name]
     if "memory_saving" in inspect.signature(fn).parameters:
         options["memory_saving"] = memory_saving
     return fn(num_classes=num_classes, **options)
+
+
+def _natural_key(name: str) -> tuple[str, int, str]:
+    """Sort key that orders the digits of a name by value: ("resnet", 32, "")."""
+    match = re.fullmatch(r"(\D*)(\d+)(.*)", name)
+    if match is None:
+        return name, -1, ""
+    return match.group(1), int(match.group(2)), match.group(3)
 
 
 def _load_zoo() -> None:

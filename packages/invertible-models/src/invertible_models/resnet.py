@@ -115,7 +115,7 @@ class ResNet(nn.Module):
         """The last stage's feature map, before the head's BN + ReLU and pooling."""
         out = self.stem(x)
         for stage in self.stages:
-            for res_block in stage:
+            for res_block in stage.children():
                 out = run_checkpointed(res_block, out) if self.checkpoint_blocks else res_block(out)
         return out
 

@@ -30,9 +30,9 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
-from invertible_core import ReversibleSequence
 from torch import Tensor, nn
 
+from invertible_core import ReversibleSequence
 from invertible_models.blocks import (
     BasicResidual,
     BlockType,

@@ -1,0 +1,178 @@
+"""Benchmark the zoo: ResNets against RevNets, memory and time of one training step.
+
+Runs resnet32/110/164 (plain, and with ``torch.utils.checkpoint`` per block) and
+revnet38/110/164 (memory saving on, and off), batch 32 on the CPU by default, and reports
+the ratios issue 5 targets:
+
+* revnet164 peak / resnet164 peak                      (target <= 0.15)
+* revnet110 peak / revnet38 peak, memory flat in depth   (target <= 1.10)
+* step time with saving / without, revnet110, revnet164  (target <= 1.35)
+
+Memory is exact (``invertible_core.memory.measure_memory``: profiler allocation events on
+the CPU, ``max_memory_allocated`` on CUDA); time is the median of a few steps measured in a
+separate run without the profiler. Prints a table and writes JSON to
+``benchmarks/results/models.json`` (and ``--json PATH``).
+
+    python benchmarks/bench_models.py            # batch 32, about a few minutes on 2 cores
+    python benchmarks/bench_models.py --quick    # batch 8, 2 timed steps: a smoke run
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from invertible_models.profiler import ModelProfile, format_table, profile_model
+
+RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
+
+#: (row label, model name, options), in table order.
+CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
+    ("resnet32", "resnet32", {}),
+    ("resnet32 +checkpoint", "resnet32", {"checkpoint_blocks": True}),
+    ("resnet110", "resnet110", {}),
+    ("resnet110 +checkpoint", "resnet110", {"checkpoint_blocks": True}),
+    ("resnet164", "resnet164", {}),
+    ("resnet164 +checkpoint", "resnet164", {"checkpoint_blocks": True}),
+    ("revnet38", "revnet38", {}),
+    ("revnet38 nosave", "revnet38", {"memory_saving": False}),
+    ("revnet110", "revnet110", {}),
+    ("revnet110 nosave", "revnet110", {"memory_saving": False}),
+    ("revnet164", "revnet164", {}),
+    ("revnet164 nosave", "revnet164", {"memory_saving": False}),
+]
+
+#: (description, numerator label, denominator label, field, target upper bound)
+RATIOS: list[tuple[str, str, str, str, float | None]] = [
+    ("revnet164 peak / resnet164 peak", "revnet164", "resnet164", "peak_step_mib", 0.15),
+    ("revnet110 peak / revnet38 peak", "revnet110", "revnet38", "peak_step_mib", 1.10),
+    ("revnet110 step: saving / nosave", "revnet110", "revnet110 nosave", "step_seconds", 1.35),
+    ("revnet164 step: saving / nosave", "revnet164", "revnet164 nosave", "step_seconds", 1.35),
+    (
+        "revnet110 peak / resnet110+ckpt peak",
+        "revnet110",
+        "resnet110 +checkpoint",
+        "peak_step_mib",
+        None,
+    ),
+    (
+        "revnet110 step / resnet110+ckpt step",
+        "revnet110",
+        "resnet110 +checkpoint",
+        "step_seconds",
+        None,
+    ),
+    (
+        "revnet164 peak / resnet164+ckpt peak",
+        "revnet164",
+        "resnet164 +checkpoint",
+        "peak_step_mib",
+        None,
+    ),
+    (
+        "revnet164 step / resnet164+ckpt step",
+        "revnet164",
+        "resnet164 +checkpoint",
+        "step_seconds",
+        None,
+    ),
+]
+
+
+def compute_ratios(profiles: list[ModelProfile]) -> list[dict[str, Any]]:
+    """The target ratios of issue 5 (and the comparisons with checkpointing), as records."""
+    by_label = {p.label: p for p in profiles}
+    rows = []
+    for description, num, den, field, target in RATIOS:
+        if num not in by_label or den not in by_label:
+            continue
+        value = getattr(by_label[num], field) / getattr(by_label[den], field)
+        rows.append(
+            {
+                "ratio": description,
+                "value": value,
+                "target": target,
+                "met": None if target is None else value <= target,
+            }
+        )
+    return rows
+
+
+def format_ratios(rows: list[dict[str, Any]]) -> str:
+    """The ratios as a table: value, target, whether it is met."""
+    lines = [f"{'ratio':<40} {'value':>7} {'target':>8}  met", "-" * 62]
+    for r in rows:
+        target = "" if r["target"] is None else f"<= {r['target']:.2f}"
+        met = "" if r["met"] is None else ("yes" if r["met"] else "NO")
+        lines.append(f"{r['ratio']:<40} {r['value']:>7.3f} {target:>8}  {met}")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--quick", action="store_true", help="batch 8, 2 timed steps")
+    parser.add_argument("--batch-size", type=int, default=None, help="default 32 (8 quick)")
+    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--only", nargs="+", metavar="LABEL", help="run only these rows")
+    parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    args = parser.parse_args(argv)
+    batch_size = args.batch_size or (8 if args.quick else 32)
+    steps = args.steps or (2 if args.quick else 5)
+
+    profiles = []
+    for label, name, options in CONFIGS:
+        if args.only and label not in args.only:
+            continue
+        profiles.append(
+            profile_model(
+                name,
+                batch_size=batch_size,
+                device=args.device,
+                steps=steps,
+                label=label,
+                **options,
+            )
+        )
+        print(f"measured {label}", flush=True)
+    ratios = compute_ratios(profiles)
+    header = (
+        f"batch {batch_size}, 32x32, device {args.device}, torch {torch.__version__}, "
+        f"{torch.get_num_threads()} threads, median of {steps} steps"
+    )
+    print()
+    print(header)
+    print(format_table(profiles))
+    print()
+    print(format_ratios(ratios))
+
+    record = {
+        "benchmark": "bench_models",
+        "conditions": {
+            "batch_size": batch_size,
+            "image_size": 32,
+            "device": args.device,
+            "steps": steps,
+            "torch": torch.__version__,
+            "threads": torch.get_num_threads(),
+            "machine": platform.machine(),
+            "quick": args.quick,
+        },
+        "profiles": [asdict(p) for p in profiles],
+        "ratios": ratios,
+    }
+    paths = [RESULTS] + ([Path(args.json)] if args.json else [])
+    for path in paths:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

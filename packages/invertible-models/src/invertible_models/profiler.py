@@ -1,0 +1,289 @@
+"""``invertible-profile``: what a model costs to train, in memory and in time.
+
+For each model named on the command line it prints the parameter count, the parameters'
+size, the peak memory of one training step (forward, cross-entropy, backward, SGD step),
+the activation memory a forward pass leaves stored for backward, and the median step time:
+
+    invertible-profile resnet110 revnet110 --batch-size 32 --json profile.json
+
+Memory is exact: on the CPU it is the sum of the PyTorch profiler's allocation events, on
+CUDA ``torch.cuda.max_memory_allocated`` (both through
+:func:`invertible_core.memory.measure_memory`). Memory and time are measured in separate
+runs, because the CPU profiler slows the work it records. ``--plot FILE`` draws memory
+against depth per model family (needs matplotlib: ``pip install invertible-models[plot]``).
+
+The same functions (:func:`profile_model`) drive ``benchmarks/bench_models.py``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+import statistics
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+from torch import nn
+
+from invertible_core.memory import measure_memory
+from invertible_models.registry import create_model, list_models
+
+__all__ = ["ModelProfile", "format_table", "main", "plot_profiles", "profile_model"]
+
+MIB = 2**20
+
+
+@dataclass(frozen=True)
+class ModelProfile:
+    """The measured cost of training one model on one batch size.
+
+    Attributes:
+        name: registered model name.
+        label: name plus the options that distinguish this run (e.g. ``nosave``).
+        parameters: number of parameters.
+        parameter_mib: their size in MiB.
+        peak_step_mib: peak memory of one training step beyond parameters and optimizer
+            state already allocated (activations, gradients, workspace).
+        activation_mib: memory a training-mode forward pass keeps alive for backward.
+        step_seconds: median wall time of a training step.
+        batch_size, image_size, device: the conditions of the measurement.
+        options: the keyword options the model was built with.
+    """
+
+    name: str
+    label: str
+    parameters: int
+    parameter_mib: float
+    peak_step_mib: float
+    activation_mib: float
+    step_seconds: float
+    batch_size: int
+    image_size: int
+    device: str
+    options: dict[str, Any]
+
+
+def _synchronize(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def profile_model(
+    name: str,
+    *,
+    batch_size: int = 32,
+    image_size: int = 32,
+    num_classes: int = 10,
+    device: str = "cpu",
+    steps: int = 3,
+    label: str | None = None,
+    seed: int = 0,
+    **options: Any,
+) -> ModelProfile:
+    """Build ``name`` and measure one batch size: parameters, memory, step time.
+
+    Args:
+        name: registered model name.
+        batch_size, image_size, num_classes: the synthetic batch (random images, labels).
+        device: ``"cpu"`` or ``"cuda"``.
+        steps: timed steps; the median is reported (one untimed warm-up step first).
+        label: row label; defaults to ``name``.
+        seed: seed for the weights and the batch, for repeatable runs.
+        **options: passed to :func:`create_model` (``memory_saving``, ``checkpoint_blocks``,
+            ``checkpoint_transitions``, ``anchor_every``...).
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be at least 1, got {steps}")
+    dev = torch.device(device)
+    torch.manual_seed(seed)
+    model = create_model(name, num_classes=num_classes, **options).to(dev).train()
+    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+    images = torch.randn(batch_size, 3, image_size, image_size, device=dev)
+    labels = torch.randint(0, num_classes, (batch_size,), device=dev)
+    loss_fn = nn.CrossEntropyLoss()
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        loss_fn(model(images), labels).backward()
+        optimizer.step()
+
+    # Warm-up: allocates the optimizer's momentum buffers, so the measured step is a
+    # steady-state one, and lets lazily initialised kernels settle.
+    step()
+    optimizer.zero_grad(set_to_none=True)
+    _, step_stats = measure_memory(step, device=dev)
+    optimizer.zero_grad(set_to_none=True)
+
+    def forward() -> torch.Tensor:
+        return model(images)
+
+    logits, forward_stats = measure_memory(forward, device=dev)
+    del logits
+
+    times = []
+    for _ in range(steps):
+        _synchronize(dev)
+        start = time.perf_counter()
+        step()
+        _synchronize(dev)
+        times.append(time.perf_counter() - start)
+
+    parameters = sum(p.numel() for p in model.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    return ModelProfile(
+        name=name,
+        label=label or name,
+        parameters=parameters,
+        parameter_mib=parameter_bytes / MIB,
+        peak_step_mib=step_stats.peak_bytes / MIB,
+        activation_mib=forward_stats.retained_bytes / MIB,
+        step_seconds=statistics.median(times),
+        batch_size=batch_size,
+        image_size=image_size,
+        device=str(dev),
+        options={k: v for k, v in options.items()},
+    )
+
+
+def format_table(profiles: Sequence[ModelProfile]) -> str:
+    """A fixed-width table of the profiles, one row per model."""
+    header = (
+        f"{'model':<24} {'params':>11} {'param MiB':>10} {'peak MiB':>10} "
+        f"{'activ. MiB':>11} {'step s':>8}"
+    )
+    lines = [header, "-" * len(header)]
+    for p in profiles:
+        lines.append(
+            f"{p.label:<24} {p.parameters:>11,} {p.parameter_mib:>10.2f} {p.peak_step_mib:>10.1f} "
+            f"{p.activation_mib:>11.1f} {p.step_seconds:>8.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _family_and_depth(name: str) -> tuple[str, int | None]:
+    match = re.fullmatch(r"(.*?)(\d+)", name)
+    if match is None:
+        return name, None
+    return match.group(1), int(match.group(2))
+
+
+def plot_profiles(profiles: Sequence[ModelProfile], path: str) -> None:
+    """Draw peak step memory and stored activations against depth, one line per family.
+
+    Raises:
+        RuntimeError: matplotlib is not installed (install the ``plot`` extra).
+    """
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError as exc:
+        raise RuntimeError(
+            "--plot needs matplotlib: pip install 'invertible-models[plot]'"
+        ) from exc
+    families: dict[str, list[tuple[int, ModelProfile]]] = {}
+    for p in profiles:
+        family, depth = _family_and_depth(p.label)
+        if depth is not None:
+            families.setdefault(family, []).append((depth, p))
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for family, points in sorted(families.items()):
+        points.sort(key=lambda point: point[0])
+        depths = [d for d, _ in points]
+        axes[0].plot(depths, [p.peak_step_mib for _, p in points], marker="o", label=family)
+        axes[1].plot(depths, [p.activation_mib for _, p in points], marker="o", label=family)
+    for ax, title in zip(axes, ("peak memory of a training step", "stored activations")):
+        ax.set_xlabel("depth (layers)")
+        ax.set_ylabel("MiB")
+        ax.set_title(title)
+        ax.legend()
+    batch = profiles[0].batch_size if profiles else 0
+    fig.suptitle(f"memory against depth (batch {batch})")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The command line of ``invertible-profile``."""
+    parser = argparse.ArgumentParser(
+        prog="invertible-profile",
+        description="Parameters, peak training memory, stored activations and step time "
+        "of models from the invertible-models zoo.",
+    )
+    parser.add_argument("models", nargs="+", metavar="MODEL", help="model names (see --list)")
+    parser.add_argument("--batch-size", type=int, default=32)
+    parser.add_argument("--image-size", type=int, default=32)
+    parser.add_argument("--num-classes", type=int, default=10)
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument(
+        "--no-memory-saving",
+        action="store_true",
+        help="build reversible models with memory saving off (plain autograd)",
+    )
+    parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
+    parser.add_argument("--plot", metavar="FILE", help="draw memory against depth (matplotlib)")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``invertible-profile``; returns the exit status."""
+    args = build_parser().parse_args(argv)
+    known = list_models()
+    unknown = [m for m in args.models if m not in known]
+    if unknown:
+        print(
+            f"invertible-profile: unknown model(s) {', '.join(unknown)}; "
+            f"known models: {', '.join(known)}",
+            file=sys.stderr,
+        )
+        return 2
+    if args.device == "cuda" and not torch.cuda.is_available():
+        print("invertible-profile: --device cuda, but CUDA is not available", file=sys.stderr)
+        return 2
+    profiles = [
+        profile_model(
+            name,
+            batch_size=args.batch_size,
+            image_size=args.image_size,
+            num_classes=args.num_classes,
+            device=args.device,
+            steps=args.steps,
+            memory_saving=not args.no_memory_saving,
+        )
+        for name in args.models
+    ]
+    print(
+        f"batch {args.batch_size}, {args.image_size}x{args.image_size} images, "
+        f"{args.num_classes} classes, device {args.device}, torch {torch.__version__}"
+    )
+    print(format_table(profiles))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as f:
+            json.dump(
+                {
+                    "torch": torch.__version__,
+                    "device": args.device,
+                    "profiles": [asdict(p) for p in profiles],
+                },
+                f,
+                indent=2,
+            )
+    if args.plot:
+        try:
+            plot_profiles(profiles, args.plot)
+        except RuntimeError as exc:
+            print(f"invertible-profile: {exc}", file=sys.stderr)
+            return 1
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    raise SystemExit(main())

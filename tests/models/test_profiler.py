@@ -1,0 +1,94 @@
+"""The ``invertible-profile`` command and the profiling functions behind it."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from invertible_models.profiler import (
+    ModelProfile,
+    format_table,
+    main,
+    plot_profiles,
+    profile_model,
+)
+
+
+def test_cli_prints_a_row_per_model_and_writes_valid_json(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "profile.json"
+    argv = ["resnet32", "revnet38", "--batch-size", "2", "--image-size", "16", "--steps", "1"]
+    assert main([*argv, "--json", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "resnet32" in printed and "revnet38" in printed and "peak MiB" in printed
+    data = json.loads(out.read_text())
+    rows = {p["name"]: p for p in data["profiles"]}
+    assert rows["resnet32"]["parameters"] == 466_906
+    assert rows["revnet38"]["parameters"] == 573_994
+    for row in rows.values():
+        assert row["peak_step_mib"] > 0 and row["activation_mib"] > 0 and row["step_seconds"] > 0
+
+
+def test_cli_rejects_unknown_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["resnet33"]) == 2
+    assert "known models: resnet32" in capsys.readouterr().err
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")
+def test_cli_refuses_cuda_when_it_is_missing(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["resnet32", "--device", "cuda"]) == 2
+    assert "CUDA is not available" in capsys.readouterr().err
+
+
+def _profile(label: str, peak: float) -> ModelProfile:
+    return ModelProfile(
+        name=label,
+        label=label,
+        parameters=1,
+        parameter_mib=0.0,
+        peak_step_mib=peak,
+        activation_mib=peak / 2,
+        step_seconds=0.1,
+        batch_size=2,
+        image_size=16,
+        device="cpu",
+        options={},
+    )
+
+
+def test_plot_draws_memory_against_depth(tmp_path: Path) -> None:
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "memory.png"
+    profiles = [_profile("resnet32", 10), _profile("resnet110", 30), _profile("revnet38", 5)]
+    plot_profiles([*profiles, _profile("custom", 1)], str(path))
+    assert path.stat().st_size > 0
+
+
+def test_cli_plot_without_matplotlib_says_how_to_install_it(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    monkeypatch.setitem(sys.modules, "matplotlib", None)
+    argv = ["resnet32", "--batch-size", "1", "--image-size", "8", "--steps", "1"]
+    assert main([*argv, "--plot", str(tmp_path / "m.png")]) == 1
+    assert "invertible-models[plot]" in capsys.readouterr().err
+
+
+def test_profile_model_passes_options_and_labels_rows() -> None:
+    profile = profile_model(
+        "revnet38",
+        batch_size=2,
+        image_size=8,
+        steps=1,
+        label="revnet38 nosave",
+        memory_saving=False,
+    )
+    assert profile.label == "revnet38 nosave"
+    assert profile.options == {"memory_saving": False}
+    assert "revnet38 nosave" in format_table([profile])
+    with pytest.raises(ValueError, match="steps must be at least 1"):
+        profile_model("resnet32", steps=0)
