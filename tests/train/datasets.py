@@ -12,7 +12,9 @@ from PIL import Image
 from torchvision.datasets import CIFAR10
 
 
-def write_cifar10(root: Path, per_batch: int = 20, test_size: int = 40, test_value: int = 250) -> None:
+def write_cifar10(
+    root: Path, per_batch: int = 20, test_size: int = 40, test_value: int = 250
+) -> None:
     """A ``cifar-10-batches-py`` folder in the real format (pickled dicts, 3072-byte rows).
 
     Training images are random; every test pixel is ``test_value`` so that a statistic
@@ -35,7 +37,11 @@ def write_cifar10(root: Path, per_batch: int = 20, test_size: int = 40, test_val
     for b in range(1, 6):
         data = rng.integers(0, 256, (per_batch, 3072), dtype=np.uint8)
         write(f"data_batch_{b}", data, [int(v) for v in rng.integers(0, 10, per_batch)])
-    write("test_batch", np.full((test_size, 3072), test_value, np.uint8), [i % 10 for i in range(test_size)])
+    write(
+        "test_batch",
+        np.full((test_size, 3072), test_value, np.uint8),
+        [i % 10 for i in range(test_size)],
+    )
     with open(folder / "batches.meta", "wb") as handle:
         pickle.dump({"label_names": [f"class{i}" for i in range(10)], "num_vis": 3072}, handle)
 
@@ -56,7 +62,9 @@ def trust_written_cifar(monkeypatch: pytest.MonkeyPatch, root: Path) -> None:
     )
     monkeypatch.setattr(CIFAR10, "test_list", [["test_batch", md5("test_batch")]])
     monkeypatch.setattr(
-        CIFAR10, "meta", {"filename": "batches.meta", "key": "label_names", "md5": md5("batches.meta")}
+        CIFAR10,
+        "meta",
+        {"filename": "batches.meta", "key": "label_names", "md5": md5("batches.meta")},
     )
 
 

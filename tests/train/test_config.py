@@ -173,6 +173,8 @@ def test_dump_toml_refuses_values_toml_cannot_hold() -> None:
 
 
 def test_run_name_defaults_to_model_and_dataset() -> None:
-    cfg = config_from_dict({"model": {"name": "revnet38"}, "data": {"dataset": "imagefolder:/x/pets"}})
+    cfg = config_from_dict(
+        {"model": {"name": "revnet38"}, "data": {"dataset": "imagefolder:/x/pets"}}
+    )
     assert cfg.run_name() == "revnet38-imagefolder-pets"
     assert config_from_dict({"model": {"name": "m"}}).run_name() == "m-cifar10"

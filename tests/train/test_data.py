@@ -74,9 +74,7 @@ def test_augmentation_is_pad_crop_and_flip_and_depends_only_on_the_seed() -> Non
     # every crop is a window of the zero-padded image, possibly mirrored
     padded = torch.nn.functional.pad(images, (2, 2, 2, 2))
     for n in range(2):
-        windows = [
-            padded[n, :, y : y + 6, x : x + 6] for y in range(5) for x in range(5)
-        ]
+        windows = [padded[n, :, y : y + 6, x : x + 6] for y in range(5) for x in range(5)]
         candidates = windows + [w.flip(2) for w in windows]
         assert any(torch.equal(out[n], w) for w in candidates)
 

@@ -60,7 +60,9 @@ def test_synthetic_data_is_learnable(run_cli: Run, tmp_path: Path) -> None:
     assert summary["test_accuracy"] > 0.5  # chance is 0.1
 
 
-def test_interrupted_run_resumes_to_the_same_weights_in_process(run_cli: Run, tmp_path: Path) -> None:
+def test_interrupted_run_resumes_to_the_same_weights_in_process(
+    run_cli: Run, tmp_path: Path
+) -> None:
     common = ["--set", "train.checkpoint_every=5", "--set", "train.log_every=5"]
     assert run_cli("tiny", "synthetic", "--iterations", "30", "--name", "whole", *common) == 0
     # 17 iterations is mid-epoch (16 batches per epoch); extending the length is allowed
@@ -110,12 +112,14 @@ def test_fresh_refuses_to_delete_a_folder_that_is_not_results(
 def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     run_cli: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    # tiny-nan returns NaN logits from its sixth training step on
-    status = run_cli("tiny-nan", "synthetic", "--iterations", "20", "--set", "train.checkpoint_every=2")
+    # tiny_nan returns NaN logits from its sixth training step on
+    status = run_cli(
+        "tiny_nan", "synthetic", "--iterations", "20", "--set", "train.checkpoint_every=2"
+    )
     assert status == 3
     err = capsys.readouterr().err
     assert "non-finite training loss at iteration 6" in err and "last.pt" in err
-    results = tmp_path / "results" / "tiny-nan-synthetic"
+    results = tmp_path / "results" / "tiny_nan-synthetic"
     state = load_checkpoint(results / "checkpoints" / "last.pt")
     assert state["iteration"] == 4
     assert all(torch.isfinite(v).all() for v in state["model"].values() if v.is_floating_point())
@@ -123,7 +127,9 @@ def test_non_finite_loss_stops_and_keeps_the_last_good_checkpoint(
     assert not (results / "summary.json").exists()
 
 
-def test_a_huge_learning_rate_stops_cleanly(run_cli: Run, capsys: pytest.CaptureFixture[str]) -> None:
+def test_a_huge_learning_rate_stops_cleanly(
+    run_cli: Run, capsys: pytest.CaptureFixture[str]
+) -> None:
     assert run_cli("tiny", "synthetic", "--iterations", "50", "--set", "optimizer.lr=1e30") == 3
     assert "non-finite training loss" in capsys.readouterr().err
 

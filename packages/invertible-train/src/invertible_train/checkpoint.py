@@ -120,7 +120,13 @@ def capture_rng_state() -> dict[str, Any]:
     except ImportError:  # pragma: no cover - numpy is optional
         return state
     kind, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
-    state["numpy"] = [kind, torch.from_numpy(keys.astype("int64")), pos, has_gauss, cached]
+    state["numpy"] = [
+        kind,
+        torch.from_numpy(np.asarray(keys, dtype=np.int64)),
+        pos,
+        has_gauss,
+        cached,
+    ]
     return state
 
 

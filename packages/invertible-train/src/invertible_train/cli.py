@@ -77,13 +77,17 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="KEY=VALUE",
         help="override one config key, e.g. --set optimizer.lr=0.05 (repeatable, applied last)",
     )
-    parser.add_argument("--data-dir", help="where datasets live or are downloaded to (data.data_dir)")
+    parser.add_argument(
+        "--data-dir", help="where datasets live or are downloaded to (data.data_dir)"
+    )
     parser.add_argument(
         "--results-dir",
         default="results",
         help="parent folder of the experiment's results folder (default: ./results)",
     )
-    parser.add_argument("--name", help="experiment name = results subfolder (default MODEL-DATASET)")
+    parser.add_argument(
+        "--name", help="experiment name = results subfolder (default MODEL-DATASET)"
+    )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="train this many epochs (train.epochs)")
     length.add_argument(
@@ -92,15 +96,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--batch-size", type=int, help="global batch size (data.batch_size; recipe: 100)"
     )
-    parser.add_argument("--lr", type=float, help="initial learning rate (optimizer.lr; recipe: 0.1)")
-    parser.add_argument("--seed", type=int, help="seed for initialisation, data order, augmentation")
+    parser.add_argument(
+        "--lr", type=float, help="initial learning rate (optimizer.lr; recipe: 0.1)"
+    )
+    parser.add_argument(
+        "--seed", type=int, help="seed for initialisation, data order, augmentation"
+    )
     parser.add_argument("--workers", type=int, help="DataLoader worker processes (data.workers)")
     parser.add_argument(
         "--amp",
         choices=AMP_MODES,
         help="mixed precision: off, bf16 (GPU or CPU), fp16 (with a gradient scaler)",
     )
-    parser.add_argument("--no-cuda", action="store_true", help="train on the CPU even if CUDA exists")
+    parser.add_argument(
+        "--no-cuda", action="store_true", help="train on the CPU even if CUDA exists"
+    )
     parser.add_argument(
         "--fresh",
         action="store_true",

@@ -252,8 +252,7 @@ def _build(cls: type, raw: Mapping[str, Any], prefix: str, source: str) -> Any:
         if key not in hints:
             where = f"[{prefix.rstrip('.')}]" if prefix else "the top level"
             raise ConfigError(
-                f"{source}: unknown key {prefix + key!r}; valid keys at {where}: "
-                f"{', '.join(names)}"
+                f"{source}: unknown key {prefix + key!r}; valid keys at {where}: {', '.join(names)}"
             )
         hint = hints[key]
         if dataclasses.is_dataclass(hint):
@@ -324,16 +323,16 @@ def _check_values(cfg: ExperimentConfig) -> None:
     for key, value in positive.items():
         if value <= 0:
             raise ConfigError(f"{key} must be positive; got {value}")
-    non_negative = {
+    non_negative: dict[str, float] = {
         "train.iterations": cfg.train.iterations,
         "train.epochs": cfg.train.epochs,
         "data.workers": cfg.data.workers,
         "data.crop_padding": cfg.data.crop_padding,
         "optimizer.weight_decay": cfg.optimizer.weight_decay,
     }
-    for key, value in non_negative.items():
-        if value < 0:
-            raise ConfigError(f"{key} must be >= 0; got {value}")
+    for key, amount in non_negative.items():
+        if amount < 0:
+            raise ConfigError(f"{key} must be >= 0; got {amount}")
     if cfg.train.iterations == 0 and cfg.train.epochs == 0:
         raise ConfigError("set train.iterations or train.epochs (--iterations / --epochs)")
 

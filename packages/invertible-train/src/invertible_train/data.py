@@ -21,7 +21,7 @@ and ``synthetic`` (generated, learnable, offline; CIFAR-shaped by default).
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -64,7 +64,9 @@ class InMemoryImages(Dataset[tuple[torch.Tensor, int]]):
 
     def __init__(self, images: torch.Tensor, labels: torch.Tensor) -> None:
         if images.dtype != torch.uint8 or images.dim() != 4:
-            raise ValueError(f"images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}")
+            raise ValueError(
+                f"images must be uint8 (N, C, H, W), got {images.dtype} {images.shape}"
+            )
         if labels.shape != images.shape[:1]:
             raise ValueError(f"labels {tuple(labels.shape)} do not match {images.shape[0]} images")
         self.images = images.contiguous()
@@ -148,7 +150,9 @@ def synthetic_images(
     return (images * 255).round().to(torch.uint8), labels
 
 
-def channel_stats(dataset: Dataset[Any], seed: int = 0) -> tuple[tuple[float, ...], tuple[float, ...]]:
+def channel_stats(
+    dataset: Dataset[Any], seed: int = 0
+) -> tuple[tuple[float, ...], tuple[float, ...]]:
     """Per-channel mean and standard deviation (in [0, 1] units) of a dataset's images.
 
     In-memory datasets are measured whole; other datasets on a seeded random subset of at
@@ -302,7 +306,9 @@ def make_loader(
     drop_last: bool = False,
 ) -> DataLoader[Any]:
     """A DataLoader that batches ``uint8`` images (one gather for in-memory datasets)."""
-    collate = _collate_batch if isinstance(dataset, InMemoryImages) else None
+    collate: Callable[[Any], Any] | None = (
+        _collate_batch if isinstance(dataset, InMemoryImages) else None
+    )
     return DataLoader(
         dataset,
         batch_size=batch_size,
@@ -371,9 +377,7 @@ class BatchTransform:
         """The training view of batch number ``iteration`` (deterministic in seed, iteration)."""
         if self.augment:
             # distinct, reproducible stream per (seed, iteration, rank)
-            g = torch.Generator().manual_seed(
-                (self.seed * 1_000_003 + iteration) * 4_099 + rank
-            )
+            g = torch.Generator().manual_seed((self.seed * 1_000_003 + iteration) * 4_099 + rank)
             images = augment_batch(images, g, self.padding, self.flip)
         return self.normalize(images)
 

@@ -29,7 +29,7 @@ import math
 import shutil
 import sys
 import time
-from collections.abc import Iterator
+from collections.abc import Generator, Iterator
 from importlib import metadata
 from pathlib import Path
 from typing import IO, Any
@@ -46,8 +46,13 @@ from invertible_train.checkpoint import (
     save_checkpoint,
 )
 from invertible_train.config import ConfigError, ExperimentConfig, config_to_dict, dump_toml
-from invertible_train.data import BatchTransform, ImageData, ResumableSampler, build_data
-from invertible_train.data import make_loader
+from invertible_train.data import (
+    BatchTransform,
+    ImageData,
+    ResumableSampler,
+    build_data,
+    make_loader,
+)
 from invertible_train.optim import build_optimizer, build_scheduler
 
 __all__ = [
@@ -116,13 +121,21 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
         )
     except (KeyError, ValueError) as exc:
         known = ", ".join(invertible_models.list_models())  # type: ignore[attr-defined]
-        raise ConfigError(f"cannot build model {cfg.model.name!r}: {exc}. Models: {known}") from None
+        raise ConfigError(
+            f"cannot build model {cfg.model.name!r}: {exc}. Models: {known}"
+        ) from None
 
 
 def package_versions() -> dict[str, str]:
     """Installed versions of our three packages, torch and torchvision (for summaries)."""
     out = {}
-    for dist in ("invertible-core", "invertible-models", "invertible-train", "torch", "torchvision"):
+    for dist in (
+        "invertible-core",
+        "invertible-models",
+        "invertible-train",
+        "torch",
+        "torchvision",
+    ):
         try:
             out[dist] = metadata.version(dist)
         except metadata.PackageNotFoundError:  # pragma: no cover - partial installs
@@ -188,6 +201,37 @@ def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
         else:
             flat[prefix + key] = value
     return flat
+
+
+class _Throughput:
+    """Images and seconds of training, excluding the "paused" spans (evaluation, saving)."""
+
+    def __init__(self) -> None:
+        self.started = self.window_start = time.perf_counter()
+        self.images = 0  # trained in the current window
+        self.window_paused = 0.0
+        self.total_images = 0
+        self.total_seconds = 0.0
+
+    def window(self, device: torch.device) -> tuple[int, float]:
+        """Close the current window: ``(images, training seconds)`` since the last one."""
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)  # the queued steps belong to this window
+        now = time.perf_counter()
+        seconds = now - self.window_start - self.window_paused
+        images = self.images
+        self.total_images += images
+        self.total_seconds += seconds
+        self.window_start, self.window_paused, self.images = now, 0.0, 0
+        return images, seconds
+
+    @contextlib.contextmanager
+    def paused(self) -> Iterator[None]:
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.window_paused += time.perf_counter() - start
 
 
 class Trainer:
@@ -431,7 +475,8 @@ class Trainer:
             dump_toml(config_to_dict(self.cfg)), encoding="utf-8"
         )
         metrics = self.results_dir / "metrics.jsonl"
-        if resumed and metrics.exists():  # drop what the interrupted run logged after its checkpoint
+        if resumed and metrics.exists():
+            # drop what the interrupted run logged after its last checkpoint
             kept = [
                 line
                 for line in metrics.read_text(encoding="utf-8").splitlines()
@@ -485,15 +530,14 @@ class Trainer:
         )
 
     # -- training ----------------------------------------------------------------------
-    def _batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _batches(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """Training batches from the saved position onwards, epoch after epoch."""
         while True:
             if self.position >= self.batches_per_epoch:
                 self.epoch += 1
                 self.position = 0
             self.sampler.set_epoch(self.epoch, self.position * self.local_batch_size)
-            for images, labels in self.loader:
-                yield images, labels
+            yield from self.loader
             if self.position < self.batches_per_epoch:  # pragma: no cover - defensive
                 self.position = self.batches_per_epoch
 
@@ -542,17 +586,16 @@ class Trainer:
     def _fit(self, resumed: bool) -> dict[str, Any]:
         train = self.cfg.train
         cpu = self.device.type == "cpu"
-        started = time.perf_counter()
-        train_seconds = 0.0
-        trained_images = 0
         last_eval: tuple[float, float] | None = None
         if resumed:
             self._log({"kind": "resumed", "iteration": self.iteration, "epoch": self.epoch})
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
-        window_images, window_seconds, checked = 0, 0.0, self.iteration
-        window_start = time.perf_counter()
+        checked = self.iteration
+        # Throughput counts everything the loop does (data, augmentation, logging, progress)
+        # except evaluation and checkpoint writing, which are "paused" time.
+        clock = _Throughput()
         self.model.train()
         with self._progress() as bar:
             batches = self._batches()
@@ -563,11 +606,10 @@ class Trainer:
                 loss, hits = self.train_step(images, labels)
                 self.iteration += 1
                 self.position += 1
-                n = labels.shape[0]
-                loss_sum += loss * n
+                loss_sum += loss * labels.shape[0]
                 correct += hits
                 bad |= ~torch.isfinite(loss)
-                window_images += n
+                clock.images += labels.shape[0]
                 bar.update(1)
                 if cpu:  # free on the CPU: stop at the very step that diverged
                     self._nonfinite(bad, checked)
@@ -578,66 +620,64 @@ class Trainer:
                 save_now = self.iteration % train.checkpoint_every == 0 or last
                 if not (log_now or eval_now or save_now):
                     continue
-                if self.device.type == "cuda":
-                    torch.cuda.synchronize(self.device)
-                window_seconds += time.perf_counter() - window_start
                 self._nonfinite(bad, checked)  # never save or report a diverged model
                 checked = self.iteration
                 if log_now:
-                    elapsed, window_seconds = window_seconds, 0.0
-                    train_seconds += elapsed
-                    trained_images += window_images
-                    record = {
-                        "kind": "train",
-                        "iteration": self.iteration,
-                        "epoch": self.epoch,
-                        "loss": loss_sum.item() / window_images,
-                        "accuracy": correct.item() / window_images,
-                        "lr": self.optimizer.param_groups[0]["lr"],
-                        "images_per_second": window_images / max(elapsed, 1e-9),
-                        "time": time.time(),
-                    }
-                    if self.device.type == "cuda":
-                        record["memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
-                    self._log(record)
+                    record = self._log_train(loss_sum, correct, clock.window(self.device))
                     bar.set_postfix(
                         loss=f"{record['loss']:.3f}",
                         acc=f"{record['accuracy']:.3f}",
                         img_s=f"{record['images_per_second']:.0f}",
                         refresh=False,
                     )
-                    loss_sum.zero_()
-                    correct.zero_()
-                    window_images = 0
-                if eval_now:
-                    test_loss, test_accuracy = last_eval = self.evaluate()
-                    self._log(
-                        {
-                            "kind": "eval",
-                            "iteration": self.iteration,
-                            "epoch": self.epoch,
-                            "test_loss": test_loss,
-                            "test_accuracy": test_accuracy,
-                        }
-                    )
-                    if test_accuracy > self.best_accuracy:
-                        self.best_accuracy = test_accuracy
-                        self.save(self.best_checkpoint)
-                if save_now:
-                    self.save(self.last_checkpoint)
-                window_start = time.perf_counter()
+                with clock.paused():
+                    if eval_now:
+                        last_eval = self._evaluate_and_log()
+                    if save_now:
+                        self.save(self.last_checkpoint)
             batches.close()  # shuts down loader workers now rather than at garbage collection
         if last_eval is None:  # resumed a run that had already finished
             last_eval = self.evaluate()
-        return self._summarize(last_eval, train_seconds, trained_images, started)
+        return self._summarize(last_eval, clock)
 
-    def _summarize(
-        self,
-        last_eval: tuple[float, float],
-        train_seconds: float,
-        trained_images: int,
-        started: float,
+    def _log_train(
+        self, loss_sum: torch.Tensor, correct: torch.Tensor, window: tuple[int, float]
     ) -> dict[str, Any]:
+        images, seconds = window
+        record = {
+            "kind": "train",
+            "iteration": self.iteration,
+            "epoch": self.epoch,
+            "loss": loss_sum.item() / images,
+            "accuracy": correct.item() / images,
+            "lr": self.optimizer.param_groups[0]["lr"],
+            "images_per_second": images / max(seconds, 1e-9),
+            "time": time.time(),
+        }
+        if self.device.type == "cuda":
+            record["memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
+        self._log(record)
+        loss_sum.zero_()
+        correct.zero_()
+        return record
+
+    def _evaluate_and_log(self) -> tuple[float, float]:
+        test_loss, test_accuracy = self.evaluate()
+        self._log(
+            {
+                "kind": "eval",
+                "iteration": self.iteration,
+                "epoch": self.epoch,
+                "test_loss": test_loss,
+                "test_accuracy": test_accuracy,
+            }
+        )
+        if test_accuracy > self.best_accuracy:
+            self.best_accuracy = test_accuracy
+            self.save(self.best_checkpoint)
+        return test_loss, test_accuracy
+
+    def _summarize(self, last_eval: tuple[float, float], clock: _Throughput) -> dict[str, Any]:
         memory: dict[str, int | None] = {"activation_bytes": None, "step_peak_bytes": None}
         if self.cfg.train.measure_memory:
             memory.update(self.measure_activation_memory())
@@ -653,9 +693,11 @@ class Trainer:
             "best_test_accuracy": self.best_accuracy,
             "parameters": sum(p.numel() for p in self.module.parameters()),
             **memory,
-            "images_per_second": trained_images / train_seconds if train_seconds else None,
-            "train_seconds": train_seconds,
-            "wall_seconds": time.perf_counter() - started,
+            "images_per_second": clock.total_images / clock.total_seconds
+            if clock.total_seconds
+            else None,
+            "train_seconds": clock.total_seconds,
+            "wall_seconds": time.perf_counter() - clock.started,
             "device": str(self.device),
             "amp": self.cfg.train.amp,
             "world_size": self.world_size,
