@@ -140,7 +140,10 @@ class AutocastState:
         device_types = ["cpu", *(d.type for d in devices if d.type != "cpu")]
         settings = []
         for device_type in dict.fromkeys(device_types):
-            enabled = torch.is_autocast_enabled(device_type)
+            try:
+                enabled = torch.is_autocast_enabled(device_type)
+            except RuntimeError:  # a device type autocast does not know (e.g. "meta")
+                continue
             settings.append(
                 (
                     device_type,
@@ -167,23 +170,31 @@ class AutocastState:
             yield
 
 
+_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
+
+
 @contextmanager
 def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
     """Normalise with batch statistics but leave running statistics untouched.
 
-    In training mode a BatchNorm layer with ``track_running_stats=False`` uses the batch's
-    statistics (as it did in the forward pass) and writes no buffer, which is exactly what a
-    recompute needs. The flag is restored on exit, even on error.
+    A normalisation layer (BatchNorm, SyncBatchNorm, InstanceNorm with
+    ``track_running_stats=True``) in training mode normalises with the batch's statistics
+    and then updates its running buffers. During a recompute the first half is wanted (the
+    same function as the forward pass) and the second is not (the forward pass already
+    counted this batch). With its running buffers detached for the duration, such a layer
+    computes exactly the forward pass's function and writes nothing; the buffers are put
+    back on exit, even on error.
     """
-    frozen: list[nn.modules.batchnorm._BatchNorm] = []
+    detached: list[tuple[nn.Module, dict[str, torch.Tensor | None]]] = []
     for root in modules:
         for m in root.modules():
-            if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
-                frozen.append(m)
-    for m in frozen:
-        m.track_running_stats = False
+            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+                saved = {name: m._buffers.get(name) for name in _RUNNING_STATS}
+                detached.append((m, saved))
+                for name in _RUNNING_STATS:
+                    m._buffers[name] = None
     try:
         yield
     finally:
-        for m in frozen:
-            m.track_running_stats = True
+        for m, saved in detached:
+            m._buffers.update(saved)
