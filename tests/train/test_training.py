@@ -283,3 +283,33 @@ def test_build_model_passes_options_through() -> None:
     cfg = apply_values(load_experiment("tiny"), {"model.options": {"width": 4}})
     model = build_model(cfg, num_classes=3)
     assert model.head.weight.shape == (3, 4)
+
+
+def test_a_checkpoint_write_cut_short_by_a_kill_is_cleaned_up(run_cli: Run, tmp_path: Path) -> None:
+    assert run_cli("tiny", "synthetic", "--iterations", "5") == 0
+    checkpoints = tmp_path / "results" / "tiny-synthetic" / "checkpoints"
+    (checkpoints / ".last.pt.abc123.tmp").write_bytes(b"half a checkpoint")
+    assert run_cli("tiny", "synthetic", "--iterations", "8") == 0
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["best.pt", "last.pt"]
+    assert load_checkpoint(checkpoints / "last.pt")["iteration"] == 8
+
+
+def test_a_run_killed_before_its_first_checkpoint_starts_over(run_cli: Run, tmp_path: Path) -> None:
+    assert run_cli("tiny", "synthetic", "--iterations", "5", "--set", "train.log_every=1") == 0
+    results = tmp_path / "results" / "tiny-synthetic"
+    for checkpoint in (results / "checkpoints").iterdir():
+        checkpoint.unlink()
+    assert run_cli("tiny", "synthetic", "--iterations", "5", "--set", "train.log_every=1") == 0
+    assert [r["iteration"] for r in records(results, "train")] == [1, 2, 3, 4, 5]
+
+
+def test_resuming_with_another_number_of_processes_is_refused(
+    run_cli: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("tiny", "synthetic", "--iterations", "5") == 0
+    last = tmp_path / "results" / "tiny-synthetic" / "checkpoints" / "last.pt"
+    state = load_checkpoint(last)
+    state["sampler"]["num_replicas"] = 2
+    torch.save(state, last)
+    assert run_cli("tiny", "synthetic", "--iterations", "8") == 1
+    assert "written by 2 processes" in capsys.readouterr().err
