@@ -5,10 +5,13 @@ from __future__ import annotations
 import json
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
+from torch import nn
 
+from invertible_models import ResNet, RevNet, create_model, register_model, registry
 from invertible_models.profiler import (
     ModelProfile,
     format_table,
@@ -18,19 +21,40 @@ from invertible_models.profiler import (
 )
 
 
-def test_cli_prints_a_row_per_model_and_writes_valid_json(
-    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+@pytest.fixture
+def tiny_models(monkeypatch: pytest.MonkeyPatch) -> list[str]:
+    """Two small registered networks, so that profiling under the CPU profiler is quick."""
+    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+
+    def tinyres8(num_classes: int = 10, **options: Any) -> nn.Module:
+        return ResNet("basic", (1, 1, 1), (8, 8, 8, 8), num_classes, **options)
+
+    def tinyrev8(num_classes: int = 10, memory_saving: bool = True, **options: Any) -> nn.Module:
+        return RevNet(
+            "basic", (2, 2, 2), (8, 8, 8, 8), num_classes, memory_saving=memory_saving, **options
+        )
+
+    register_model(tinyres8)
+    register_model(tinyrev8)
+    return ["tinyres8", "tinyrev8"]
+
+
+def test_cli_prints_a_row_per_model_writes_valid_json_and_plots(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], tiny_models: list[str]
 ) -> None:
-    out = tmp_path / "profile.json"
-    argv = ["resnet32", "revnet38", "--batch-size", "2", "--image-size", "16", "--steps", "1"]
-    assert main([*argv, "--json", str(out)]) == 0
+    pytest.importorskip("matplotlib")
+    out, plot = tmp_path / "profile.json", tmp_path / "memory.png"
+    argv = [*tiny_models, "--batch-size", "2", "--image-size", "8", "--steps", "1"]
+    assert main([*argv, "--json", str(out), "--plot", str(plot)]) == 0
+    assert plot.stat().st_size > 0
     printed = capsys.readouterr().out
-    assert "resnet32" in printed and "revnet38" in printed and "peak MiB" in printed
+    assert "tinyres8" in printed and "tinyrev8" in printed and "peak MiB" in printed
     data = json.loads(out.read_text())
     rows = {p["name"]: p for p in data["profiles"]}
-    assert rows["resnet32"]["parameters"] == 466_906
-    assert rows["revnet38"]["parameters"] == 573_994
-    for row in rows.values():
+    assert set(rows) == set(tiny_models)
+    for name, row in rows.items():
+        model = create_model(name)
+        assert row["parameters"] == sum(p.numel() for p in model.parameters())
         assert row["peak_step_mib"] > 0 and row["activation_mib"] > 0 and row["step_seconds"] > 0
 
 
@@ -70,25 +94,28 @@ def test_plot_draws_memory_against_depth(tmp_path: Path) -> None:
 
 
 def test_cli_plot_without_matplotlib_says_how_to_install_it(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+    tiny_models: list[str],
 ) -> None:
     monkeypatch.setitem(sys.modules, "matplotlib", None)
-    argv = ["resnet32", "--batch-size", "1", "--image-size", "8", "--steps", "1"]
+    argv = ["tinyres8", "--batch-size", "1", "--image-size", "8", "--steps", "1"]
     assert main([*argv, "--plot", str(tmp_path / "m.png")]) == 1
     assert "invertible-models[plot]" in capsys.readouterr().err
 
 
-def test_profile_model_passes_options_and_labels_rows() -> None:
+def test_profile_model_passes_options_and_labels_rows(tiny_models: list[str]) -> None:
     profile = profile_model(
-        "revnet38",
+        "tinyrev8",
         batch_size=2,
         image_size=8,
         steps=1,
-        label="revnet38 nosave",
+        label="tinyrev8 nosave",
         memory_saving=False,
     )
-    assert profile.label == "revnet38 nosave"
+    assert profile.label == "tinyrev8 nosave"
     assert profile.options == {"memory_saving": False}
-    assert "revnet38 nosave" in format_table([profile])
+    assert "tinyrev8 nosave" in format_table([profile])
     with pytest.raises(ValueError, match="steps must be at least 1"):
         profile_model("resnet32", steps=0)

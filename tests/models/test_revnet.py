@@ -9,6 +9,7 @@ from torch import nn
 from invertible_core import ReversibleSequence
 from invertible_core.memory import measure_memory
 from invertible_models import ResNet, RevNet, create_model
+from invertible_models.blocks import round_to_grid
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -169,3 +170,35 @@ def test_revnet_keeps_less_activation_memory_than_plain_autograd() -> None:
     model.memory_saving = True
     _, saving = measure_memory(lambda: model(x))
     assert saving.retained_bytes < plain.retained_bytes / 2
+
+
+def test_reconstruction_is_bit_exact_on_the_fixed_point_grid() -> None:
+    model = _small_revnet("bottleneck")
+    for stage in model.stages:
+        stage.blocks.check_reconstruction = "warn"
+    x, y = _batch(4)
+    nn.functional.cross_entropy(model(x * 10), y).backward()
+    errors = [e for stage in model.stages for e in stage.blocks.reconstruction_errors]
+    assert errors and all(e == 0.0 for e in errors)
+
+
+def test_without_the_grid_reconstruction_drifts_by_rounding_only() -> None:
+    model = _small_revnet(fixed_point_bits=None)
+    for stage in model.stages:
+        stage.blocks.check_reconstruction = "warn"
+    x, y = _batch(4)
+    nn.functional.cross_entropy(model(x), y).backward()
+    errors = [e for stage in model.stages for e in stage.blocks.reconstruction_errors]
+    assert 0.0 < max(errors) < 1e-4
+
+
+def test_round_to_grid_is_exact_passes_gradients_and_skips_half_precision() -> None:
+    x = torch.randn(1000, dtype=torch.float64, requires_grad=True)
+    q = round_to_grid(x, 8)
+    assert torch.equal(q * 256, torch.round(q * 256))
+    assert (q - x).abs().max() <= 2**-9
+    q.sum().backward()
+    assert torch.equal(x.grad, torch.ones_like(x))
+    half = torch.randn(10).half()
+    assert round_to_grid(half, 8) is half
+    assert round_to_grid(x, None) is x

@@ -172,12 +172,8 @@ def _family_and_depth(name: str) -> tuple[str, int | None]:
     return match.group(1), int(match.group(2))
 
 
-def plot_profiles(profiles: Sequence[ModelProfile], path: str) -> None:
-    """Draw peak step memory and stored activations against depth, one line per family.
-
-    Raises:
-        RuntimeError: matplotlib is not installed (install the ``plot`` extra).
-    """
+def _pyplot() -> Any:
+    """matplotlib's pyplot on a file-only backend; RuntimeError saying how to install it."""
     try:
         import matplotlib
 
@@ -187,6 +183,16 @@ def plot_profiles(profiles: Sequence[ModelProfile], path: str) -> None:
         raise RuntimeError(
             "--plot needs matplotlib: pip install 'invertible-models[plot]'"
         ) from exc
+    return plt
+
+
+def plot_profiles(profiles: Sequence[ModelProfile], path: str) -> None:
+    """Draw peak step memory and stored activations against depth, one line per family.
+
+    Raises:
+        RuntimeError: matplotlib is not installed (install the ``plot`` extra).
+    """
+    plt = _pyplot()
     families: dict[str, list[tuple[int, ModelProfile]]] = {}
     for p in profiles:
         family, depth = _family_and_depth(p.label)
@@ -245,6 +251,13 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if args.plot:
+        # Fail before minutes of profiling, not after.
+        try:
+            _pyplot()
+        except RuntimeError as exc:
+            print(f"invertible-profile: {exc}", file=sys.stderr)
+            return 1
     if args.device == "cuda" and not torch.cuda.is_available():
         print("invertible-profile: --device cuda, but CUDA is not available", file=sys.stderr)
         return 2
@@ -277,11 +290,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                 indent=2,
             )
     if args.plot:
-        try:
-            plot_profiles(profiles, args.plot)
-        except RuntimeError as exc:
-            print(f"invertible-profile: {exc}", file=sys.stderr)
-            return 1
+        plot_profiles(profiles, args.plot)
     return 0
 
 

@@ -44,6 +44,7 @@ from invertible_models.blocks import (
     init_weights,
     residual_function,
     reversible_block,
+    round_to_grid,
     run_checkpointed,
 )
 from invertible_models.registry import register_model
@@ -51,8 +52,10 @@ from invertible_models.resnet import check_config, default_strides
 
 __all__ = ["RevNet", "RevNetStage", "revnet38", "revnet110", "revnet164"]
 
-#: Reversible blocks between exact activations kept by the sequences, unless told otherwise.
-DEFAULT_ANCHOR_EVERY = 0
+#: Fractional bits of the fixed-point grid of the reversible stages: additions are exact
+#: for activations below 2**(24 - 16) = 256 in magnitude, rounding moves a value by at most
+#: 2**-17 (7.6e-6), far below what training notices.
+DEFAULT_FIXED_POINT_BITS = 16
 
 
 class RevNetStage(nn.Module):
@@ -66,6 +69,7 @@ class RevNetStage(nn.Module):
         stride: stride of the stage's first block.
         preactivate_first: whether the first block starts with BN + ReLU.
         memory_saving, anchor_every: passed to the :class:`ReversibleSequence`.
+        fixed_point_bits: grid of the reversible blocks' additions (see :class:`RevNet`).
     """
 
     def __init__(
@@ -77,7 +81,8 @@ class RevNetStage(nn.Module):
         stride: int,
         preactivate_first: bool = True,
         memory_saving: bool = True,
-        anchor_every: int = DEFAULT_ANCHOR_EVERY,
+        anchor_every: int = 0,
+        fixed_point_bits: int | None = DEFAULT_FIXED_POINT_BITS,
     ) -> None:
         super().__init__()
         out_channels = channels * residual_cls.expansion
@@ -92,13 +97,16 @@ class RevNetStage(nn.Module):
         self.blocks: ReversibleSequence | None = None
         if num_blocks > 0:
             couplings = [
-                reversible_block(residual_cls, out_channels, preactivate if i == 0 else True)
+                reversible_block(
+                    residual_cls, out_channels, preactivate if i == 0 else True, fixed_point_bits
+                )
                 for i in range(num_blocks)
             ]
             self.blocks = ReversibleSequence(
                 *couplings, memory_saving=memory_saving, anchor_every=anchor_every
             )
         self.out_channels = out_channels
+        self.fixed_point_bits = fixed_point_bits
         self.checkpoint_transition = False
 
     def forward(self, x: Tensor) -> Tensor:
@@ -108,7 +116,8 @@ class RevNetStage(nn.Module):
             else:
                 x = self.transition(x)
         if self.blocks is not None:
-            x = self.blocks(x)
+            # The chain's input on the grid too: then every sum in the chain is exact.
+            x = self.blocks(round_to_grid(x, self.fixed_point_bits))
         return x
 
 
@@ -130,7 +139,14 @@ class RevNet(nn.Module):
         checkpoint_transitions: while saving memory, also recompute the stem and the
             transition blocks in backward (default True; see the module docstring).
         anchor_every: keep exact activations every this many reversible blocks to bound
-            float32 drift (0: never; costs one feature map per anchor).
+            float32 drift (0: never; costs one feature map per anchor). Not needed with
+            ``fixed_point_bits``, which removes the drift.
+        fixed_point_bits: compute the reversible blocks' additions on a fixed-point grid of
+            ``2**-fixed_point_bits`` (default 16), so that rebuilding inputs from outputs is
+            bit-exact in float32 and the gradients equal plain autograd's; ``None`` for
+            ordinary float arithmetic (MemCNN's behaviour: rebuilt inputs drift by rounding).
+            Both memory modes compute the same function, so this never changes what
+            ``memory_saving`` toggles. Ignored under float16/bfloat16.
     """
 
     def __init__(
@@ -144,7 +160,8 @@ class RevNet(nn.Module):
         in_channels: int = 3,
         memory_saving: bool = True,
         checkpoint_transitions: bool = True,
-        anchor_every: int = DEFAULT_ANCHOR_EVERY,
+        anchor_every: int = 0,
+        fixed_point_bits: int | None = DEFAULT_FIXED_POINT_BITS,
     ) -> None:
         super().__init__()
         strides = tuple(strides) if strides is not None else default_strides(len(stage_blocks))
@@ -166,6 +183,7 @@ class RevNet(nn.Module):
                 preactivate_first=index > 0,
                 memory_saving=memory_saving,
                 anchor_every=anchor_every,
+                fixed_point_bits=fixed_point_bits,
             )
             width = stage.out_channels
             stages.append(stage)
