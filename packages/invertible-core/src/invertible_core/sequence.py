@@ -138,7 +138,9 @@ class _ChainFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         last = run.blocks[-1]
         y = last.split(out)
-        dy = last.split(grad_out.to(out.dtype))
+        # the incoming gradient is often expanded (from a mean) or strided: make the halves
+        # dense once, so every kernel below runs its fast path
+        dy = tuple(d.contiguous() for d in last.split(grad_out.to(out.dtype)))
         grads: list[Tensor | None] = []
         offset = 2  # ctx inputs: run, x, *params
         slots: list[tuple[list[Tensor], list[int]]] = []
