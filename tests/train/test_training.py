@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -313,3 +314,32 @@ def test_resuming_with_another_number_of_processes_is_refused(
     torch.save(state, last)
     assert run_cli("tiny", "synthetic", "--iterations", "8") == 1
     assert "written by 2 processes" in capsys.readouterr().err
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_progress_bar_shows_loss_accuracy_and_throughput_on_a_terminal(
+    run_cli: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert run_cli("tiny", "synthetic", "--iterations", "20", "--set", "train.log_every=10",
+                   fast=False) == 0  # fmt: skip
+    shown = terminal.getvalue()
+    assert "20/20" in shown and "loss=" in shown and "acc=" in shown and "img_s=" in shown
+
+
+def test_progress_bar_is_silent_when_quiet_or_not_a_terminal(
+    run_cli: Run, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    assert run_cli("tiny", "synthetic", "--iterations", "5") == 0  # FAST includes --quiet
+    assert terminal.getvalue() == ""
+    pipe = io.StringIO()
+    monkeypatch.setattr(sys, "stderr", pipe)
+    assert run_cli("tiny", "synthetic", "--iterations", "5", "--fresh", fast=False) == 0
+    assert pipe.getvalue() == ""
