@@ -157,7 +157,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--warmup", type=int, default=2)
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--quick", action="store_true", help="small sizes, for a smoke run")
-    parser.add_argument("--json", type=Path, default=Path(__file__).parent / "results" / "core.json")
+    parser.add_argument(
+        "--json", type=Path, default=Path(__file__).parent / "results" / "core.json"
+    )
     args = parser.parse_args(argv)
     if args.quick:
         args.depths, args.batch, args.size, args.repeats, args.warmup = [2, 8], 4, 8, 3, 1

@@ -22,9 +22,7 @@ WORLD_SIZE = 2
 def build_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
     blocks = [
-        AdditiveCoupling(
-            nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Dropout(0.1))
-        )
+        AdditiveCoupling(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Dropout(0.1)))
         for _ in range(3)
     ]
     return nn.Sequential(
@@ -50,10 +48,15 @@ def _worker(rank: int, store_dir: str, out_dir: str, steps: int) -> None:
         model = nn.parallel.DistributedDataParallel(build_model())
         x, y = batch()
         per_rank = x.shape[0] // WORLD_SIZE
-        xs, ys = x[rank * per_rank : (rank + 1) * per_rank], y[rank * per_rank : (rank + 1) * per_rank]
+        xs, ys = (
+            x[rank * per_rank : (rank + 1) * per_rank],
+            y[rank * per_rank : (rank + 1) * per_rank],
+        )
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
         for step in range(steps):
-            torch.manual_seed(1000 + step)  # dropout: same seed on both ranks, repeated in recompute
+            torch.manual_seed(
+                1000 + step
+            )  # dropout: same seed on both ranks, repeated in recompute
             opt.zero_grad()
             nn.functional.cross_entropy(model(xs), ys).backward()
             if step == 0:

@@ -5,14 +5,14 @@ from __future__ import annotations
 import warnings
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 __all__ = ["is_invertible_module"]
 
-Shape = Union[Sequence[int], torch.Size]
+Shape = Sequence[int] | torch.Size
 
 
 def _is_shape(obj: object) -> bool:
@@ -57,7 +57,9 @@ def is_invertible_module(
     """
     if not callable(getattr(module_in, "inverse", None)):
         return False
-    shapes = [test_input_shape] if _is_shape(test_input_shape) else list(test_input_shape)  # type: ignore[arg-type]
+    shapes: list[Any] = (
+        [test_input_shape] if _is_shape(test_input_shape) else list(test_input_shape)
+    )  # type: ignore[arg-type]
     if not shapes or not all(_is_shape(s) for s in shapes):
         raise ValueError(
             "is_invertible_module: test_input_shape must be a tuple of ints, or a tuple of such "
@@ -83,15 +85,22 @@ def is_invertible_module(
     def warn_suspicious(inputs: tuple[Tensor, ...], outputs: tuple[Tensor, ...]) -> None:
         for t in (*inputs, *outputs):
             if not torch.any(t != 0):
-                warnings.warn("is_invertible_module: an input or output is all zeros; the "
-                              "check proves little", UserWarning, stacklevel=3)
+                warnings.warn(
+                    "is_invertible_module: an input or output is all zeros; the "
+                    "check proves little",
+                    UserWarning,
+                    stacklevel=3,
+                )
                 break
         for x in inputs:
             for y in outputs:
                 if x.untyped_storage().data_ptr() == y.untyped_storage().data_ptr():
-                    warnings.warn("is_invertible_module: an output shares memory with an input "
-                                  "(an in-place module?); the round trip may be meaningless",
-                                  UserWarning, stacklevel=3)
+                    warnings.warn(
+                        "is_invertible_module: an output shares memory with an input "
+                        "(an in-place module?); the round trip may be meaningless",
+                        UserWarning,
+                        stacklevel=3,
+                    )
 
     def round_trip(there: Callable[..., Any], back: Callable[..., Any]) -> bool:
         # the module gets copies, so an in-place module cannot fake a round trip
@@ -102,6 +111,5 @@ def is_invertible_module(
         return close(as_tuple(back(*(t.clone() for t in out))), start)
 
     with _untouched(module_in), torch.no_grad():
-        return round_trip(module_in, module_in.inverse) and round_trip(
-            module_in.inverse, module_in
-        )
+        inverse: Callable[..., Any] = module_in.inverse  # type: ignore[assignment]
+        return round_trip(module_in, inverse) and round_trip(inverse, module_in)

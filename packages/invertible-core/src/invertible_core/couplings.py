@@ -32,7 +32,7 @@ import copy
 import warnings
 from collections.abc import Callable, Sequence
 from contextlib import nullcontext
-from typing import Any, Union
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -49,8 +49,8 @@ __all__ = [
 ]
 
 #: What ``Fm``/``Gm`` produce inside a coupling: a tensor (additive) or ``(scale, shift)``.
-CouplingTerm = Union[Tensor, tuple[Tensor, ...]]
-ParamGrads = tuple[Union[Tensor, None], ...]
+CouplingTerm = Tensor | tuple[Tensor, ...]
+ParamGrads = tuple[Tensor | None, ...]
 
 
 def _terms(h: CouplingTerm) -> tuple[Tensor, ...]:
@@ -190,7 +190,7 @@ class Coupling(nn.Module):
         param_grads)``.
         """
         cond = cond.detach().requires_grad_(True)
-        with torch.enable_grad(), (nullcontext() if record is None else record.replay(slot)):
+        with torch.enable_grad(), nullcontext() if record is None else record.replay(slot):
             h = module(cond)
         h_values = _detach(h)
         with torch.no_grad():
@@ -202,9 +202,7 @@ class Coupling(nn.Module):
                 d_other, d_terms = self._decouple_backward(other, h_values, known, d_known)
         terms = _terms(h)
         d_terms = tuple(d.to(t.dtype) for d, t in zip(d_terms, terms))
-        grads = torch.autograd.grad(
-            terms, (cond, *params), d_terms, allow_unused=True
-        )
+        grads = torch.autograd.grad(terms, (cond, *params), d_terms, allow_unused=True)
         d_cond = grads[0]
         if d_cond is None:
             d_cond = torch.zeros_like(cond)
@@ -429,4 +427,6 @@ def create_coupling(
         return AdditiveCoupling(Fm, Gm, **kwargs)
     if coupling == "affine":
         return AffineCoupling(Fm, Gm, adapter=adapter, **kwargs)
-    raise ValueError(f"create_coupling: unknown coupling {coupling!r}; choose 'additive' or 'affine'")
+    raise ValueError(
+        f"create_coupling: unknown coupling {coupling!r}; choose 'additive' or 'affine'"
+    )

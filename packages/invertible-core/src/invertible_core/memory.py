@@ -46,7 +46,9 @@ class MemoryStats:
         return self.retained_bytes / 2**20
 
 
-def measure_memory(fn: Callable[[], Any], device: str | torch.device = "cpu") -> tuple[Any, MemoryStats]:
+def measure_memory(
+    fn: Callable[[], Any], device: str | torch.device = "cpu"
+) -> tuple[Any, MemoryStats]:
     """Run ``fn()`` once and return ``(its result, MemoryStats)``.
 
     On the CPU the allocation and free events of the PyTorch profiler are summed in time

@@ -188,7 +188,11 @@ def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
     detached: list[tuple[nn.Module, dict[str, torch.Tensor | None]]] = []
     for root in modules:
         for m in root.modules():
-            if isinstance(m, nn.modules.batchnorm._NormBase) and m.training and m.track_running_stats:
+            if (
+                isinstance(m, nn.modules.batchnorm._NormBase)
+                and m.training
+                and m.track_running_stats
+            ):
                 saved = {name: m._buffers.get(name) for name in _RUNNING_STATS}
                 detached.append((m, saved))
                 for name in _RUNNING_STATS:

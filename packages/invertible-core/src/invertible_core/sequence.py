@@ -45,7 +45,7 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 from torch import Tensor, nn
@@ -59,7 +59,7 @@ from invertible_core.recompute import (
     tensor_devices,
 )
 
-__all__ = ["ReversibleSequence", "COUPLING_PROTOCOL"]
+__all__ = ["COUPLING_PROTOCOL", "ReversibleSequence"]
 
 #: The methods a block of a :class:`ReversibleSequence` must have (see
 #: :class:`invertible_core.Coupling`, which implements all of them).
@@ -87,7 +87,7 @@ class _ChainRun:
     def __init__(
         self,
         owner: ReversibleSequence,
-        blocks: list[nn.Module],
+        blocks: list[Any],
         inverse: bool,
         params: list[list[Tensor]],
         preserve: list[bool],
@@ -150,9 +150,7 @@ class _ChainFunction(torch.autograd.Function):
             offset += len(block_params)
         grads = [None] * offset
         errors: dict[int, float] = {}
-        with forked_rng(run.devices, enabled=any(run.preserve)), frozen_norm_statistics(
-            run.blocks
-        ):
+        with forked_rng(run.devices, enabled=any(run.preserve)), frozen_norm_statistics(run.blocks):
             for i in range(len(run.blocks) - 1, -1, -1):
                 block = run.blocks[i]
                 if i in run.anchors:
@@ -182,7 +180,7 @@ def _apply_chain(run: _ChainRun, x: Tensor, *params: Tensor) -> Tensor:
 
 
 def _checked(
-    out: tuple[Tensor, Tensor], inp: tuple[Tensor, Tensor], index: int, block: nn.Module
+    out: tuple[Tensor, Tensor], inp: tuple[Tensor, Tensor], index: int, block: Any
 ) -> tuple[Tensor, Tensor]:
     if (
         not isinstance(out, tuple)
@@ -247,7 +245,7 @@ class ReversibleSequence(nn.Module):
             )
         for i, block in enumerate(blocks):
             _check_protocol(block, i)
-            self.add_module(str(i), block)
+            self.add_module(str(i), cast(nn.Module, block))
         split_dims = {getattr(b, "split_dim", None) for b in self}
         if len(split_dims) > 1:
             raise ValueError(
@@ -304,12 +302,14 @@ class ReversibleSequence(nn.Module):
     def _run(self, x: Tensor, inverse: bool) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"ReversibleSequence expects a tensor, got {type(x).__name__}")
-        blocks = list(self)
+        blocks: list[Any] = list(self)
         preserve = list(self.preserve_rng_state)
         if inverse:
             blocks.reverse()
             preserve.reverse()
-        params = [[p for p in b.parameters() if p.requires_grad] for b in blocks]
+        params: list[list[Tensor]] = [
+            [p for p in b.parameters() if p.requires_grad] for b in blocks
+        ]
         if not self._saving_active(x, (p for ps in params for p in ps)):
             halves = blocks[0].split(x)
             for i, block in enumerate(blocks):

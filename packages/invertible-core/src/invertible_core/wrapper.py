@@ -68,7 +68,7 @@ class _WrapperRun:
         self.params = params
 
 
-def _call(fn: nn.Module, inverse: bool, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+def _call(fn: Any, inverse: bool, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
     out = fn.inverse(*inputs) if inverse else fn(*inputs)
     outputs = out if isinstance(out, tuple) else (out,)
     for i, t in enumerate(outputs):
@@ -113,8 +113,9 @@ class _WrapperFunction(torch.autograd.Function):
             # inputs that a wrapped producer kept, promising to hand them back rebuilt.
             ctx.outputs = [(t.detach(), t._version) for t in outputs]
             for j, x in enumerate(inputs):
-                producer = x.grad_fn
-                if type(producer) is _WrapperFunction._backward_cls:  # type: ignore[attr-defined]
+                producer: Any = x.grad_fn
+                from_wrapper = type(producer) is _WrapperFunction._backward_cls  # type: ignore[attr-defined]
+                if from_wrapper:
                     slot = x.output_nr
                     if producer.outputs is not None and producer.outputs[slot] is not None:
                         producer.outputs[slot] = None
@@ -211,9 +212,7 @@ def _reforward(
     with torch.enable_grad(), ctx.record.replay(0):
         outputs = _call(run.fn, run.inverse, detached)
     differentiable = [x for x in detached if x.requires_grad]
-    result = torch.autograd.grad(
-        outputs, (*differentiable, *params), grads, allow_unused=True
-    )
+    result = torch.autograd.grad(outputs, (*differentiable, *params), grads, allow_unused=True)
     it = iter(result[: len(differentiable)])
     input_grads = tuple(next(it) if x.requires_grad else None for x in detached)
     return detached, input_grads, tuple(result[len(differentiable) :])
@@ -256,7 +255,9 @@ class InvertibleModuleWrapper(nn.Module):
     ) -> None:
         super().__init__()
         if not isinstance(fn, nn.Module):
-            raise TypeError(f"InvertibleModuleWrapper: fn must be an nn.Module, got {type(fn).__name__}")
+            raise TypeError(
+                f"InvertibleModuleWrapper: fn must be an nn.Module, got {type(fn).__name__}"
+            )
         if not callable(getattr(fn, "inverse", None)):
             raise TypeError(
                 f"InvertibleModuleWrapper: fn ({type(fn).__name__}) has no inverse() method; "
@@ -279,7 +280,9 @@ class InvertibleModuleWrapper(nn.Module):
         """``fn.inverse(*yin)``; while training, keeps no activation of its own."""
         return self._run_direction(yin, inverse=True)
 
-    def _run_direction(self, inputs: tuple[Tensor, ...], inverse: bool) -> Tensor | tuple[Tensor, ...]:
+    def _run_direction(
+        self, inputs: tuple[Tensor, ...], inverse: bool
+    ) -> Tensor | tuple[Tensor, ...]:
         name = "inverse" if inverse else "forward"
         if len(inputs) == 0:
             raise TypeError(f"InvertibleModuleWrapper.{name}() needs at least one tensor")
@@ -289,7 +292,7 @@ class InvertibleModuleWrapper(nn.Module):
                     f"InvertibleModuleWrapper.{name}() takes tensors only; argument {i} is a "
                     f"{type(x).__name__}"
                 )
-        params = [p for p in self._fn.parameters() if p.requires_grad]
+        params: list[Tensor] = [p for p in self._fn.parameters() if p.requires_grad]
         saving = (
             not self.disable
             and self.training
