@@ -36,11 +36,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from invertible_train import engine
+from invertible_train import engine, results
 from invertible_train.config import apply_values, load_experiment
 from invertible_train.data import InMemoryImages, augment_batch, channel_stats, synthetic_images
-from invertible_train.engine import Trainer, build_model, package_versions, select_device
+from invertible_train.engine import Trainer, build_model, select_device
 from invertible_train.optim import build_optimizer, build_scheduler
+from invertible_train.results import package_versions
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,7 +63,7 @@ def experiment(args: argparse.Namespace) -> Any:
 
 
 class _CpuClock:
-    """Stands in for the ``time`` module inside the engine: perf_counter is CPU time."""
+    """Stands in for the ``time`` module in the harness: perf_counter is CPU time."""
 
     perf_counter = staticmethod(time.process_time)
     time = staticmethod(time.time)
@@ -70,14 +71,14 @@ class _CpuClock:
 
 def harness(args: argparse.Namespace, device: torch.device) -> float:
     """Images/s reported by the harness for one fresh run."""
-    with tempfile.TemporaryDirectory() as results:
-        trainer = Trainer(experiment(args), Path(results) / "run", device=device, quiet=True)
+    with tempfile.TemporaryDirectory() as folder:
+        trainer = Trainer(experiment(args), Path(folder) / "run", device=device, quiet=True)
         if args.clock == "cpu":
-            engine.time = _CpuClock  # type: ignore[assignment]
+            engine.time = results.time = _CpuClock  # type: ignore[assignment]
         try:
             summary = trainer.fit()
         finally:
-            engine.time = time
+            engine.time = results.time = time
     return float(summary["images_per_second"])
 
 

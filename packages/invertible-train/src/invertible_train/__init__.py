@@ -10,7 +10,8 @@ from invertible_train._version import __version__
 from invertible_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from invertible_train.config import ConfigError, ExperimentConfig, load_experiment
 from invertible_train.data import DatasetUnavailableError, build_data
-from invertible_train.engine import NonFiniteLossError, ResultsDirError, Trainer
+from invertible_train.engine import NonFiniteLossError, Trainer
+from invertible_train.results import ResultsDirError
 
 __all__ = [
     "CheckpointError",

@@ -32,13 +32,8 @@ from invertible_train.config import (
     load_experiment,
 )
 from invertible_train.data import DatasetUnavailableError
-from invertible_train.engine import (
-    NonFiniteLossError,
-    ResultsDirError,
-    Trainer,
-    remove_results,
-    select_device,
-)
+from invertible_train.engine import NonFiniteLossError, Trainer, select_device
+from invertible_train.results import ResultsDirError, remove_results
 
 __all__ = ["build_eval_parser", "build_parser", "evaluate_main", "main"]
 

@@ -1,14 +1,7 @@
 """The training loop: one :class:`Trainer` that trains, evaluates, logs and checkpoints.
 
-What a run leaves in its results directory (written by the main process only)::
-
-    config.toml            the resolved experiment (reusable with --config)
-    metrics.jsonl          one JSON object per logged step ("train") and evaluation ("eval")
-    summary.json           final test_accuracy (a fraction), test_loss, parameters,
-                           activation memory, images/s, versions of our packages and torch
-    checkpoints/last.pt    written every train.checkpoint_every iterations and at the end
-    checkpoints/best.pt    the evaluated model with the highest test accuracy so far
-    tensorboard/           event files: loss, accuracy, lr, throughput, memory
+Its results folder (layout in :mod:`invertible_train.results`) holds the logs, the summary
+and the checkpoints.
 
 Rerunning the same command resumes from ``checkpoints/last.pt``: same iteration, same
 position in the epoch's data order, same random states, so on the CPU the resumed run ends
@@ -24,15 +17,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import json
 import math
-import shutil
 import sys
 import time
-from collections.abc import Generator, Iterator
-from importlib import metadata
+from collections.abc import Generator
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +35,7 @@ from invertible_train.checkpoint import (
     restore_rng_state,
     save_checkpoint,
 )
-from invertible_train.config import ConfigError, ExperimentConfig, config_to_dict, dump_toml
+from invertible_train.config import ConfigError, ExperimentConfig, config_to_dict
 from invertible_train.data import (
     BatchTransform,
     ImageData,
@@ -54,46 +44,27 @@ from invertible_train.data import (
     make_loader,
 )
 from invertible_train.optim import build_optimizer, build_scheduler
+from invertible_train.results import (
+    ResultsDirError,
+    RunLog,
+    Throughput,
+    config_differences,
+    package_versions,
+)
 
 __all__ = [
     "NonFiniteLossError",
-    "ResultsDirError",
     "Trainer",
     "build_model",
-    "package_versions",
-    "remove_results",
     "select_device",
     "step_memory",
 ]
-
-#: config keys that may change between a run and its resumption (they do not change what
-#: is computed, or they only extend it); any other difference refuses to resume.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "data.workers",
-        "data.data_dir",
-        "data.download",
-        "data.eval_batch_size",
-        "train.iterations",
-        "train.epochs",
-        "train.device",
-        "train.log_every",
-        "train.eval_every",
-        "train.checkpoint_every",
-        "train.tensorboard",
-        "train.measure_memory",
-    }
-)
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
-
-
-class ResultsDirError(RuntimeError):
-    """The results directory holds something this run must not overwrite or resume."""
 
 
 def select_device(spec: str = "auto", no_cuda: bool = False) -> torch.device:
@@ -124,23 +95,6 @@ def build_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
         raise ConfigError(
             f"cannot build model {cfg.model.name!r}: {exc}. Models: {known}"
         ) from None
-
-
-def package_versions() -> dict[str, str]:
-    """Installed versions of our three packages, torch and torchvision (for summaries)."""
-    out = {}
-    for dist in (
-        "invertible-core",
-        "invertible-models",
-        "invertible-train",
-        "torch",
-        "torchvision",
-    ):
-        try:
-            out[dist] = metadata.version(dist)
-        except metadata.PackageNotFoundError:  # pragma: no cover - partial installs
-            out[dist] = "not installed"
-    return out
 
 
 def step_memory(
@@ -176,62 +130,6 @@ def step_memory(
 
         _, full = measure_memory(step, device)
     return {"activation_bytes": fwd.retained_bytes, "step_peak_bytes": full.peak_bytes}
-
-
-_RESULT_MARKERS = ("config.toml", "checkpoints", "metrics.jsonl", "summary.json")
-
-
-def remove_results(path: Path) -> None:
-    """Delete an experiment's results (``--fresh``), refusing folders that are not results."""
-    if not path.exists():
-        return
-    if not path.is_dir() or not any((path / m).exists() for m in _RESULT_MARKERS):
-        raise ResultsDirError(
-            f"--fresh would delete {path}, which does not look like a results directory "
-            f"(none of {', '.join(_RESULT_MARKERS)}); remove it yourself or pick another one"
-        )
-    shutil.rmtree(path)
-
-
-def _flatten(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "options":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-class _Throughput:
-    """Images and seconds of training, excluding the "paused" spans (evaluation, saving)."""
-
-    def __init__(self) -> None:
-        self.started = self.window_start = time.perf_counter()
-        self.images = 0  # trained in the current window
-        self.window_paused = 0.0
-        self.total_images = 0
-        self.total_seconds = 0.0
-
-    def window(self, device: torch.device) -> tuple[int, float]:
-        """Close the current window: ``(images, training seconds)`` since the last one."""
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)  # the queued steps belong to this window
-        now = time.perf_counter()
-        seconds = now - self.window_start - self.window_paused
-        images = self.images
-        self.total_images += images
-        self.total_seconds += seconds
-        self.window_start, self.window_paused, self.images = now, 0.0, 0
-        return images, seconds
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self.window_paused += time.perf_counter() - start
 
 
 class Trainer:
@@ -321,8 +219,7 @@ class Trainer:
         self.epoch = 0
         self.position = 0  # batches of the current epoch already trained
         self.best_accuracy = -math.inf
-        self._metrics: IO[str] | None = None
-        self._writer: Any = None
+        self.log = RunLog(self.results_dir, self.is_main_process, cfg.train.tensorboard)
 
     # -- the seams distributed training overrides -------------------------------------
     @property
@@ -396,15 +293,9 @@ class Trainer:
             ) from None
 
     def _check_resumable(self, state: dict[str, Any], source: Path) -> None:
-        saved = _flatten(state.get("config", {}))
-        now = _flatten(config_to_dict(self.cfg))
-        differ = sorted(
-            key
-            for key in set(saved) | set(now)
-            if key not in RESUMABLE_CHANGES and saved.get(key) != now.get(key)
-        )
+        differ = config_differences(state.get("config", {}), config_to_dict(self.cfg))
         if differ:
-            changes = "; ".join(f"{k}: {saved.get(k)!r} -> {now.get(k)!r}" for k in differ)
+            changes = "; ".join(differ)
             raise ResultsDirError(
                 f"{self.results_dir} holds a run of a different experiment ({changes}), saved in "
                 f"{source}. Rerun with --fresh to discard it, or choose another --results-dir "
@@ -466,56 +357,7 @@ class Trainer:
         x = self.transform.test(images[:n].to(self.device))
         return step_memory(self.module, x, labels[:n].to(self.device), self.amp_dtype)
 
-    # -- logging ---------------------------------------------------------------------
-    def _open_logs(self, resumed: bool) -> None:
-        if not self.is_main_process:
-            return
-        self.results_dir.mkdir(parents=True, exist_ok=True)
-        (self.results_dir / "config.toml").write_text(
-            dump_toml(config_to_dict(self.cfg)), encoding="utf-8"
-        )
-        metrics = self.results_dir / "metrics.jsonl"
-        if resumed and metrics.exists():
-            # drop what the interrupted run logged after its last checkpoint
-            kept = [
-                line
-                for line in metrics.read_text(encoding="utf-8").splitlines()
-                if line.strip() and json.loads(line).get("iteration", 0) <= self.iteration
-            ]
-            metrics.write_text("".join(line + "\n" for line in kept), encoding="utf-8")
-        elif metrics.exists():
-            metrics.unlink()
-        self._metrics = metrics.open("a", encoding="utf-8")
-        if self.cfg.train.tensorboard:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(
-                str(self.results_dir / "tensorboard"),
-                purge_step=self.iteration if resumed else None,
-            )
-
-    def _log(self, record: dict[str, Any]) -> None:
-        if not self.is_main_process:
-            return
-        if self._metrics is not None:
-            self._metrics.write(json.dumps(record) + "\n")
-            self._metrics.flush()
-        if self._writer is not None:
-            kind = record["kind"]
-            for key, value in record.items():
-                if key not in ("kind", "iteration", "epoch", "time") and isinstance(
-                    value, (int, float)
-                ):
-                    self._writer.add_scalar(f"{kind}/{key}", value, record["iteration"])
-
-    def _close_logs(self) -> None:
-        if self._metrics is not None:
-            self._metrics.close()
-            self._metrics = None
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
-
+    # -- training ----------------------------------------------------------------------
     def _progress(self) -> Any:
         from tqdm.auto import tqdm
 
@@ -529,7 +371,6 @@ class Trainer:
             dynamic_ncols=True,
         )
 
-    # -- training ----------------------------------------------------------------------
     def _batches(self) -> Generator[tuple[torch.Tensor, torch.Tensor], None, None]:
         """Training batches from the saved position onwards, epoch after epoch."""
         while True:
@@ -558,7 +399,7 @@ class Trainer:
             f"non-finite training loss {where}; stopped, {kept}. Lower optimizer.lr "
             "(--lr or --set optimizer.lr=...), or use --amp bf16/off instead of fp16"
         )
-        self._log({"kind": "stopped", "iteration": self.iteration, "reason": message})
+        self.log.log({"kind": "stopped", "iteration": self.iteration, "reason": message})
         raise NonFiniteLossError(message)
 
     def train_step(self, images: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -577,25 +418,25 @@ class Trainer:
     def fit(self) -> dict[str, Any]:
         """Train to ``total_iterations`` (resuming when possible); returns the summary."""
         resumed = self.resume()
-        self._open_logs(resumed)
+        self.log.open(config_to_dict(self.cfg), self.iteration if resumed else None)
         try:
             return self._fit(resumed)
         finally:
-            self._close_logs()
+            self.log.close()
 
     def _fit(self, resumed: bool) -> dict[str, Any]:
         train = self.cfg.train
         cpu = self.device.type == "cpu"
         last_eval: tuple[float, float] | None = None
         if resumed:
-            self._log({"kind": "resumed", "iteration": self.iteration, "epoch": self.epoch})
+            self.log.log({"kind": "resumed", "iteration": self.iteration, "epoch": self.epoch})
         loss_sum = torch.zeros((), device=self.device)
         correct = torch.zeros((), dtype=torch.int64, device=self.device)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         checked = self.iteration
         # Throughput counts everything the loop does (data, augmentation, logging, progress)
         # except evaluation and checkpoint writing, which are "paused" time.
-        clock = _Throughput()
+        clock = Throughput()
         self.model.train()
         with self._progress() as bar:
             batches = self._batches()
@@ -656,14 +497,14 @@ class Trainer:
         }
         if self.device.type == "cuda":
             record["memory_bytes"] = torch.cuda.max_memory_allocated(self.device)
-        self._log(record)
+        self.log.log(record)
         loss_sum.zero_()
         correct.zero_()
         return record
 
     def _evaluate_and_log(self) -> tuple[float, float]:
         test_loss, test_accuracy = self.evaluate()
-        self._log(
+        self.log.log(
             {
                 "kind": "eval",
                 "iteration": self.iteration,
@@ -677,7 +518,7 @@ class Trainer:
             self.save(self.best_checkpoint)
         return test_loss, test_accuracy
 
-    def _summarize(self, last_eval: tuple[float, float], clock: _Throughput) -> dict[str, Any]:
+    def _summarize(self, last_eval: tuple[float, float], clock: Throughput) -> dict[str, Any]:
         memory: dict[str, int | None] = {"activation_bytes": None, "step_peak_bytes": None}
         if self.cfg.train.measure_memory:
             memory.update(self.measure_activation_memory())
@@ -693,9 +534,7 @@ class Trainer:
             "best_test_accuracy": self.best_accuracy,
             "parameters": sum(p.numel() for p in self.module.parameters()),
             **memory,
-            "images_per_second": clock.total_images / clock.total_seconds
-            if clock.total_seconds
-            else None,
+            "images_per_second": clock.images_per_second,
             "train_seconds": clock.total_seconds,
             "wall_seconds": time.perf_counter() - clock.started,
             "device": str(self.device),
@@ -703,11 +542,5 @@ class Trainer:
             "world_size": self.world_size,
             "versions": package_versions(),
         }
-        if self.is_main_process:
-            if self._writer is not None and memory["activation_bytes"] is not None:
-                self._writer.add_scalar("memory/activation_bytes", memory["activation_bytes"], 0)
-                self._writer.add_scalar("memory/step_peak_bytes", memory["step_peak_bytes"], 0)
-            (self.results_dir / "summary.json").write_text(
-                json.dumps(summary, indent=2) + "\n", encoding="utf-8"
-            )
+        self.log.write_summary(summary)
         return summary
