@@ -28,6 +28,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from invertible_models import create_model, list_models
 from invertible_train.checkpoint import (
     CheckpointError,
     capture_rng_state,
@@ -81,19 +82,16 @@ def select_device(spec: str = "auto", no_cuda: bool = False) -> torch.device:
 
 def build_model(cfg: ExperimentConfig, num_classes: int) -> nn.Module:
     """The network named in the config, from ``invertible_models``' registry."""
-    import invertible_models
-
     try:
-        return invertible_models.create_model(  # type: ignore[attr-defined,no-any-return]
+        return create_model(
             cfg.model.name,
             num_classes=num_classes,
             memory_saving=cfg.model.memory_saving,
             **cfg.model.options,
         )
     except (KeyError, ValueError) as exc:
-        known = ", ".join(invertible_models.list_models())  # type: ignore[attr-defined]
         raise ConfigError(
-            f"cannot build model {cfg.model.name!r}: {exc}. Models: {known}"
+            f"cannot build model {cfg.model.name!r}: {exc}. Models: {', '.join(list_models())}"
         ) from None
 
 
