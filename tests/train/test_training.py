@@ -343,3 +343,12 @@ def test_progress_bar_is_silent_when_quiet_or_not_a_terminal(
     monkeypatch.setattr(sys, "stderr", pipe)
     assert run_cli("tiny", "synthetic", "--iterations", "5", "--fresh", fast=False) == 0
     assert pipe.getvalue() == ""
+
+
+def test_loader_workers_do_not_change_what_is_learned(run_cli: Run, tmp_path: Path) -> None:
+    assert run_cli("tiny", "synthetic", "--iterations", "20", "--name", "main") == 0
+    assert run_cli("tiny", "synthetic", "--iterations", "20", "--name", "workers",
+                   "--workers", "2") == 0  # fmt: skip
+    a = load_checkpoint(tmp_path / "results/main/checkpoints/last.pt")["model"]
+    b = load_checkpoint(tmp_path / "results/workers/checkpoints/last.pt")["model"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
