@@ -302,7 +302,7 @@ class ReversibleSequence(nn.Module):
     def _run(self, x: Tensor, inverse: bool) -> Tensor:
         if not isinstance(x, Tensor):
             raise TypeError(f"ReversibleSequence expects a tensor, got {type(x).__name__}")
-        blocks: list[Any] = list(self)
+        blocks: list[Any] = list(self._modules.values())
         preserve = list(self.preserve_rng_state)
         if inverse:
             blocks.reverse()
