@@ -9,12 +9,14 @@ the ratios issue 5 targets:
 * step time with saving / without, revnet110, revnet164  (target <= 1.35)
 
 Memory is exact (``invertible_core.memory.measure_memory``: profiler allocation events on
-the CPU, ``max_memory_allocated`` on CUDA); time is the median of a few steps measured in a
-separate run without the profiler. Prints a table and writes JSON to
+the CPU, ``max_memory_allocated`` on CUDA), beyond the model state (parameters, gradients,
+momentum); time is the median of a few steps measured without the profiler, each RevNet
+interleaved with its no-saving twin and each ResNet with its checkpointed twin (A, B, A,
+B...), so that the ratios hold on a loaded machine. Prints a table and writes JSON to
 ``benchmarks/results/models.json`` (and ``--json PATH``).
 
     python benchmarks/bench_models.py            # batch 32, about a few minutes on 2 cores
-    python benchmarks/bench_models.py --quick    # batch 8, 2 timed steps: a smoke run
+    python benchmarks/bench_models.py --quick    # batch 8, 3 timed rounds: a smoke run
 """
 
 from __future__ import annotations
@@ -22,13 +24,20 @@ from __future__ import annotations
 import argparse
 import json
 import platform
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from invertible_models.profiler import ModelProfile, format_table, profile_model
+from invertible_models import create_model
+from invertible_models.profiler import (
+    ModelProfile,
+    TrainingStep,
+    format_table,
+    median_step_seconds,
+    profile_model,
+)
 
 RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
 
@@ -85,6 +94,16 @@ RATIOS: list[tuple[str, str, str, str, float | None]] = [
 ]
 
 
+def _pairs(
+    configs: list[tuple[str, str, dict[str, Any]]],
+) -> list[list[tuple[str, str, dict[str, Any]]]]:
+    """Configurations grouped by model name (plain next to its saving variant)."""
+    groups: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+    for config in configs:
+        groups.setdefault(config[1], []).append(config)
+    return list(groups.values())
+
+
 def compute_ratios(profiles: list[ModelProfile]) -> list[dict[str, Any]]:
     """The target ratios of issue 5 (and the comparisons with checkpointing), as records."""
     by_label = {p.label: p for p in profiles}
@@ -116,31 +135,43 @@ def format_ratios(rows: list[dict[str, Any]]) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--quick", action="store_true", help="batch 8, 2 timed steps")
+    parser.add_argument("--quick", action="store_true", help="batch 8, 3 timed rounds")
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 (8 quick)")
-    parser.add_argument("--steps", type=int, default=None, help="timed steps (default 5)")
+    parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 7)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="run only these rows")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
     batch_size = args.batch_size or (8 if args.quick else 32)
-    steps = args.steps or (2 if args.quick else 5)
+    steps = args.steps or (3 if args.quick else 7)
 
-    profiles = []
-    for label, name, options in CONFIGS:
-        if args.only and label not in args.only:
-            continue
-        profiles.append(
-            profile_model(
-                name,
-                batch_size=batch_size,
-                device=args.device,
-                steps=steps,
-                label=label,
-                **options,
-            )
+    configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
+    # Memory first, one configuration at a time, under the allocation profiler.
+    memory = {}
+    for label, name, options in configs:
+        memory[label] = profile_model(
+            name, batch_size=batch_size, device=args.device, steps=0, label=label, **options
         )
-        print(f"measured {label}", flush=True)
+        print(f"memory measured: {label}", flush=True)
+    # Time separately, without the profiler, each pair (plain / saving) interleaved.
+    seconds: dict[str, float] = {}
+    for group in _pairs(configs):
+        steps_of_group = []
+        for _, name, options in group:
+            torch.manual_seed(0)
+            step = TrainingStep(
+                create_model(name, **options),
+                batch_size=batch_size,
+                image_size=32,
+                num_classes=10,
+                device=args.device,
+            )
+            step(), step()  # warm-up: state allocated, kernels created
+            steps_of_group.append(step)
+        for (label, _, _), value in zip(group, median_step_seconds(steps_of_group, steps)):
+            seconds[label] = value
+        print(f"time measured: {', '.join(label for label, _, _ in group)}", flush=True)
+    profiles = [replace(memory[label], step_seconds=seconds[label]) for label, _, _ in configs]
     ratios = compute_ratios(profiles)
     header = (
         f"batch {batch_size}, 32x32, device {args.device}, torch {torch.__version__}, "

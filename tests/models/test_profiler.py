@@ -75,6 +75,7 @@ def _profile(label: str, peak: float) -> ModelProfile:
         label=label,
         parameters=1,
         parameter_mib=0.0,
+        state_mib=0.0,
         peak_step_mib=peak,
         activation_mib=peak / 2,
         step_seconds=0.1,
@@ -117,5 +118,8 @@ def test_profile_model_passes_options_and_labels_rows(tiny_models: list[str]) ->
     assert profile.label == "tinyrev8 nosave"
     assert profile.options == {"memory_saving": False}
     assert "tinyrev8 nosave" in format_table([profile])
-    with pytest.raises(ValueError, match="steps must be at least 1"):
-        profile_model("resnet32", steps=0)
+    assert profile.state_mib >= 3 * profile.parameter_mib  # parameters, gradients, momentum
+    untimed = profile_model("tinyres8", batch_size=1, image_size=8, steps=0)
+    assert untimed.step_seconds != untimed.step_seconds  # NaN: not timed
+    with pytest.raises(ValueError, match="steps must be at least 0"):
+        profile_model("resnet32", steps=-1)

@@ -85,8 +85,9 @@ class _RoundToGrid(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, x: Tensor, bits: int) -> Tensor:
         scale = float(2**bits)
-        # Scaling by a power of two and rounding are exact in binary floating point.
-        return torch.round(x * scale) / scale
+        # Scaling by a power of two and rounding are exact in binary floating point; one
+        # buffer, rounded and rescaled in place.
+        return x.mul(scale).round_().div_(scale)
 
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:

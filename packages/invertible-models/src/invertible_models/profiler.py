@@ -1,8 +1,9 @@
 """``invertible-profile``: what a model costs to train, in memory and in time.
 
 For each model named on the command line it prints the parameter count, the parameters'
-size, the peak memory of one training step (forward, cross-entropy, backward, SGD step),
-the activation memory a forward pass leaves stored for backward, and the median step time:
+size, the peak memory of one training step (forward, cross-entropy, backward, SGD step)
+beyond the model state (parameters, gradients, momentum), the activation memory a forward
+pass leaves stored for backward, and the median step time:
 
     invertible-profile resnet110 revnet110 --batch-size 32 --json profile.json
 
@@ -33,7 +34,15 @@ from torch import nn
 from invertible_core.memory import measure_memory
 from invertible_models.registry import create_model, list_models
 
-__all__ = ["ModelProfile", "format_table", "main", "plot_profiles", "profile_model"]
+__all__ = [
+    "ModelProfile",
+    "TrainingStep",
+    "format_table",
+    "main",
+    "median_step_seconds",
+    "plot_profiles",
+    "profile_model",
+]
 
 MIB = 2**20
 
@@ -47,8 +56,10 @@ class ModelProfile:
         label: name plus the options that distinguish this run (e.g. ``nosave``).
         parameters: number of parameters.
         parameter_mib: their size in MiB.
-        peak_step_mib: peak memory of one training step beyond parameters and optimizer
-            state already allocated (activations, gradients, workspace).
+        state_mib: parameters, gradients and optimizer buffers, in MiB: what training holds
+            whatever the activations.
+        peak_step_mib: peak memory of one training step beyond that state (activations and
+            temporaries of forward, backward and the optimizer step).
         activation_mib: memory a training-mode forward pass keeps alive for backward.
         step_seconds: median wall time of a training step.
         batch_size, image_size, device: the conditions of the measurement.
@@ -59,6 +70,7 @@ class ModelProfile:
     label: str
     parameters: int
     parameter_mib: float
+    state_mib: float
     peak_step_mib: float
     activation_mib: float
     step_seconds: float
@@ -68,9 +80,75 @@ class ModelProfile:
     options: dict[str, Any]
 
 
+class TrainingStep:
+    """One SGD training step of a model on a fixed synthetic batch, callable repeatedly.
+
+    The step is forward, cross-entropy, backward, SGD (momentum 0.9). Gradients are zeroed
+    in place, not freed, so that after the first call the model state (parameters,
+    gradients, momentum buffers) stays allocated between steps, as in a training loop, and
+    a step's peak memory counts only what the step itself adds: activations and
+    temporaries. That state is reported separately (:attr:`state_bytes`).
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        *,
+        batch_size: int,
+        image_size: int,
+        num_classes: int,
+        device: str | torch.device = "cpu",
+    ) -> None:
+        self.device = torch.device(device)
+        self.model = model.to(self.device).train()
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        self.images = torch.randn(batch_size, 3, image_size, image_size, device=self.device)
+        self.labels = torch.randint(0, num_classes, (batch_size,), device=self.device)
+        self.loss_fn = nn.CrossEntropyLoss()
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=False)
+        self.loss_fn(self.model(self.images), self.labels).backward()
+        self.optimizer.step()
+
+    def forward(self) -> torch.Tensor:
+        """The training-mode forward pass alone (its result holds what backward needs)."""
+        return self.model(self.images)
+
+    @property
+    def state_bytes(self) -> int:
+        """Bytes of parameters, gradients and optimizer buffers (after one step)."""
+        tensors: list[torch.Tensor] = list(self.model.parameters())
+        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
+        for state in self.optimizer.state.values():
+            tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def seconds(self) -> float:
+        """Wall time of one step (synchronised on CUDA)."""
+        _synchronize(self.device)
+        start = time.perf_counter()
+        self()
+        _synchronize(self.device)
+        return time.perf_counter() - start
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
+
+
+def median_step_seconds(steps: Sequence[TrainingStep], repeats: int) -> list[float]:
+    """Median step time of each of ``steps``, timed in interleaved rounds.
+
+    Interleaving (A, B, A, B, ...) exposes every configuration to the same background load,
+    so their ratios stay meaningful on a shared machine even when absolute times wander.
+    """
+    times: list[list[float]] = [[] for _ in steps]
+    for _ in range(repeats):
+        for record, step in zip(times, steps):
+            record.append(step.seconds())
+    return [statistics.median(record) for record in times]
 
 
 def profile_model(
@@ -91,76 +169,60 @@ def profile_model(
         name: registered model name.
         batch_size, image_size, num_classes: the synthetic batch (random images, labels).
         device: ``"cpu"`` or ``"cuda"``.
-        steps: timed steps; the median is reported (one untimed warm-up step first).
+        steps: timed steps; the median is reported (two untimed warm-up steps first).
+            0 skips timing (``step_seconds`` is then NaN).
         label: row label; defaults to ``name``.
         seed: seed for the weights and the batch, for repeatable runs.
         **options: passed to :func:`create_model` (``memory_saving``, ``checkpoint_blocks``,
             ``checkpoint_transitions``, ``anchor_every``...).
     """
-    if steps < 1:
-        raise ValueError(f"steps must be at least 1, got {steps}")
-    dev = torch.device(device)
+    if steps < 0:
+        raise ValueError(f"steps must be at least 0, got {steps}")
     torch.manual_seed(seed)
-    model = create_model(name, num_classes=num_classes, **options).to(dev).train()
-    optimizer = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
-    images = torch.randn(batch_size, 3, image_size, image_size, device=dev)
-    labels = torch.randint(0, num_classes, (batch_size,), device=dev)
-    loss_fn = nn.CrossEntropyLoss()
-
-    def step() -> None:
-        optimizer.zero_grad(set_to_none=True)
-        loss_fn(model(images), labels).backward()
-        optimizer.step()
-
-    # Warm-up: allocates the optimizer's momentum buffers, so the measured step is a
-    # steady-state one, and lets lazily initialised kernels settle.
+    step = TrainingStep(
+        create_model(name, num_classes=num_classes, **options),
+        batch_size=batch_size,
+        image_size=image_size,
+        num_classes=num_classes,
+        device=device,
+    )
+    # Warm-up: allocates gradients and momentum buffers, so the measured step is a
+    # steady-state one, and lets lazily created kernels settle.
     step()
-    optimizer.zero_grad(set_to_none=True)
-    _, step_stats = measure_memory(step, device=dev)
-    optimizer.zero_grad(set_to_none=True)
-
-    def forward() -> torch.Tensor:
-        return model(images)
-
-    logits, forward_stats = measure_memory(forward, device=dev)
+    step()
+    _, step_stats = measure_memory(step, device=step.device)
+    logits, forward_stats = measure_memory(step.forward, device=step.device)
     del logits
-
-    times = []
-    for _ in range(steps):
-        _synchronize(dev)
-        start = time.perf_counter()
-        step()
-        _synchronize(dev)
-        times.append(time.perf_counter() - start)
-
-    parameters = sum(p.numel() for p in model.parameters())
-    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    seconds = median_step_seconds([step], steps)[0] if steps else float("nan")
+    parameters = sum(p.numel() for p in step.model.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in step.model.parameters())
     return ModelProfile(
         name=name,
         label=label or name,
         parameters=parameters,
         parameter_mib=parameter_bytes / MIB,
+        state_mib=step.state_bytes / MIB,
         peak_step_mib=step_stats.peak_bytes / MIB,
         activation_mib=forward_stats.retained_bytes / MIB,
-        step_seconds=statistics.median(times),
+        step_seconds=seconds,
         batch_size=batch_size,
         image_size=image_size,
-        device=str(dev),
-        options={k: v for k, v in options.items()},
+        device=str(step.device),
+        options=dict(options),
     )
 
 
 def format_table(profiles: Sequence[ModelProfile]) -> str:
     """A fixed-width table of the profiles, one row per model."""
     header = (
-        f"{'model':<24} {'params':>11} {'param MiB':>10} {'peak MiB':>10} "
-        f"{'activ. MiB':>11} {'step s':>8}"
+        f"{'model':<22} {'params':>10} {'param MiB':>9} {'state MiB':>9} {'peak MiB':>9} "
+        f"{'activ. MiB':>10} {'step s':>7}"
     )
     lines = [header, "-" * len(header)]
     for p in profiles:
         lines.append(
-            f"{p.label:<24} {p.parameters:>11,} {p.parameter_mib:>10.2f} {p.peak_step_mib:>10.1f} "
-            f"{p.activation_mib:>11.1f} {p.step_seconds:>8.3f}"
+            f"{p.label:<22} {p.parameters:>10,} {p.parameter_mib:>9.2f} {p.state_mib:>9.2f} "
+            f"{p.peak_step_mib:>9.1f} {p.activation_mib:>10.1f} {p.step_seconds:>7.3f}"
         )
     return "\n".join(lines)
 
