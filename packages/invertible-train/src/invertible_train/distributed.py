@@ -50,6 +50,7 @@ from invertible_train.checkpoint import load_checkpoint
 from invertible_train.config import ConfigError, ExperimentConfig
 from invertible_train.data import ImageData, build_data
 from invertible_train.engine import Trainer
+from invertible_train.results import Throughput
 
 __all__ = [
     "BACKENDS",
@@ -447,6 +448,35 @@ class DistributedTrainer(Trainer):
         # a divergence seen by one rank stops all of them at the same iteration
         flag = self.reduce(bad.to(torch.int32))
         super()._nonfinite(flag > 0, since)
+
+    @torch.no_grad()
+    def evaluate(self) -> tuple[float, float]:
+        """Evaluate rank 0's model, each rank on its share of the test set, sums all-reduced.
+
+        Without SyncBatchNorm each rank's running statistics follow its own batches; rank
+        0's are broadcast first, so the result is that of the model rank 0 checkpoints.
+        """
+        for buffer in self.module.buffers():
+            dist.broadcast(buffer, src=0)
+        return super().evaluate()
+
+    def _log_train(
+        self, loss_sum: Tensor, correct: Tensor, window: tuple[int, float]
+    ) -> dict[str, Any]:
+        # loss and accuracy of the global batch, images/s of the whole job
+        images, seconds = window
+        totals = torch.stack(
+            [loss_sum.double(), correct.double(), torch.tensor(float(images), device=self.device)]
+        )
+        loss_sum.copy_(self.reduce(totals)[0])
+        correct.copy_(totals[1])
+        return super()._log_train(loss_sum, correct, (int(totals[2]), seconds))
+
+    def _summarize(self, last_eval: tuple[float, float], clock: Throughput) -> dict[str, Any]:
+        # images/s of the whole job: every rank's images over rank 0's training time
+        images = torch.tensor(float(clock.total_images), device=self.device)
+        clock.total_images = int(self.reduce(images))
+        return super()._summarize(last_eval, clock)
 
     def resume(self) -> bool:
         """Rank 0 reads ``checkpoints/last.pt`` and sends it to every rank.
