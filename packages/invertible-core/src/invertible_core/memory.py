@@ -13,7 +13,10 @@ memory and time in separate runs. :func:`measure_memory` does only memory.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import os
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
@@ -78,14 +81,38 @@ def _measure_cuda(fn: Callable[[], Any], dev: torch.device) -> tuple[Any, Memory
 def _measure_cpu(fn: Callable[[], Any]) -> tuple[Any, MemoryStats]:
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
+    with _quiet_stderr():  # the profiler's C++ start-up chatter, not the caller's output
+        prof.__enter__()
+    try:
         result = fn()
+    finally:
+        with _quiet_stderr():
+            prof.__exit__(None, None, None)
     deltas = _cpu_allocation_deltas(prof)
     current = peak = 0
     for delta in deltas:
         current += delta
         peak = max(peak, current)
     return result, MemoryStats(peak_bytes=peak, retained_bytes=current, device="cpu")
+
+
+@contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """Silence file descriptor 2 (C++ logging) for the enclosed block, if it can be."""
+    sys.stderr.flush()
+    try:
+        saved = os.dup(2)
+    except OSError:  # pragma: no cover - no file descriptor 2 to silence
+        yield
+        return
+    try:
+        with open(os.devnull, "wb") as devnull:
+            os.dup2(devnull.fileno(), 2)
+            yield
+    finally:
+        os.dup2(saved, 2)
+        os.close(saved)
 
 
 def _cpu_allocation_deltas(prof: Any) -> list[int]:
