@@ -7,22 +7,27 @@ command line of the README, as a subprocess.
 
 from __future__ import annotations
 
+import copy
 from pathlib import Path
 
 import pytest
 import torch
+import torch.distributed as dist
 import torch.multiprocessing as mp
+from torch import nn
 
-from invertible_train.config import ExperimentConfig, apply_values, load_experiment
+from invertible_core.recompute import frozen_norm_statistics
+from invertible_models import create_model
+from invertible_train.config import ConfigError, ExperimentConfig, apply_values, load_experiment
 from invertible_train.data import ImageData, InMemoryImages, channel_stats, synthetic_images
 from invertible_train.distributed import (
     DistributedTrainer,
     SyncBatchNorm,
+    convert_sync_batchnorm,
     process_group,
+    torchrun_ranks,
 )
 from invertible_train.engine import Trainer
-
-pytestmark = [pytest.mark.distributed, pytest.mark.slow]
 
 WORLD_SIZE = 2
 #: Bound on ``max|ddp - single| / max|single|`` per tensor. The two runs sum BatchNorm
@@ -39,6 +44,76 @@ def assert_close_to_scale(got: torch.Tensor, expected: torch.Tensor, what: str) 
     scale = float(expected.abs().max())
     assert difference <= REL * scale + ABS, f"{what}: {difference:.2e} at scale {scale:.2e}"
     return difference / scale if scale > ABS * 100 else 0.0
+
+
+# -- in one process ------------------------------------------------------------------------
+
+
+def test_torchrun_is_recognised_by_its_environment() -> None:
+    assert torchrun_ranks({}) is None
+    assert torchrun_ranks({"RANK": "3", "WORLD_SIZE": "4", "LOCAL_RANK": "1"}) == (3, 4, 1)
+    with pytest.raises(ConfigError, match="LOCAL_RANK is not"):
+        torchrun_ranks({"RANK": "0", "WORLD_SIZE": "2"})
+    with pytest.raises(ConfigError, match="must be integers"):
+        torchrun_ranks({"RANK": "zero", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+    with pytest.raises(ConfigError, match="do not fit"):
+        torchrun_ranks({"RANK": "2", "WORLD_SIZE": "2", "LOCAL_RANK": "0"})
+
+
+def test_without_torchrun_there_is_no_process_group() -> None:
+    with process_group(torch.device("cpu"), env={}) as job:
+        assert job is None
+        assert not dist.is_initialized()
+
+
+def test_nccl_on_the_cpu_is_refused_before_joining() -> None:
+    env = {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}
+    cpu = torch.device("cpu")
+    with pytest.raises(ConfigError, match="nccl needs CUDA"), process_group(cpu, "nccl", env=env):
+        pass
+    with (
+        pytest.raises(ConfigError, match="unknown backend 'mpi'"),
+        process_group(cpu, "mpi", env=env),
+    ):
+        pass
+    assert not dist.is_initialized()
+
+
+def test_sync_batchnorm_conversion_keeps_parameters_buffers_and_keys() -> None:
+    model = create_model("revnet38", num_classes=10)
+    params, buffers = list(model.parameters()), list(model.buffers())
+    keys = list(model.state_dict())
+    batchnorms = sum(isinstance(m, nn.BatchNorm2d) for m in model.modules())
+    model.eval()
+    converted = convert_sync_batchnorm(model)
+    assert sum(isinstance(m, SyncBatchNorm) for m in converted.modules()) == batchnorms
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in converted.modules())
+    assert all(a is b for a, b in zip(converted.parameters(), params, strict=True))
+    assert all(a is b for a, b in zip(converted.buffers(), buffers, strict=True))
+    assert list(converted.state_dict()) == keys
+    assert not any(m.training for m in converted.modules())
+
+
+def test_sync_batchnorm_in_one_process_is_batchnorm() -> None:
+    torch.manual_seed(0)
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.BatchNorm2d(4, momentum=None))
+    synced = convert_sync_batchnorm(copy.deepcopy(plain))
+    x = torch.randn(6, 3, 5, 5)
+    for mode in (True, False):
+        plain.train(mode)
+        synced.train(mode)
+        torch.testing.assert_close(synced(x), plain(x))
+        for a, b in zip(synced.buffers(), plain.buffers(), strict=True):
+            torch.testing.assert_close(a, b)
+
+
+def test_sync_batchnorm_leaves_detached_running_statistics_alone() -> None:
+    layer = convert_sync_batchnorm(nn.BatchNorm2d(4))
+    before = [b.clone() for b in layer.buffers()]
+    with frozen_norm_statistics([layer]):  # as in a reversible block's recompute
+        out = layer(torch.randn(6, 4, 3, 3))
+    assert out.shape == (6, 4, 3, 3)
+    assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), before, strict=True))
 
 
 # -- gradients equal one process on the full batch -------------------------------------------
@@ -92,6 +167,8 @@ def _rank_step(rank: int, store: str, out: str) -> None:
         torch.save(one_step(trainer, images[share], labels[share]), Path(out) / f"rank{rank}.pt")
 
 
+@pytest.mark.slow
+@pytest.mark.distributed
 def test_ddp_syncbn_gradients_equal_one_process_on_the_full_batch(tmp_path: Path) -> None:
     mp.spawn(
         _rank_step, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD_SIZE, join=True
