@@ -10,16 +10,19 @@ into a running job:
   when the run ends, on error too. Outside torchrun it yields ``None``: one process.
 - :class:`DistributedTrainer` is the :class:`~invertible_train.engine.Trainer` with its
   seams filled: the model wrapped in ``DistributedDataParallel`` (optionally with
-  SyncBatchNorm), evaluation sums all-reduced, a non-finite loss on any rank stopping every
-  rank, the checkpoint read by rank 0 and broadcast (so resuming needs no shared file
-  system), the dataset prepared by one process per machine before the others read it.
-  ``data.batch_size`` stays the *global* batch; each rank trains on its share.
-- :class:`SyncBatchNorm` replaces ``torch.nn.SyncBatchNorm`` after
-  ``nn.SyncBatchNorm.convert_sync_batchnorm``. Why not the stock layer: it refuses CPU
-  tensors (so it cannot run on gloo), and it asserts that its running buffers exist, which
-  breaks the reversible recompute (``invertible_core`` detaches those buffers while it
-  re-runs a block so that the statistics are counted once). This one works on any device
-  and backend and computes the same function in the forward pass and in the recompute.
+  SyncBatchNorm), rank 0's model evaluated with the test set split across ranks and the
+  sums all-reduced, training loss and accuracy logged for the global batch, a non-finite
+  loss on any rank stopping every rank, the checkpoint read by rank 0 and broadcast (so
+  resuming needs no shared file system), the dataset prepared by one process per machine
+  before the others read it. ``data.batch_size`` stays the *global* batch; each rank
+  trains on its share.
+- :class:`SyncBatchNorm`, put in place of every BatchNorm layer by
+  :func:`convert_sync_batchnorm`, normalises with the statistics of the global batch. Why
+  not ``torch.nn.SyncBatchNorm``: it refuses CPU tensors (and DDP refuses it on the CPU),
+  so it cannot run on gloo, and it asserts that its running buffers exist, which breaks
+  the reversible recompute (``invertible_core`` detaches those buffers while it re-runs a
+  block, so that a batch is counted once). This one works on any device and backend and
+  computes the same function in the forward pass and in the recompute.
 
 Reversible networks need nothing special: a :class:`~invertible_core.ReversibleSequence`
 takes its parameters as inputs of one autograd node, so each gradient reaches DDP once,
@@ -318,15 +321,11 @@ class SyncBatchNorm(_BatchNorm):
 
     def forward(self, input: Tensor) -> Tensor:
         self._check_input_dim(input)
-        group = self.process_group if self.process_group is not None else dist.group.WORLD
-        synced = (
-            self.training
-            and dist.is_available()
-            and dist.is_initialized()
-            and dist.get_world_size(group) > 1
-        )
-        if not synced:
+        if not (self.training and dist.is_available() and dist.is_initialized()):
             return super().forward(input)  # plain BatchNorm
+        group = self.process_group if self.process_group is not None else dist.group.WORLD
+        if dist.get_world_size(group) == 1:
+            return super().forward(input)
         return self._synced_forward(input, group)
 
     def _synced_forward(self, input: Tensor, group: Any) -> Tensor:
@@ -465,9 +464,8 @@ class DistributedTrainer(Trainer):
     ) -> dict[str, Any]:
         # loss and accuracy of the global batch, images/s of the whole job
         images, seconds = window
-        totals = torch.stack(
-            [loss_sum.double(), correct.double(), torch.tensor(float(images), device=self.device)]
-        )
+        count = torch.tensor(float(images), dtype=torch.float64, device=self.device)
+        totals = torch.stack([loss_sum.double(), correct.double(), count])
         loss_sum.copy_(self.reduce(totals)[0])
         correct.copy_(totals[1])
         return super()._log_train(loss_sum, correct, (int(totals[2]), seconds))
