@@ -8,6 +8,7 @@ command line of the README, as a subprocess.
 from __future__ import annotations
 
 import copy
+import json
 from pathlib import Path
 
 import pytest
@@ -18,6 +19,7 @@ from torch import nn
 
 from invertible_core.recompute import frozen_norm_statistics
 from invertible_models import create_model
+from invertible_train.checkpoint import load_checkpoint
 from invertible_train.config import ConfigError, ExperimentConfig, apply_values, load_experiment
 from invertible_train.data import ImageData, InMemoryImages, channel_stats, synthetic_images
 from invertible_train.distributed import (
@@ -114,6 +116,51 @@ def test_sync_batchnorm_leaves_detached_running_statistics_alone() -> None:
         out = layer(torch.randn(6, 4, 3, 3))
     assert out.shape == (6, 4, 3, 3)
     assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), before, strict=True))
+
+
+def tiny_experiment(iterations: int) -> ExperimentConfig:
+    return apply_values(
+        load_experiment("tiny"),
+        {
+            "data.dataset": "synthetic",
+            "data.image_size": 8,
+            "data.crop_padding": 1,
+            "data.synthetic_train_size": 128,
+            "data.synthetic_test_size": 32,
+            "data.batch_size": 16,
+            "train.iterations": iterations,
+            "train.epochs": 0,
+            "train.log_every": 5,
+            "train.eval_every": 10,
+            "train.checkpoint_every": 6,
+            "train.tensorboard": False,
+            "train.measure_memory": False,
+        },
+    )
+
+
+def test_a_one_process_job_trains_like_a_plain_run(tmp_path: Path) -> None:
+    """DDP, SyncBatchNorm, the reductions and the rank-0 resume change nothing for one rank."""
+    plain = Trainer(tiny_experiment(20), tmp_path / "plain", quiet=True)
+    expected = plain.fit()
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    store = f"file://{tmp_path / 'store'}"
+    with process_group(torch.device("cpu"), init_method=store, env=env) as job:
+        assert job is not None and job.backend == "gloo" and job.is_main_process
+        for iterations in (12, 20):  # the second resumes from the first's checkpoint
+            trainer = DistributedTrainer(
+                tiny_experiment(iterations), tmp_path / "job", job, sync_bn=True, quiet=True
+            )
+            summary = trainer.fit()
+    assert not dist.is_initialized()  # destroyed on leaving the block
+    assert summary["test_accuracy"] == expected["test_accuracy"]
+    assert summary["test_loss"] == expected["test_loss"]
+    lines = (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()
+    assert [r["iteration"] for r in map(json.loads, lines) if r["kind"] == "resumed"] == [12]
+    ours = load_checkpoint(tmp_path / "job" / "checkpoints" / "last.pt")
+    theirs = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")
+    for name, tensor in theirs["model"].items():
+        assert torch.equal(ours["model"][name], tensor), name
 
 
 # -- gradients equal one process on the full batch -------------------------------------------
