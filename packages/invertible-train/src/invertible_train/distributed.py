@@ -224,8 +224,11 @@ def run_on_main(fn: Callable[[], _T]) -> _T:
 
     For what must happen once per job (reading the checkpoint, deleting old results): the
     result is pickled and broadcast, and an exception on rank 0 is raised on every rank, so
-    no rank is left waiting in a collective for a rank that already gave up.
+    no rank is left waiting in a collective for a rank that already gave up. Without a
+    process group (one process) it simply calls ``fn``.
     """
+    if not (dist.is_available() and dist.is_initialized()):
+        return fn()
     outcome = [_attempt(fn) if dist.get_rank() == 0 else None]
     dist.broadcast_object_list(outcome, src=0)
     assert isinstance(outcome[0], _Outcome)
