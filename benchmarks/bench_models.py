@@ -10,7 +10,8 @@ the ratios issue 5 targets:
 
 Memory is exact (``invertible_core.memory.measure_memory``: profiler allocation events on
 the CPU, ``max_memory_allocated`` on CUDA), beyond the model state (parameters, gradients,
-momentum); time is the median of a few steps measured without the profiler, each RevNet
+momentum); time is the median of a few steps measured without the profiler (by default the
+process's CPU time, which the other jobs of a shared machine barely disturb), each RevNet
 interleaved with its no-saving twin and each ResNet with its checkpointed twin (A, B, A,
 B...), so that the ratios hold on a loaded machine. Prints a table and writes JSON to
 ``benchmarks/results/models.json`` (and ``--json PATH``).
@@ -23,10 +24,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 from dataclasses import asdict, replace
 from pathlib import Path
 from typing import Any
+
+# Idle OpenMP threads sleep instead of spinning, so that CPU time measures work done (set
+# before torch loads its OpenMP runtime).
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
@@ -139,11 +145,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--batch-size", type=int, default=None, help="default 32 (8 quick)")
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 7)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
+    parser.add_argument(
+        "--clock",
+        choices=("cpu", "wall"),
+        default=None,
+        help="step time as this process's CPU time (default on the CPU: robust on a shared "
+        "machine) or wall time (default on CUDA)",
+    )
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="run only these rows")
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
     batch_size = args.batch_size or (8 if args.quick else 32)
     steps = args.steps or (3 if args.quick else 7)
+    clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
 
     configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
     # Memory first, one configuration at a time, under the allocation profiler.
@@ -166,16 +180,16 @@ def main(argv: list[str] | None = None) -> int:
                 num_classes=10,
                 device=args.device,
             )
-            step(), step()  # warm-up: state allocated, kernels created
+            step(), step(), step()  # warm-up: state allocated, kernels created
             steps_of_group.append(step)
-        for (label, _, _), value in zip(group, median_step_seconds(steps_of_group, steps)):
+        for (label, _, _), value in zip(group, median_step_seconds(steps_of_group, steps, clock)):
             seconds[label] = value
         print(f"time measured: {', '.join(label for label, _, _ in group)}", flush=True)
     profiles = [replace(memory[label], step_seconds=seconds[label]) for label, _, _ in configs]
     ratios = compute_ratios(profiles)
     header = (
         f"batch {batch_size}, 32x32, device {args.device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, median of {steps} steps"
+        f"{torch.get_num_threads()} threads, median of {steps} steps, {clock} clock"
     )
     print()
     print(header)
@@ -190,6 +204,7 @@ def main(argv: list[str] | None = None) -> int:
             "image_size": 32,
             "device": args.device,
             "steps": steps,
+            "clock": clock,
             "torch": torch.__version__,
             "threads": torch.get_num_threads(),
             "machine": platform.machine(),

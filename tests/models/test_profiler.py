@@ -14,8 +14,10 @@ from torch import nn
 from invertible_models import ResNet, RevNet, create_model, register_model, registry
 from invertible_models.profiler import (
     ModelProfile,
+    TrainingStep,
     format_table,
     main,
+    median_step_seconds,
     plot_profiles,
     profile_model,
 )
@@ -123,3 +125,12 @@ def test_profile_model_passes_options_and_labels_rows(tiny_models: list[str]) ->
     assert untimed.step_seconds != untimed.step_seconds  # NaN: not timed
     with pytest.raises(ValueError, match="steps must be at least 0"):
         profile_model("resnet32", steps=-1)
+
+
+def test_step_times_are_interleaved_medians_on_either_clock(tiny_models: list[str]) -> None:
+    step = TrainingStep(create_model("tinyres8"), batch_size=1, image_size=8, num_classes=10)
+    step()
+    assert step.state_bytes > 0
+    for clock in ("wall", "cpu"):
+        times = median_step_seconds([step, step], repeats=2, clock=clock)
+        assert len(times) == 2 and all(t >= 0 for t in times)

@@ -94,6 +94,21 @@ class _RoundToGrid(torch.autograd.Function):
         return grad, None
 
 
+def _round_own_output_to_grid(out: Tensor, bits: int | None) -> Tensor:
+    """:func:`round_to_grid` done in place on a layer's fresh output that no one saved.
+
+    Used on the last convolution's output of a residual function (a convolution does not
+    keep its output for backward): no extra buffer and no autograd node, and since the
+    change happens outside autograd's view, the gradient passes straight through.
+    """
+    if bits is None or out.dtype not in (torch.float32, torch.float64):
+        return out
+    scale = float(2**bits)
+    with torch.no_grad():
+        out.mul_(scale).round_().div_(scale)
+    return out
+
+
 def round_to_grid(x: Tensor, bits: int | None) -> Tensor:
     """``x`` rounded to the fixed-point grid of ``bits`` fractional bits (float32/64 only).
 
@@ -158,7 +173,7 @@ class BasicResidual(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         x = _layout_independent(x, self.output_bits)
         out = self.conv1(self.relu1(self.bn1(x)))
-        return round_to_grid(self.conv2(self.relu2(self.bn2(out))), self.output_bits)
+        return _round_own_output_to_grid(self.conv2(self.relu2(self.bn2(out))), self.output_bits)
 
 
 class BottleneckResidual(nn.Module):
@@ -198,7 +213,7 @@ class BottleneckResidual(nn.Module):
         x = _layout_independent(x, self.output_bits)
         out = self.conv1(self.relu1(self.bn1(x)))
         out = self.conv2(self.relu2(self.bn2(out)))
-        return round_to_grid(self.conv3(self.relu3(self.bn3(out))), self.output_bits)
+        return _round_own_output_to_grid(self.conv3(self.relu3(self.bn3(out))), self.output_bits)
 
 
 def residual_function(block: BlockType) -> type[BasicResidual] | type[BottleneckResidual]:

@@ -26,7 +26,7 @@ import sys
 import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import Any, Literal
 
 import torch
 from torch import nn
@@ -45,6 +45,8 @@ __all__ = [
 ]
 
 MIB = 2**20
+
+Clock = Literal["wall", "cpu"]
 
 
 @dataclass(frozen=True)
@@ -124,13 +126,18 @@ class TrainingStep:
             tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
         return sum(t.numel() * t.element_size() for t in tensors)
 
-    def seconds(self) -> float:
-        """Wall time of one step (synchronised on CUDA)."""
+    def seconds(self, clock: Clock = "wall") -> float:
+        """Time of one step (synchronised on CUDA).
+
+        ``clock="wall"`` is elapsed time; ``"cpu"`` is the CPU time this process used
+        (all its threads), which other processes on a shared machine barely disturb.
+        """
+        timer = time.process_time if clock == "cpu" else time.perf_counter
         _synchronize(self.device)
-        start = time.perf_counter()
+        start = timer()
         self()
         _synchronize(self.device)
-        return time.perf_counter() - start
+        return timer() - start
 
 
 def _synchronize(device: torch.device) -> None:
@@ -138,7 +145,9 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def median_step_seconds(steps: Sequence[TrainingStep], repeats: int) -> list[float]:
+def median_step_seconds(
+    steps: Sequence[TrainingStep], repeats: int, clock: Clock = "wall"
+) -> list[float]:
     """Median step time of each of ``steps``, timed in interleaved rounds.
 
     Interleaving (A, B, A, B, ...) exposes every configuration to the same background load,
@@ -147,7 +156,7 @@ def median_step_seconds(steps: Sequence[TrainingStep], repeats: int) -> list[flo
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
         for record, step in zip(times, steps):
-            record.append(step.seconds())
+            record.append(step.seconds(clock))
     return [statistics.median(record) for record in times]
 
 
