@@ -81,6 +81,15 @@ def test_nccl_on_the_cpu_is_refused_before_joining() -> None:
     assert not dist.is_initialized()
 
 
+def test_the_process_group_is_destroyed_when_the_run_fails(tmp_path: Path) -> None:
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    store = f"file://{tmp_path / 'store'}"
+    with pytest.raises(KeyError), process_group(torch.device("cpu"), init_method=store, env=env):
+        assert dist.is_initialized()
+        raise KeyError("failed mid-run")
+    assert not dist.is_initialized()
+
+
 def test_sync_batchnorm_conversion_keeps_parameters_buffers_and_keys() -> None:
     model = create_model("revnet38", num_classes=10)
     params, buffers = list(model.parameters()), list(model.buffers())
