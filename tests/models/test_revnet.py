@@ -9,7 +9,7 @@ from torch import nn
 from invertible_core import ReversibleSequence
 from invertible_core.memory import measure_memory
 from invertible_models import ResNet, RevNet, create_model
-from invertible_models.blocks import round_to_grid
+from invertible_models.fixed_point import round_to_grid
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:

@@ -20,6 +20,8 @@ They are used in two ways:
 * at half the channels as the ``Fm`` and ``Gm`` of an additive coupling
   (:func:`reversible_block`): the RevNets' reversible blocks.
 
+The residual functions round their outputs to a fixed-point grid when used in a reversible
+block (:mod:`invertible_models.fixed_point`), so that the block's inverse is bit-exact.
 :func:`run_checkpointed` is the one place where a block is recomputed with
 ``torch.utils.checkpoint``; it keeps BatchNorm running statistics from being updated twice.
 """
@@ -29,13 +31,14 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Literal, Protocol
+from typing import Literal
 
 import torch
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from invertible_core import AdditiveCoupling
+from invertible_models.fixed_point import layout_independent, round_own_output_to_grid
 
 __all__ = [
     "BasicBlock",
@@ -45,13 +48,11 @@ __all__ = [
     "BottleneckResidual",
     "Head",
     "ResidualBlock",
-    "ResidualFunction",
     "Stem",
     "StemType",
     "init_weights",
     "residual_function",
     "reversible_block",
-    "round_to_grid",
     "run_checkpointed",
 ]
 
@@ -69,77 +70,6 @@ def conv1x1(in_channels: int, out_channels: int, stride: int = 1) -> nn.Conv2d:
     return nn.Conv2d(in_channels, out_channels, 1, stride=stride, bias=False)
 
 
-class ResidualFunction(Protocol):
-    """What a residual function class offers: its constructor and its channel expansion."""
-
-    expansion: int
-
-    def __call__(
-        self, in_channels: int, channels: int, stride: int = 1, preactivate: bool = True
-    ) -> nn.Module: ...
-
-
-class _RoundToGrid(torch.autograd.Function):
-    """Round to a multiple of ``2**-bits``; the gradient passes straight through."""
-
-    @staticmethod
-    def forward(ctx: Any, x: Tensor, bits: int) -> Tensor:
-        scale = float(2**bits)
-        # Scaling by a power of two and rounding are exact in binary floating point; one
-        # buffer, rounded and rescaled in place.
-        return x.mul(scale).round_().div_(scale)
-
-    @staticmethod
-    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
-        return grad, None
-
-
-def _round_own_output_to_grid(out: Tensor, bits: int | None) -> Tensor:
-    """:func:`round_to_grid` done in place on a layer's fresh output that no one saved.
-
-    Used on the last convolution's output of a residual function (a convolution does not
-    keep its output for backward): no extra buffer and no autograd node, and since the
-    change happens outside autograd's view, the gradient passes straight through.
-    """
-    if bits is None or out.dtype not in (torch.float32, torch.float64):
-        return out
-    scale = float(2**bits)
-    with torch.no_grad():
-        out.mul_(scale).round_().div_(scale)
-    return out
-
-
-def round_to_grid(x: Tensor, bits: int | None) -> Tensor:
-    """``x`` rounded to the fixed-point grid of ``bits`` fractional bits (float32/64 only).
-
-    Why: an additive coupling is exactly invertible only if ``x1 + f - f == x1``, which
-    float rounding breaks by an ulp here and there; rebuilt activations then drift, and a
-    drifted value that crosses a ReLU's zero flips a unit and changes the gradient (by about
-    1e-3 relative on RevNet-110/164, see the README). When ``x1`` and ``f`` both lie on a
-    grid of ``2**-bits`` and are smaller than ``2**(24 - bits)`` in magnitude, their float32
-    sum and difference are exact, so the reconstruction is bit-exact at no memory cost.
-    The gradient is passed through unchanged (the rounding moves values by at most
-    ``2**-(bits + 1)``). ``bits=None`` and half-precision inputs are returned unchanged
-    (a 16-bit float cannot hold such a grid).
-    """
-    if bits is None or x.dtype not in (torch.float32, torch.float64):
-        return x
-    out = _RoundToGrid.apply(x, bits)
-    assert isinstance(out, Tensor)
-    return out
-
-
-def _layout_independent(x: Tensor, bits: int | None) -> Tensor:
-    """``x`` made contiguous when exact recomputation is wanted (``bits`` set).
-
-    A coupling hands ``Fm``/``Gm`` strided views (halves of a tensor) in one pass and fresh
-    tensors in the other; BatchNorm and convolutions may sum in a different order for the
-    two layouts, which changes the last bit, and an exact reconstruction needs every bit.
-    A copy of the first and last block's half-input is the price.
-    """
-    return x.contiguous() if bits is not None else x
-
-
 class BasicResidual(nn.Module):
     """The residual function of a basic block: [BN, ReLU] -> conv3x3 -> BN -> ReLU -> conv3x3.
 
@@ -152,7 +82,7 @@ class BasicResidual(nn.Module):
 
     Attributes:
         output_bits: when set, the output is rounded to a ``2**-output_bits`` grid
-            (:func:`round_to_grid`); reversible blocks use it for exact reconstruction.
+            (:func:`~invertible_models.fixed_point.round_to_grid`); reversible blocks use it for exact reconstruction.
     """
 
     expansion = 1
@@ -171,9 +101,9 @@ class BasicResidual(nn.Module):
         self.output_bits: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _layout_independent(x, self.output_bits)
+        x = layout_independent(x, self.output_bits)
         out = self.conv1(self.relu1(self.bn1(x)))
-        return _round_own_output_to_grid(self.conv2(self.relu2(self.bn2(out))), self.output_bits)
+        return round_own_output_to_grid(self.conv2(self.relu2(self.bn2(out))), self.output_bits)
 
 
 class BottleneckResidual(nn.Module):
@@ -210,10 +140,10 @@ class BottleneckResidual(nn.Module):
         self.output_bits: int | None = None
 
     def forward(self, x: Tensor) -> Tensor:
-        x = _layout_independent(x, self.output_bits)
+        x = layout_independent(x, self.output_bits)
         out = self.conv1(self.relu1(self.bn1(x)))
         out = self.conv2(self.relu2(self.bn2(out)))
-        return _round_own_output_to_grid(self.conv3(self.relu3(self.bn3(out))), self.output_bits)
+        return round_own_output_to_grid(self.conv3(self.relu3(self.bn3(out))), self.output_bits)
 
 
 def residual_function(block: BlockType) -> type[BasicResidual] | type[BottleneckResidual]:
@@ -295,7 +225,7 @@ def reversible_block(
     and can be inverted exactly, which is what lets a sequence of them skip storing
     activations. ``channels`` is the full width (``residual width * expansion``).
     ``fixed_point_bits`` rounds ``Fm`` and ``Gm``'s outputs to that grid
-    (:func:`round_to_grid`), which makes the inverse bit-exact when the block's input lies
+    (:func:`~invertible_models.fixed_point.round_to_grid`), which makes the inverse bit-exact when the block's input lies
     on the same grid.
     """
     half = channels // 2

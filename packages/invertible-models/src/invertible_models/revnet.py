@@ -44,9 +44,9 @@ from invertible_models.blocks import (
     init_weights,
     residual_function,
     reversible_block,
-    round_to_grid,
     run_checkpointed,
 )
+from invertible_models.fixed_point import round_to_grid
 from invertible_models.registry import register_model
 from invertible_models.resnet import check_config, default_strides
 
