@@ -197,7 +197,7 @@ def test_autograd_grad_for_input_only() -> None:
 
 
 def test_several_backward_passes_with_retain_graph() -> None:
-    seq = make_sequence()
+    seq = make_sequence(num_bwd_passes=2)
     ref = plain_copy(seq)
     x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
     loss = seq(x).square().sum()
@@ -207,6 +207,54 @@ def test_several_backward_passes_with_retain_graph() -> None:
     loss_ref.backward(retain_graph=True)
     loss_ref.backward()
     assert_same_grads(seq, ref)
+
+
+def test_one_backward_pass_too_many_names_num_bwd_passes() -> None:
+    seq = make_sequence()
+    loss = seq(torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)).sum()
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="num_bwd_passes=2"):
+        loss.backward()
+    with pytest.raises(ValueError, match="num_bwd_passes"):
+        make_sequence(num_bwd_passes=0)
+
+
+def test_output_modified_in_place_is_an_error() -> None:
+    seq = make_sequence()
+    y = seq(torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True))
+    z = y * 1.0
+    y.data.add_(1.0)  # what an in-place op on the output does to its storage
+    y.add_(0.0)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        (z.sum() + y.sum()).backward()
+
+
+def test_backward_releases_halves_inside_each_step(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Couplings take ownership of the halves they rebuild from (``backward_consuming``),
+    so each half is freed as soon as the step is done with it: the backward peak is lower
+    than when the sequence must keep the halves until a step returns (the public protocol
+    a duck-typed block offers)."""
+    seq = make_sequence(depth=6, channels=8, dtype=torch.float32)
+    x = torch.randn(8, 8, 16, 16, requires_grad=True)
+
+    def backward_peak() -> int:
+        loss = seq(x).square().sum()
+        return measure_memory(loss.backward)[1].peak_bytes
+
+    backward_peak()
+    consuming = backward_peak()
+    original = Coupling.backward_consuming
+
+    def holding_references(self, state, record, params, inverse):  # type: ignore[no-untyped-def]
+        kept = list(state)  # the caller keeps the halves alive for the whole step
+        result = original(self, state, record, params, inverse)
+        del kept
+        return result
+
+    monkeypatch.setattr(Coupling, "backward_consuming", holding_references)
+    holding = backward_peak()
+    half = x.numel() * x.element_size() // 2
+    assert consuming <= holding - half
 
 
 def test_parameters_only_no_input_grad() -> None:

@@ -218,10 +218,7 @@ class Coupling(nn.Module):
         params: Sequence[Tensor],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, ParamGrads]:
         """Rebuild ``(x1, x2)`` from ``(y1, y2)`` and return their gradients and ``params``'."""
-        x2, dx2, d_y1, grads_g = self._undo(self.Gm, y1, y2, dy2, record, 1, params, True)
-        dy1 = dy1 + d_y1
-        x1, dx1, d_x2, grads_f = self._undo(self.Fm, x2, y1, dy1, record, 0, params, True)
-        return x1, x2, dx1, dx2 + d_x2, _add_grads(grads_f, grads_g)
+        return self.backward_consuming([y1, y2, dy1, dy2], record, params, inverse=False)
 
     def inverse_backward_halves(
         self,
@@ -233,9 +230,41 @@ class Coupling(nn.Module):
         params: Sequence[Tensor],
     ) -> tuple[Tensor, Tensor, Tensor, Tensor, ParamGrads]:
         """Like :meth:`backward_halves` for a block that ran in the inverse direction."""
+        return self.backward_consuming([x1, x2, dx1, dx2], record, params, inverse=True)
+
+    def backward_consuming(
+        self,
+        state: list[Tensor],
+        record: BlockRecord | None,
+        params: Sequence[Tensor],
+        inverse: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, ParamGrads]:
+        """The fused backward step, taking ownership of ``[out1, out2, d_out1, d_out2]``.
+
+        ``state`` is emptied on entry, so each half and its gradient is released as soon as
+        the step no longer needs it (a caller holding no other reference gets that memory
+        back in the middle of the step, which lowers the peak of a reversible backward).
+        """
+        if not inverse:
+            # the block computed y1 = couple(x1, Fm(x2)), then y2 = couple(x2, Gm(y1))
+            y1, y2, dy1, dy2 = state
+            state.clear()
+            x2, dx2, d_y1, grads_g = self._undo(self.Gm, y1, y2, dy2, record, 1, params, True)
+            del y2, dy2
+            dy1 = dy1 + d_y1
+            del d_y1
+            x1, dx1, d_x2, grads_f = self._undo(self.Fm, x2, y1, dy1, record, 0, params, True)
+            del y1, dy1
+            return x1, x2, dx1, dx2 + d_x2, _add_grads(grads_f, grads_g)
+        # the block computed x2 = decouple(y2, Gm(y1)), then x1 = decouple(y1, Fm(x2))
+        x1, x2, dx1, dx2 = state
+        state.clear()
         y1, dy1, d_x2, grads_f = self._undo(self.Fm, x2, x1, dx1, record, 0, params, False)
+        del x1, dx1
         dx2 = dx2 + d_x2
+        del d_x2
         y2, dy2, d_y1, grads_g = self._undo(self.Gm, y1, x2, dx2, record, 1, params, False)
+        del x2, dx2
         return y1, y2, dy1 + d_y1, dy2, _add_grads(grads_f, grads_g)
 
 

@@ -126,21 +126,44 @@ class _ChainFunction(torch.autograd.Function):
             if every and (i + 1) % every == 0 and i < last:
                 run.anchors[i] = halves
         out = run.blocks[-1].merge(*halves)
+        # The output is kept as a plain reference, not through save_for_backward, so that
+        # the backward pass can drop it once it has been split: the chain's output is then
+        # freed as soon as the first block is rebuilt (unless the caller still holds it).
+        # In-place changes are caught by its version counter, as save_for_backward would.
         ctx.run = run
-        ctx.save_for_backward(out)
+        ctx.out = out.detach()
+        ctx.out_version = out._version
+        ctx.passes = 0
         return out
 
     @staticmethod
     @once_differentiable
     def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
         run: _ChainRun = ctx.run
-        (out,) = ctx.saved_tensors
+        passes = run.owner.num_bwd_passes
+        ctx.passes += 1
+        if ctx.passes > passes:
+            raise RuntimeError(
+                f"ReversibleSequence: backward pass {ctx.passes} through the chain, but it was "
+                f"built with num_bwd_passes={passes}, so it released its output after the last "
+                f"allowed pass; construct it with num_bwd_passes={ctx.passes} (or more) to "
+                "backpropagate through it that often"
+            )
+        out = ctx.out
+        if out._version != ctx.out_version:
+            raise RuntimeError(
+                "ReversibleSequence: its output was modified in place after the forward pass, so "
+                "the activations cannot be rebuilt from it. Clone the output before modifying it."
+            )
+        final = ctx.passes == passes
+        if final:
+            ctx.out = None
         needs = ctx.needs_input_grad
         last = run.blocks[-1]
-        y = last.split(out)
         # the incoming gradient is often expanded (from a mean) or strided: make the halves
         # dense once, so every kernel below runs its fast path
-        dy = tuple(d.contiguous() for d in last.split(grad_out.to(out.dtype)))
+        state = [*last.split(out), *(d.contiguous() for d in last.split(grad_out.to(out.dtype)))]
+        del out
         grads: list[Tensor | None] = []
         offset = 2  # ctx inputs: run, x, *params
         slots: list[tuple[list[Tensor], list[int]]] = []
@@ -153,19 +176,30 @@ class _ChainFunction(torch.autograd.Function):
         with forked_rng(run.devices, enabled=any(run.preserve)), frozen_norm_statistics(run.blocks):
             for i in range(len(run.blocks) - 1, -1, -1):
                 block = run.blocks[i]
-                if i in run.anchors:
-                    y = run.anchors[i]
-                step = block.inverse_backward_halves if run.inverse else block.backward_halves
+                anchor = run.anchors.pop(i, None) if final else run.anchors.get(i)
+                if anchor is not None:
+                    state[:2] = anchor
                 params, positions = slots[i]
-                a, b, da, db, param_grads = step(y[0], y[1], dy[0], dy[1], run.records[i], params)
+                consuming = getattr(block, "backward_consuming", None)
+                if consuming is not None:
+                    # hands the halves over, so they are freed inside the step
+                    a, b, da, db, param_grads = consuming(
+                        state, run.records[i], params, run.inverse
+                    )
+                else:
+                    step = block.inverse_backward_halves if run.inverse else block.backward_halves
+                    args, state = state, []
+                    a, b, da, db, param_grads = step(*args, run.records[i], params)
+                    del args
                 for pos, g in zip(positions, param_grads):
                     grads[pos] = g
                 if i in run.truths:
                     errors[i] = _relative_error((a, b), run.truths[i])
-                y, dy = (a, b), (da, db)
+                state = [a, b, da, db]
+                del a, b, da, db
         if run.truths:
             run.owner._report_reconstruction([errors[i] for i in sorted(errors)])
-        grads[1] = run.blocks[0].merge(*dy) if needs[1] else None
+        grads[1] = run.blocks[0].merge(*state[2:]) if needs[1] else None
         return tuple(grads)
 
 
@@ -219,6 +253,9 @@ class ReversibleSequence(nn.Module):
             input against the true one (costs the memory saving; for debugging).
         reconstruction_tolerance: relative L2 error above which ``check_reconstruction``
             warns or raises.
+        num_bwd_passes: how many backward passes may run through one forward (for
+            ``retain_graph=True``). The chain frees its output during the last allowed pass;
+            one pass more raises an error that says so.
 
     ``forward(x)`` runs the blocks in order, ``inverse(y)`` undoes them in reverse order;
     both save memory while training.
@@ -234,6 +271,7 @@ class ReversibleSequence(nn.Module):
         anchor_every: int = 0,
         check_reconstruction: CheckMode | None = "off",
         reconstruction_tolerance: float = 1e-4,
+        num_bwd_passes: int = 1,
     ) -> None:
         super().__init__()
         if len(blocks) == 1 and not isinstance(blocks[0], nn.Module):
@@ -268,6 +306,9 @@ class ReversibleSequence(nn.Module):
             raise ValueError(
                 f"check_reconstruction must be 'off', 'warn' or 'raise', got {check_reconstruction!r}"
             )
+        if not isinstance(num_bwd_passes, int) or num_bwd_passes < 1:
+            raise ValueError(f"num_bwd_passes must be an int >= 1, got {num_bwd_passes!r}")
+        self.num_bwd_passes = num_bwd_passes
         self.memory_saving = memory_saving
         self.preserve_rng_state = preserve
         self.anchor_every = anchor_every
