@@ -3,7 +3,11 @@
 Compares, on the same chain (conv3x3 + BatchNorm + ReLU residual functions at half the
 channels), one training step (forward, loss, backward, SGD step) under:
 
-- ``plain``: plain autograd (a ReversibleSequence with memory_saving=False);
+- ``plain``: plain autograd, halves passed from block to block (a ReversibleSequence with
+  memory_saving=False): the fastest plain chain, the baseline of the sequence;
+- ``plain_blocks``: plain autograd on the couplings as modules (an nn.Sequential, each
+  coupling splitting and concatenating its input): the baseline of the wrapper, which
+  wraps exactly these modules;
 - ``wrapper``: each coupling in an InvertibleModuleWrapper (MemCNN's API);
 - ``sequence``: one ReversibleSequence (whole-chain reversible backprop);
 - ``checkpoint``: torch.utils.checkpoint (non-reentrant) around each coupling.
@@ -36,7 +40,7 @@ import invertible_core
 from invertible_core import AdditiveCoupling, InvertibleModuleWrapper, ReversibleSequence
 from invertible_core.memory import measure_memory
 
-METHODS = ("plain", "wrapper", "sequence", "checkpoint")
+METHODS = ("plain", "plain_blocks", "wrapper", "sequence", "checkpoint")
 
 
 def residual(channels: int) -> nn.Module:
@@ -74,6 +78,8 @@ def build(method: str, depth: int, channels: int, seed: int = 0) -> nn.Module:
     blocks = [AdditiveCoupling(residual(channels // 2)) for _ in range(depth)]
     if method == "plain":
         return ReversibleSequence(blocks, memory_saving=False)
+    if method == "plain_blocks":
+        return nn.Sequential(*blocks)
     if method == "sequence":
         return ReversibleSequence(blocks)
     if method == "wrapper":
@@ -136,11 +142,13 @@ def bench_depth(
         samples["nograd_forward"].append(timed(nograd_forward, device))
     fwd = statistics.median(samples["nograd_forward"])
     plain = statistics.median(samples["plain"])
+    plain_blocks = statistics.median(samples["plain_blocks"])
     for m in METHODS:
         t = statistics.median(samples[m])
         results[m].update(
             step_s=t,
             time_vs_plain=t / plain,
+            time_vs_plain_blocks=t / plain_blocks,
             added_in_forwards=(t - plain) / fwd,
         )
     results["nograd_forward"] = {"step_s": fwd}
@@ -171,17 +179,21 @@ def main(argv: list[str] | None = None) -> int:
         f"{args.size}x{args.size}, {device}, torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads"
     )
-    header = f"{'N':>4} {'method':<11} {'peak MiB':>9} {'step s':>8} {'x plain':>8} {'+fwd':>6}"
+    header = (
+        f"{'N':>4} {'method':<13} {'peak MiB':>9} {'step s':>8} {'x plain':>8} "
+        f"{'x blocks':>9} {'+fwd':>6}"
+    )
     print(header)
     print("-" * len(header))
     for depth, res in table.items():
         for m in METHODS:
             r = res[m]
             print(
-                f"{depth:>4} {m:<11} {r['peak_mib']:>9.1f} {r['step_s']:>8.3f} "
-                f"{r['time_vs_plain']:>8.2f} {r['added_in_forwards']:>6.2f}"
+                f"{depth:>4} {m:<13} {r['peak_mib']:>9.1f} {r['step_s']:>8.3f} "
+                f"{r['time_vs_plain']:>8.2f} {r['time_vs_plain_blocks']:>9.2f} "
+                f"{r['added_in_forwards']:>6.2f}"
             )
-        print(f"{depth:>4} {'(no-grad forward)':<20} {res['nograd_forward']['step_s']:>8.3f}")
+        print(f"{depth:>4} {'(no-grad forward)':<22} {res['nograd_forward']['step_s']:>8.3f}")
     lo, hi = min(args.depths), max(args.depths)
     ratios = {
         f"{m}_peak_N{hi}_over_N{lo}": table[hi][m]["peak_mib"] / table[lo][m]["peak_mib"]
