@@ -1,14 +1,24 @@
-"""Distributed training: two CPU processes on the gloo backend, launched as users launch them.
+"""Distributed training: the torchrun environment, SyncBatchNorm, the DistributedTrainer.
 
-The gradient test spawns two ranks (``torch.multiprocessing``, FileStore rendezvous) that
-train through :class:`DistributedTrainer`; the other tests start ``torchrun`` itself, the
-command line of the README, as a subprocess.
+What one process can check runs in-process. The gradient test spawns two ranks
+(``torch.multiprocessing``, FileStore rendezvous, gloo) that train through
+:class:`DistributedTrainer`; the job tests start ``torchrun`` itself, the README's command
+line, as a subprocess with two CPU processes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import copy
+import io
 import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -20,6 +30,7 @@ from torch import nn
 from invertible_core.recompute import frozen_norm_statistics
 from invertible_models import create_model
 from invertible_train.checkpoint import load_checkpoint
+from invertible_train.cli import evaluate_main
 from invertible_train.config import ConfigError, ExperimentConfig, apply_values, load_experiment
 from invertible_train.data import ImageData, InMemoryImages, channel_stats, synthetic_images
 from invertible_train.distributed import (
@@ -30,6 +41,8 @@ from invertible_train.distributed import (
     torchrun_ranks,
 )
 from invertible_train.engine import Trainer
+
+from .conftest import FAST
 
 WORLD_SIZE = 2
 #: Bound on ``max|ddp - single| / max|single|`` per tensor. The two runs sum BatchNorm
@@ -164,12 +177,26 @@ def test_a_one_process_job_trains_like_a_plain_run(tmp_path: Path) -> None:
     assert not dist.is_initialized()  # destroyed on leaving the block
     assert summary["test_accuracy"] == expected["test_accuracy"]
     assert summary["test_loss"] == expected["test_loss"]
-    lines = (tmp_path / "job" / "metrics.jsonl").read_text().splitlines()
-    assert [r["iteration"] for r in map(json.loads, lines) if r["kind"] == "resumed"] == [12]
+    assert [r["iteration"] for r in records(tmp_path / "job", "resumed")] == [12]
     ours = load_checkpoint(tmp_path / "job" / "checkpoints" / "last.pt")
     theirs = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")
     for name, tensor in theirs["model"].items():
         assert torch.equal(ours["model"][name], tensor), name
+
+
+def test_the_cli_joins_a_torchrun_job_and_leaves_it(
+    run_cli: Callable[..., int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    """The torchrun variables alone make ``invertible-train`` a rank (here of a 1-rank job)."""
+    for name, value in {
+        "RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0",
+        "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port()),
+    }.items():  # fmt: skip
+        monkeypatch.setenv(name, value)
+    assert run_cli("tiny", "synthetic", "--iterations", "5", "--sync-bn", "--fresh") == 0
+    assert not dist.is_initialized()
+    summary = json.loads((tmp_path / "results" / "tiny-synthetic" / "summary.json").read_text())
+    assert summary["iterations"] == 5 and summary["world_size"] == 1
 
 
 # -- gradients equal one process on the full batch -------------------------------------------
@@ -248,3 +275,186 @@ def test_ddp_syncbn_gradients_equal_one_process_on_the_full_batch(tmp_path: Path
     print(
         f"largest relative difference: gradients {worst['grads']:.1e}, state {worst['state']:.1e}"
     )
+
+
+# -- torchrun, as users run it -------------------------------------------------------------
+
+LAUNCH = Path(__file__).with_name("launch.py")  # invertible-train with the tiny test models
+TIMEOUT = 120  # seconds for any one torchrun; a hung collective must fail, not stall
+
+
+def free_port() -> int:
+    """A TCP port nobody listens on now (the OS picks it), for torchrun's rendezvous."""
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def torchrun(*args: str) -> list[str]:
+    """``torchrun --nproc_per_node 2 ARGS`` on a free port, through this interpreter."""
+    return [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE),
+        "--master_addr", "127.0.0.1", "--master_port", str(free_port()), *args,
+    ]  # fmt: skip
+
+
+def environment() -> dict[str, str]:
+    # one thread per process: two processes share two cores with whatever else runs
+    return {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONHASHSEED": "0"}
+
+
+def records(results: Path, kind: str) -> list[dict]:
+    lines = (results / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["kind"] == kind]
+
+
+@pytest.fixture(scope="module")
+def revnet_job(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The results folder of a short revnet38 job: torchrun, 2 CPU processes, --sync-bn."""
+    results = tmp_path_factory.mktemp("job") / "results"
+    run = subprocess.run(
+        torchrun(
+            "-m", "invertible_train", "revnet38", "synthetic", *FAST, "--no-cuda", "--sync-bn",
+            "--iterations", "12",
+            "--set", "train.log_every=4",
+            "--set", "train.eval_every=6",
+            "--set", "train.checkpoint_every=5",
+            "--results-dir", str(results),
+        ),
+        env=environment(), capture_output=True, text=True, timeout=TIMEOUT,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout + run.stderr
+    return results
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_job_writes_one_set_of_results_from_rank0(revnet_job: Path) -> None:
+    written = sorted(str(p.relative_to(revnet_job)) for p in revnet_job.rglob("*"))
+    assert written == [
+        "revnet38-synthetic",
+        "revnet38-synthetic/checkpoints",
+        "revnet38-synthetic/checkpoints/best.pt",
+        "revnet38-synthetic/checkpoints/last.pt",
+        "revnet38-synthetic/config.toml",
+        "revnet38-synthetic/metrics.jsonl",
+        "revnet38-synthetic/summary.json",
+    ]
+    results = revnet_job / "revnet38-synthetic"
+    # each record once: one process wrote them
+    assert [r["iteration"] for r in records(results, "train")] == [4, 8, 12]
+    assert [r["iteration"] for r in records(results, "eval")] == [6, 12]
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["world_size"] == WORLD_SIZE and summary["iterations"] == 12
+    assert load_checkpoint(results / "checkpoints" / "last.pt")["iteration"] == 12
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_torchrun_evaluation_adds_up_to_one_process_on_the_whole_test_set(
+    revnet_job: Path,
+) -> None:
+    results = revnet_job / "revnet38-synthetic"
+    summary = json.loads((results / "summary.json").read_text())
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        status = evaluate_main([str(results), "--checkpoint", "last", "--no-cuda", "--json"])
+    assert status == 0
+    alone = json.loads(out.getvalue())
+    assert alone["test_accuracy"] == summary["test_accuracy"]
+    assert alone["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+def test_resuming_a_torchrun_job_with_one_process_is_refused(
+    revnet_job: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from invertible_train.cli import main
+
+    argv = ["revnet38", "synthetic", *FAST, "--no-cuda", "--iterations", "14"]
+    assert main([*argv, "--results-dir", str(revnet_job)]) == 1
+    assert "written by 2 processes; resume with the same number (now 1)" in capsys.readouterr().err
+
+
+def worker_pids(agent: int) -> list[int]:
+    """The processes torchrun started (each in a session of its own), from /proc."""
+    children = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        with contextlib.suppress(OSError):
+            # the name field may hold spaces; the parent pid is the second field after it
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            if int(fields[1]) == agent:
+                children.append(int(stat.parent.name))
+    return children
+
+
+def kill_job(agent: subprocess.Popen) -> None:
+    """SIGKILL torchrun and its workers at once: a machine that lost power, as they see it."""
+    workers = worker_pids(agent.pid)
+    for pid in [agent.pid, *workers]:
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(pid, signal.SIGKILL)
+    agent.wait(timeout=30)
+    deadline = time.monotonic() + 30
+    while any(Path(f"/proc/{pid}").exists() for pid in workers):
+        assert time.monotonic() < deadline, "torchrun's workers outlived SIGKILL"
+        time.sleep(0.05)
+
+
+ITERATIONS = 300
+
+
+def tiny_command(results: Path) -> list[str]:
+    return torchrun(
+        str(LAUNCH), "tiny", "synthetic", *FAST, "--no-cuda",
+        "--iterations", str(ITERATIONS),
+        "--set", "train.checkpoint_every=7",  # not a multiple of the 16 batches per epoch
+        "--set", "train.eval_every=50",
+        "--set", "train.log_every=10",
+        "--results-dir", str(results),
+    )  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers through /proc")
+def test_killed_torchrun_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
+    killed = tmp_path / "killed"
+    last = killed / "tiny-synthetic" / "checkpoints" / "last.pt"
+    agent = subprocess.Popen(
+        tiny_command(killed), env=environment(), start_new_session=True,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + TIMEOUT
+        while not last.exists():
+            assert agent.poll() is None, "the job ended before writing a checkpoint"
+            assert time.monotonic() < deadline, f"no checkpoint within {TIMEOUT} s"
+            time.sleep(0.005)
+        time.sleep(0.05)  # somewhere after the first checkpoint, possibly mid-write
+        workers = worker_pids(agent.pid)
+    finally:
+        kill_job(agent)
+    assert len(workers) == WORLD_SIZE, f"torchrun's workers, as found in /proc: {workers}"
+    interrupted_at = load_checkpoint(last)["iteration"]
+    assert 0 < interrupted_at < ITERATIONS, interrupted_at
+
+    again = subprocess.run(
+        tiny_command(killed), env=environment(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert again.returncode == 0, again.stdout + again.stderr
+    resumed = [r["iteration"] for r in records(killed / "tiny-synthetic", "resumed")]
+    assert resumed == [interrupted_at]
+    whole = tmp_path / "whole"
+    once = subprocess.run(
+        tiny_command(whole), env=environment(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert once.returncode == 0, once.stdout + once.stderr
+
+    ended = load_checkpoint(last)
+    uninterrupted = load_checkpoint(whole / "tiny-synthetic" / "checkpoints" / "last.pt")
+    assert ended["iteration"] == uninterrupted["iteration"] == ITERATIONS
+    for name, tensor in uninterrupted["model"].items():
+        assert torch.equal(tensor, ended["model"][name]), name
+    print(f"killed after iteration {interrupted_at} was checkpointed; resumed bit-exact")

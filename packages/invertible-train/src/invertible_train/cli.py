@@ -19,11 +19,14 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from invertible_train import __version__
 from invertible_train.checkpoint import CheckpointError, load_checkpoint
 from invertible_train.config import (
     AMP_MODES,
     ConfigError,
+    ExperimentConfig,
     apply_overrides,
     apply_values,
     config_from_dict,
@@ -32,6 +35,13 @@ from invertible_train.config import (
     load_experiment,
 )
 from invertible_train.data import DatasetUnavailableError
+from invertible_train.distributed import (
+    BACKENDS,
+    DistributedContext,
+    DistributedTrainer,
+    process_group,
+    run_on_main,
+)
 from invertible_train.engine import NonFiniteLossError, Trainer, select_device
 from invertible_train.results import ResultsDirError, remove_results
 
@@ -54,10 +64,12 @@ def build_parser() -> argparse.ArgumentParser:
         ),
     )
     parser.add_argument(
-        "model", help="model name from the zoo, e.g. resnet32, revnet38, revnet110, revnet164"
+        "model",
+        help="model name from the zoo, e.g. resnet32, revnet38, revnet110, revnet164",
     )
     parser.add_argument(
-        "dataset", help="cifar10, cifar100, synthetic, or imagefolder:PATH (PATH/train, PATH/test)"
+        "dataset",
+        help="cifar10, cifar100, synthetic, or imagefolder:PATH (PATH/train, PATH/test)",
     )
     parser.add_argument(
         "--config",
@@ -89,7 +101,9 @@ def build_parser() -> argparse.ArgumentParser:
         "--iterations", type=int, help="train this many iterations (train.iterations)"
     )
     parser.add_argument(
-        "--batch-size", type=int, help="global batch size (data.batch_size; recipe: 100)"
+        "--batch-size",
+        type=int,
+        help="global batch size (data.batch_size; recipe: 100)",
     )
     parser.add_argument(
         "--lr", type=float, help="initial learning rate (optimizer.lr; recipe: 0.1)"
@@ -107,13 +121,26 @@ def build_parser() -> argparse.ArgumentParser:
         "--no-cuda", action="store_true", help="train on the CPU even if CUDA exists"
     )
     parser.add_argument(
+        "--backend",
+        choices=BACKENDS,
+        default="auto",
+        help="under torchrun: the process-group backend (auto: nccl on GPUs, gloo on the CPU)",
+    )
+    parser.add_argument(
+        "--sync-bn",
+        action="store_true",
+        help="under torchrun: BatchNorm normalises with the statistics of the global batch",
+    )
+    parser.add_argument(
         "--fresh",
         action="store_true",
         help="delete this experiment's earlier results and start over instead of resuming",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     parser.add_argument(
-        "--print-config", action="store_true", help="print the resolved experiment and exit"
+        "--print-config",
+        action="store_true",
+        help="print the resolved experiment and exit",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
@@ -142,13 +169,17 @@ def _named_options(args: argparse.Namespace) -> dict[str, Any]:
     return values
 
 
-def _error(prog: str, message: str, status: int) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
+def _error(prog: str, message: str, status: int, report: bool = True) -> int:
+    if report:
+        print(f"{prog}: error: {message}", file=sys.stderr)
     return status
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``invertible-train``; returns the exit status."""
+    """Entry point of ``invertible-train``; returns the exit status.
+
+    Under torchrun every process runs this; see :mod:`invertible_train.distributed`.
+    """
     args = build_parser().parse_args(argv)
     prog = "invertible-train"
     try:
@@ -159,18 +190,43 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(dump_toml(config_to_dict(cfg)), end="")
             return 0
         device = select_device(cfg.train.device, no_cuda=args.no_cuda)
-        results = Path(args.results_dir) / cfg.run_name()
-        if args.fresh:
-            remove_results(results)
-        trainer = Trainer(cfg, results, device=device, quiet=args.quiet)
-        summary = trainer.fit()
+        with process_group(device, args.backend) as job:
+            return _train(args, cfg, device, job)
     except ConfigError as exc:
         return _error(prog, str(exc), EXIT_USAGE)
+
+
+def _train(
+    args: argparse.Namespace,
+    cfg: ExperimentConfig,
+    device: torch.device,
+    job: DistributedContext | None,
+) -> int:
+    """Train one experiment; under torchrun (``job``) only rank 0 reports and writes.
+
+    The distributed paths fail on every rank together (the same error), so rank 0 alone
+    prints it.
+    """
+    prog = "invertible-train"
+    main_process = job is None or job.is_main_process
+    results = Path(args.results_dir) / cfg.run_name()
+    try:
+        if args.fresh:
+            # one process deletes, every process waits for it
+            run_on_main(lambda: remove_results(results))
+        trainer = (
+            Trainer(cfg, results, device=device, quiet=args.quiet)
+            if job is None
+            else DistributedTrainer(cfg, results, job, sync_bn=args.sync_bn, quiet=args.quiet)
+        )
+        summary = trainer.fit()
+    except ConfigError as exc:
+        return _error(prog, str(exc), EXIT_USAGE, main_process)
     except NonFiniteLossError as exc:
-        return _error(prog, str(exc), EXIT_NONFINITE)
+        return _error(prog, str(exc), EXIT_NONFINITE, main_process)
     except (DatasetUnavailableError, CheckpointError, ResultsDirError) as exc:
-        return _error(prog, str(exc), EXIT_UNUSABLE)
-    if not args.quiet:
+        return _error(prog, str(exc), EXIT_UNUSABLE, main_process)
+    if not args.quiet and main_process:
         print(
             f"{cfg.run_name()}: test accuracy {summary['test_accuracy']:.4f}, "
             f"test loss {summary['test_loss']:.4f} after {summary['iterations']} iterations; "

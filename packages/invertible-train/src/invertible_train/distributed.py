@@ -49,7 +49,6 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 from torch.nn.parallel import DistributedDataParallel
 
-from invertible_train.checkpoint import load_checkpoint
 from invertible_train.config import ConfigError, ExperimentConfig
 from invertible_train.data import ImageData, build_data
 from invertible_train.engine import Trainer
@@ -313,7 +312,13 @@ class SyncBatchNorm(_BatchNorm):
         dtype: Any = None,
     ) -> None:
         super().__init__(
-            num_features, eps, momentum, affine, track_running_stats, device=device, dtype=dtype
+            num_features,
+            eps,
+            momentum,
+            affine,
+            track_running_stats,
+            device=device,
+            dtype=dtype,
         )
         #: the ranks whose batches are normalised together (None: all of them).
         self.process_group = process_group
@@ -479,22 +484,10 @@ class DistributedTrainer(Trainer):
         clock.total_images = int(self.reduce(images))
         return super()._summarize(last_eval, clock)
 
-    def resume(self) -> bool:
+    def read_last_checkpoint(self) -> dict[str, Any] | None:
         """Rank 0 reads ``checkpoints/last.pt`` and sends it to every rank.
 
         Only rank 0 touches the results folder, so resuming works without a file system
         shared between machines; a checkpoint rank 0 cannot use fails on every rank.
         """
-
-        def read() -> dict[str, Any] | None:
-            for stale in self.checkpoint_dir.glob(".*.tmp"):  # a write a kill interrupted
-                stale.unlink(missing_ok=True)
-            if not self.last_checkpoint.exists():
-                return None
-            return load_checkpoint(self.last_checkpoint)
-
-        state = run_on_main(read)
-        if state is None:
-            return False
-        self.load_state_dict(state, self.last_checkpoint)
-        return True
+        return run_on_main(super().read_last_checkpoint)

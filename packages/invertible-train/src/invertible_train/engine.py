@@ -299,24 +299,36 @@ class Trainer:
                 f"{source}. Rerun with --fresh to discard it, or choose another --results-dir "
                 "or experiment name"
             )
-        if state.get("sampler", {}).get("num_replicas", 1) != self.world_size:
-            raise ResultsDirError(
-                f"{source} was written by {state['sampler']['num_replicas']} processes; resume "
-                f"with the same number (now {self.world_size}) or rerun with --fresh"
-            )
 
     def save(self, path: Path) -> None:
         """Write a checkpoint (main process only)."""
         if self.is_main_process:
             save_checkpoint(self.state_dict(), path)
 
-    def resume(self) -> bool:
-        """Load ``checkpoints/last.pt`` when there is one; True when a run was resumed."""
+    def read_last_checkpoint(self) -> dict[str, Any] | None:
+        """``checkpoints/last.pt`` when there is one (stale temporary files removed)."""
         for stale in self.checkpoint_dir.glob(".*.tmp"):  # a write a kill interrupted
             stale.unlink(missing_ok=True)
         if not self.last_checkpoint.exists():
+            return None
+        return load_checkpoint(self.last_checkpoint)
+
+    def resume(self) -> bool:
+        """Load ``checkpoints/last.pt`` when there is one; True when a run was resumed.
+
+        The run must have as many processes as the one that wrote it (the data order of
+        each rank depends on their number); evaluating a checkpoint has no such limit.
+        """
+        state = self.read_last_checkpoint()
+        if state is None:
             return False
-        self.load_state_dict(load_checkpoint(self.last_checkpoint), self.last_checkpoint)
+        saved = state.get("sampler", {}).get("num_replicas", 1)
+        if saved != self.world_size:
+            raise ResultsDirError(
+                f"{self.last_checkpoint} was written by {saved} processes; resume with the "
+                f"same number (now {self.world_size}) or rerun with --fresh"
+            )
+        self.load_state_dict(state, self.last_checkpoint)
         return True
 
     # -- evaluation ------------------------------------------------------------------
@@ -339,7 +351,8 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with self._autocast():
-                logits = self.model(self.transform.test(images))
+                # the bare module: a DDP wrapper would sync buffers, once per rank's batch count
+                logits = self.module(self.transform.test(images))
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             sums[0] += loss
             sums[1] += (logits.argmax(1) == labels).sum()
