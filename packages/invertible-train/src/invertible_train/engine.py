@@ -8,9 +8,11 @@ position in the epoch's data order, same random states, so on the CPU the resume
 with bit-for-bit the weights of an uninterrupted one. A non-finite loss stops the run with
 :class:`NonFiniteLossError` before anything is saved over the last good checkpoint.
 
-Distributed training builds on four seams, each in one place: :meth:`Trainer.wrap_model`
+Distributed training builds on five seams, each in one place: :meth:`Trainer.wrap_model`
 (wrap for DDP), :meth:`Trainer.reduce` (all-reduce evaluation sums), the sampler's
-``num_replicas``/``rank``, and :attr:`Trainer.is_main_process` (who writes files).
+``num_replicas``/``rank``, :attr:`Trainer.is_main_process` (who writes files) and
+:meth:`Trainer.read_last_checkpoint` (who reads the checkpoint); see
+:mod:`invertible_train.distributed`.
 """
 
 from __future__ import annotations
@@ -351,7 +353,8 @@ class Trainer:
             images = images.to(self.device, non_blocking=True)
             labels = labels.to(self.device, non_blocking=True)
             with self._autocast():
-                # the bare module: a DDP wrapper would sync buffers, once per rank's batch count
+                # the bare module: DDP's forward may broadcast buffers, a collective that
+                # ranks with different numbers of test batches would not all join
                 logits = self.module(self.transform.test(images))
             loss = F.cross_entropy(logits.float(), labels, reduction="sum")
             sums[0] += loss
