@@ -492,3 +492,27 @@ def test_compile_trains_and_matches_eager() -> None:
             opt.step()
     for p, q in zip(eager.parameters(), compiled_net.parameters()):
         torch.testing.assert_close(p, q, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize(
+    "norm",
+    [nn.BatchNorm2d, nn.SyncBatchNorm, lambda c: nn.InstanceNorm2d(c, track_running_stats=True)],
+    ids=["batchnorm", "syncbatchnorm", "instancenorm"],
+)
+def test_every_norm_layer_counts_each_batch_once(norm) -> None:  # type: ignore[no-untyped-def]
+    """SyncBatchNorm (without a process group it normalises like BatchNorm) asserts that its
+    counter exists while it tracks statistics; the recompute must satisfy every norm layer."""
+    torch.manual_seed(0)
+    blocks = [
+        AdditiveCoupling(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), norm(2), nn.ReLU()))
+        for _ in range(2)
+    ]
+    seq = ReversibleSequence(blocks).double()
+    ref = plain_copy(seq)
+    for _ in range(3):
+        x = torch.randn(4, 4, 5, 5, dtype=torch.float64)
+        run_step(seq, x.clone().requires_grad_(True))
+        run_step(ref, x.clone().requires_grad_(True))
+    for (name, a), b in zip(seq.named_buffers(), ref.buffers()):
+        torch.testing.assert_close(a, b, rtol=0, atol=0, msg=name)
+    assert_same_grads(seq, ref)

@@ -42,8 +42,9 @@ def test_parameter_count_matches_the_paper(name: str, num_classes: int) -> None:
     assert sum(p.numel() for p in model.parameters()) == PARAMETER_COUNTS[name, num_classes]
 
 
-def test_list_models_names_the_six_networks() -> None:
-    assert list_models() == [
+def test_list_models_names_the_six_networks_first() -> None:
+    # other test suites may register more models in the same process; the zoo's come first
+    assert list_models()[:6] == [
         "resnet32",
         "resnet110",
         "resnet164",

@@ -181,9 +181,11 @@ def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
     ``track_running_stats=True``) in training mode normalises with the batch's statistics
     and then updates its running buffers. During a recompute the first half is wanted (the
     same function as the forward pass) and the second is not (the forward pass already
-    counted this batch). With its running buffers detached for the duration, such a layer
-    computes exactly the forward pass's function and writes nothing; the buffers are put
-    back on exit, even on error.
+    counted this batch). For the duration, each such layer is told not to track statistics
+    (BatchNorm and SyncBatchNorm then pass no running buffers to the kernel and count
+    nothing) and its running buffers are detached (InstanceNorm passes them regardless), so
+    it computes exactly the forward pass's function and writes nothing. Flag and buffers
+    are put back on exit, even on error.
     """
     detached: list[tuple[nn.Module, dict[str, torch.Tensor | None]]] = []
     for root in modules:
@@ -195,6 +197,7 @@ def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
             ):
                 saved = {name: m._buffers.get(name) for name in _RUNNING_STATS}
                 detached.append((m, saved))
+                m.track_running_stats = False
                 for name in _RUNNING_STATS:
                     m._buffers[name] = None
     try:
@@ -202,3 +205,4 @@ def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
     finally:
         for m, saved in detached:
             m._buffers.update(saved)
+            m.track_running_stats = True
