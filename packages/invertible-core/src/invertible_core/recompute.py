@@ -187,7 +187,7 @@ def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
     it computes exactly the forward pass's function and writes nothing. Flag and buffers
     are put back on exit, even on error.
     """
-    detached: list[tuple[nn.Module, dict[str, torch.Tensor | None]]] = []
+    detached: list[tuple[nn.modules.batchnorm._NormBase, dict[str, torch.Tensor | None]]] = []
     for root in modules:
         for m in root.modules():
             if (

@@ -16,13 +16,12 @@ into a running job:
   resuming needs no shared file system), the dataset prepared by one process per machine
   before the others read it. ``data.batch_size`` stays the *global* batch; each rank
   trains on its share.
-- :class:`SyncBatchNorm`, put in place of every BatchNorm layer by
-  :func:`convert_sync_batchnorm`, normalises with the statistics of the global batch. Why
-  not ``torch.nn.SyncBatchNorm``: it refuses CPU tensors (and DDP refuses it on the CPU),
-  so it cannot run on gloo, and it asserts that its running buffers exist, which breaks
-  the reversible recompute (``invertible_core`` detaches those buffers while it re-runs a
-  block, so that a batch is counted once). This one works on any device and backend and
-  computes the same function in the forward pass and in the recompute.
+- ``--sync-bn`` normalises with the statistics of the global batch. On CUDA it uses
+  ``torch.nn.SyncBatchNorm`` (fused kernels; ``invertible_core``'s recompute supports
+  it). On the CPU it uses :class:`SyncBatchNorm` from this module, put in place of every
+  BatchNorm layer by :func:`convert_sync_batchnorm`: the stock layer refuses CPU tensors
+  (and DDP refuses it on the CPU), so it cannot run on gloo. This one works on any device
+  and backend and computes the same function in the forward pass and in the recompute.
 
 Reversible networks need nothing special: a :class:`~invertible_core.ReversibleSequence`
 takes its parameters as inputs of one autograd node, so each gradient reaches DDP once,
@@ -441,7 +440,10 @@ class DistributedTrainer(Trainer):
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """``DistributedDataParallel`` over the model (after SyncBatchNorm when asked)."""
         if self.sync_bn:
-            model = convert_sync_batchnorm(model)
+            if self.device.type == "cuda":
+                model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+            else:
+                model = convert_sync_batchnorm(model)
             self.module = model
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(model, device_ids=device_ids, find_unused_parameters=False)
