@@ -106,15 +106,19 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
-def capture_rng_state() -> dict[str, Any]:
-    """Every random state a training step can consume, as weights-only-loadable data."""
+def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:
+    """Every random state a training step can consume, as weights-only-loadable data.
+
+    On CUDA only ``device``'s generator is read: under DDP each process owns one GPU, and
+    reading the others' would create a context on every GPU from every process.
+    """
     version, internal, gauss = random.getstate()
     state: dict[str, Any] = {
         "python": [version, list(internal), gauss],
         "torch": torch.get_rng_state(),
     }
-    if torch.cuda.is_available() and torch.cuda.is_initialized():
-        state["cuda"] = torch.cuda.get_rng_state_all()
+    if device is not None and device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
     try:
         import numpy as np
     except ImportError:  # pragma: no cover - numpy is optional
@@ -130,15 +134,14 @@ def capture_rng_state() -> dict[str, Any]:
     return state
 
 
-def restore_rng_state(state: Mapping[str, Any]) -> None:
-    """Restore what :func:`capture_rng_state` captured (CUDA only when it was captured)."""
+def restore_rng_state(state: Mapping[str, Any], device: torch.device | None = None) -> None:
+    """Restore what :func:`capture_rng_state` captured; the CUDA state goes to ``device``."""
     version, internal, gauss = state["python"]
     random.setstate((version, tuple(internal), gauss))
     torch.set_rng_state(state["torch"])
-    if "cuda" in state and torch.cuda.is_available():
-        states = state["cuda"]
-        if len(states) == torch.cuda.device_count():
-            torch.cuda.set_rng_state_all(states)
+    cuda_state = state.get("cuda")
+    if isinstance(cuda_state, torch.Tensor) and device is not None and device.type == "cuda":
+        torch.cuda.set_rng_state(cuda_state, device)
     if "numpy" in state:
         import numpy as np
 

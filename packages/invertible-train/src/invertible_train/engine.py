@@ -265,7 +265,7 @@ class Trainer:
                 "seed": self.sampler.seed,
                 "num_replicas": self.world_size,
             },
-            "rng": capture_rng_state(),
+            "rng": capture_rng_state(self.device),
             "config": config_to_dict(self.cfg),
             "num_classes": self.data.num_classes,
             "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
@@ -284,7 +284,7 @@ class Trainer:
             self.epoch = int(state["epoch"])
             self.position = int(state["position"])
             self.best_accuracy = float(state["best_test_accuracy"])
-            restore_rng_state(state["rng"])
+            restore_rng_state(state["rng"], self.device)
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(
                 f"checkpoint {source} does not fit this experiment ({type(exc).__name__}: "
