@@ -164,14 +164,13 @@ class _ChainFunction(torch.autograd.Function):
         # dense once, so every kernel below runs its fast path
         state = [*last.split(out), *(d.contiguous() for d in last.split(grad_out.to(out.dtype)))]
         del out
-        grads: list[Tensor | None] = []
         offset = 2  # ctx inputs: run, x, *params
         slots: list[tuple[list[Tensor], list[int]]] = []
         for block_params in run.params:
             wanted = [j for j in range(len(block_params)) if needs[offset + j]]
             slots.append(([block_params[j] for j in wanted], [offset + j for j in wanted]))
             offset += len(block_params)
-        grads = [None] * offset
+        grads: list[Tensor | None] = [None] * offset
         errors: dict[int, float] = {}
         with forked_rng(run.devices, enabled=any(run.preserve)), frozen_norm_statistics(run.blocks):
             for i in range(len(run.blocks) - 1, -1, -1):
