@@ -1,5 +1,9 @@
 """Settings shared by every test directory.
 
+Fixture :func:`spawn_ranks` starts the processes of a multi-process test and fails the
+test (killing them) when they do not finish in time, so a hung collective fails one test
+instead of stalling the whole run.
+
 Hypothesis profiles: ``ci`` (what tox sets through ``HYPOTHESIS_PROFILE=ci``) has no
 per-example deadline, because a 2-core CI machine running torch has timing noise far above
 any deadline worth setting, and a modest number of examples so the suite stays within CI's
@@ -10,6 +14,11 @@ install Hypothesis (``build``) skip all of this.
 from __future__ import annotations
 
 import os
+import time
+from collections.abc import Callable
+from typing import Any
+
+import pytest
 
 try:
     from hypothesis import HealthCheck, settings
@@ -27,3 +36,43 @@ if settings is not None:
     )
     settings.register_profile("dev", deadline=None)
     settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "dev"))
+
+
+#: seconds a group of spawned ranks may run; the slowest (revnet38 under DDP with
+#: SyncBatchNorm) takes about 15 s on a loaded 2-core machine.
+SPAWN_TIMEOUT = 180.0
+
+
+@pytest.fixture
+def spawn_ranks() -> Callable[..., None]:
+    """``run(fn, args, nprocs=2, timeout=SPAWN_TIMEOUT)``: ``fn(rank, *args)`` in ``nprocs``
+    spawned processes, like ``torch.multiprocessing.spawn``, but with a deadline.
+
+    A rank that raises fails the test with its traceback (as ``spawn`` does); ranks still
+    running at the deadline are killed and the test fails saying so. Either way no process
+    outlives the test, so pytest can exit.
+    """
+    import torch.multiprocessing as mp  # the packaging tests run without torch
+
+    def run(
+        fn: Callable[..., None],
+        args: tuple[Any, ...] = (),
+        nprocs: int = 2,
+        timeout: float = SPAWN_TIMEOUT,
+    ) -> None:
+        context = mp.start_processes(fn, args=args, nprocs=nprocs, join=False)
+        deadline = time.monotonic() + timeout
+        try:
+            while not context.join(timeout=max(0.1, deadline - time.monotonic())):
+                if time.monotonic() >= deadline:
+                    pytest.fail(
+                        f"{nprocs} ranks of {fn.__name__} still running after {timeout:.0f} s: "
+                        "a hung collective or a deadlock at exit"
+                    )
+        finally:
+            for process in context.processes:
+                if process.is_alive():
+                    process.kill()
+                process.join()
+
+    return run

@@ -18,13 +18,13 @@ import socket
 import subprocess
 import sys
 import time
+import weakref
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 from invertible_core.recompute import frozen_norm_statistics
@@ -184,6 +184,37 @@ def test_a_one_process_job_trains_like_a_plain_run(tmp_path: Path) -> None:
         assert torch.equal(ours["model"][name], tensor), name
 
 
+def test_leaving_the_job_frees_ddp_before_the_group(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """DDP's reducer must not be the process group's last holder (gloo can deadlock then).
+
+    The trainer outlives the block here, as a trainer held by the caller or by a traceback
+    would; leaving the block closes it, so its DDP wrapper is gone before the group is
+    destroyed, and it refuses to train on without the other ranks.
+    """
+    alive_at_destroy: list[bool] = []
+    destroy = dist.destroy_process_group
+
+    def watching_destroy(*args: object, **kwargs: object) -> None:
+        alive_at_destroy.append(wrapper() is not None)
+        destroy(*args, **kwargs)
+
+    monkeypatch.setattr(dist, "destroy_process_group", watching_destroy)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    with process_group(torch.device("cpu"), init_method=f"file://{tmp_path / 's'}", env=env) as job:
+        assert job is not None
+        trainer = DistributedTrainer(tiny_experiment(2), tmp_path / "job", job, quiet=True)
+        wrapper = weakref.ref(trainer.model)
+        assert isinstance(trainer.model, nn.parallel.DistributedDataParallel)
+        trainer.fit()
+    assert alive_at_destroy == [False]
+    assert trainer.closed and trainer.model is trainer.module
+    images, labels = next(iter(trainer.loader))
+    with pytest.raises(RuntimeError, match="closed when its process group ended"):
+        trainer.train_step(images, labels)
+
+
 def test_the_cli_joins_a_torchrun_job_and_leaves_it(
     run_cli: Callable[..., int], monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
@@ -252,10 +283,10 @@ def _rank_step(rank: int, store: str, out: str) -> None:
 
 @pytest.mark.slow
 @pytest.mark.distributed
-def test_ddp_syncbn_gradients_equal_one_process_on_the_full_batch(tmp_path: Path) -> None:
-    mp.spawn(
-        _rank_step, args=(str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD_SIZE, join=True
-    )
+def test_ddp_syncbn_gradients_equal_one_process_on_the_full_batch(
+    tmp_path: Path, spawn_ranks: Callable[..., None]
+) -> None:
+    spawn_ranks(_rank_step, (str(tmp_path / "store"), str(tmp_path)), nprocs=WORLD_SIZE)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(WORLD_SIZE)]
 
     single = Trainer(revnet_experiment(), tmp_path / "single", data=revnet_data())

@@ -35,10 +35,12 @@ which keep about two more activation-sized tensors per layer than the fused stoc
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import pickle
+import weakref
 from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -84,11 +86,30 @@ class DistributedContext:
     backend: str
     #: the device this process trains on (``cuda:LOCAL_RANK`` on GPUs).
     device: torch.device
+    #: the trainers built on this context, closed (DDP released) before the group goes.
+    _trainers: weakref.WeakSet[DistributedTrainer] = field(
+        default_factory=weakref.WeakSet, repr=False, compare=False
+    )
 
     @property
     def is_main_process(self) -> bool:
         """Rank 0: the one process that writes files and prints."""
         return self.rank == 0
+
+    def release(self) -> None:
+        """Close every trainer of this job and collect the freed DDP models.
+
+        :func:`process_group` calls this just before it destroys the group. The order
+        matters: a ``DistributedDataParallel`` model holds the process group from C++, and
+        when it is the last holder, freeing it joins gloo's worker threads while holding
+        the GIL, which deadlocks if a worker still needs the GIL to finish its last
+        collective (seen with torch 2.13; pytorch/pytorch#56297 describes the class of
+        bug). Released here, the models go while the group is still registered, and the
+        group itself is freed by ``destroy_process_group``, which lets the GIL go first.
+        """
+        for trainer in list(self._trainers):
+            trainer.close()
+        gc.collect()
 
 
 def torchrun_ranks(env: Mapping[str, str] | None = None) -> tuple[int, int, int] | None:
@@ -184,9 +205,11 @@ def process_group(
         world_size=world_size,
         device_id=device if device.type == "cuda" else None,
     )
+    context = DistributedContext(rank, world_size, local_rank, chosen, device)
     try:
-        yield DistributedContext(rank, world_size, local_rank, chosen, device)
+        yield context
     finally:
+        context.release()
         dist.destroy_process_group()
 
 
@@ -423,6 +446,7 @@ class DistributedTrainer(Trainer):
     ) -> None:
         self.context = context
         self.sync_bn = sync_bn
+        self.closed = False
         if data is None:
             data = local_main_first(
                 lambda: build_data(cfg.data, cfg.train.seed), context.local_rank
@@ -436,6 +460,27 @@ class DistributedTrainer(Trainer):
             rank=context.rank,
             world_size=context.world_size,
         )
+        context._trainers.add(self)
+
+    def close(self) -> None:
+        """Drop the ``DistributedDataParallel`` wrapper; the trained module stays.
+
+        Called for every trainer when its :func:`process_group` block ends (see
+        :meth:`DistributedContext.release`); call it yourself to free the wrapper earlier.
+        ``self.module`` keeps the weights; training a closed trainer raises an error,
+        because its gradients would no longer be averaged across ranks.
+        """
+        self.model = self.module
+        self.closed = True
+
+    def train_step(self, images: Tensor, labels: Tensor) -> tuple[Tensor, ...]:
+        """One optimisation step on this rank's share of the batch (see the base class)."""
+        if self.closed:
+            raise RuntimeError(
+                "this DistributedTrainer was closed when its process group ended; build a "
+                "new one inside `with process_group(...)` to train again"
+            )
+        return super().train_step(images, labels)
 
     def wrap_model(self, model: nn.Module) -> nn.Module:
         """``DistributedDataParallel`` over the model (after SyncBatchNorm when asked)."""
