@@ -41,6 +41,7 @@ from invertible_train.distributed import (
     torchrun_ranks,
 )
 from invertible_train.engine import Trainer
+from invertible_train.results import ResultsDirError
 
 from .conftest import FAST
 
@@ -182,6 +183,25 @@ def test_a_one_process_job_trains_like_a_plain_run(tmp_path: Path) -> None:
     theirs = load_checkpoint(tmp_path / "plain" / "checkpoints" / "last.pt")
     for name, tensor in theirs["model"].items():
         assert torch.equal(ours["model"][name], tensor), name
+
+
+def test_a_run_resumes_only_with_the_sync_bn_it_was_trained_with(tmp_path: Path) -> None:
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    for resume_with_sync_bn, trains in ((True, True), (False, False)):
+        run = tmp_path / f"job-{resume_with_sync_bn}"
+        with process_group(torch.device("cpu"), init_method=f"file://{run}-s1", env=env) as job:
+            assert job is not None
+            DistributedTrainer(tiny_experiment(6), run, job, sync_bn=True, quiet=True).fit()
+        with process_group(torch.device("cpu"), init_method=f"file://{run}-s2", env=env) as job:
+            assert job is not None
+            again = DistributedTrainer(
+                tiny_experiment(12), run, job, sync_bn=resume_with_sync_bn, quiet=True
+            )
+            if trains:
+                assert again.fit()["iterations"] == 12
+            else:
+                with pytest.raises(ResultsDirError, match="trained with --sync-bn"):
+                    again.fit()
 
 
 def test_leaving_the_job_frees_ddp_before_the_group(

@@ -20,7 +20,6 @@ and ``synthetic`` (generated, learnable, offline; CIFAR-shaped by default).
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +27,7 @@ from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, Sampler
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
 from invertible_train.config import DataConfig
 
@@ -244,14 +243,24 @@ def build_data(cfg: DataConfig, seed: int = 0) -> ImageData:
     return ImageData(train=train, test=test, num_classes=classes, mean=mean, std=std)
 
 
-class ResumableSampler(Sampler[int]):
-    """A shuffling sampler whose position can be saved and restored mid-epoch.
+class _Sized:
+    """Stands in for a dataset where only its length matters (``DistributedSampler``)."""
 
-    Same order as ``torch.utils.data.DistributedSampler`` for the same ``seed``, ``epoch``,
-    ``num_replicas`` and ``rank`` (a ``randperm`` seeded with ``seed + epoch``, padded to a
-    multiple of the world size, every ``num_replicas``-th index from ``rank``), plus
-    ``start_index``: the number of this rank's indices of the epoch already consumed.
-    A checkpoint stores ``(epoch, start_index)``; restoring both continues the same order.
+    def __init__(self, length: int) -> None:
+        self.length = length
+
+    def __len__(self) -> int:
+        return self.length
+
+
+class ResumableSampler(DistributedSampler):  # type: ignore[type-arg]
+    """``torch.utils.data.DistributedSampler`` whose position can be saved mid-epoch.
+
+    The order is ``DistributedSampler``'s own for the same ``seed``, ``epoch``,
+    ``num_replicas`` and ``rank`` (it computes it); this subclass adds ``start_index``: the
+    number of this rank's indices of the epoch already consumed. A checkpoint stores
+    ``(epoch, start_index)``; restoring both continues the same order, where the stock
+    sampler could only restart the epoch. One process is ``num_replicas=1, rank=0``.
     """
 
     def __init__(
@@ -264,37 +273,30 @@ class ResumableSampler(Sampler[int]):
     ) -> None:
         if not 0 <= rank < num_replicas:
             raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
+        super().__init__(
+            _Sized(length),  # type: ignore[arg-type]
+            num_replicas=num_replicas,
+            rank=rank,
+            shuffle=shuffle,
+            seed=seed,
+        )
         self.length = length
-        self.seed = seed
-        self.shuffle = shuffle
-        self.num_replicas = num_replicas
-        self.rank = rank
-        self.epoch = 0
         self.start_index = 0
-        self.per_replica = math.ceil(length / num_replicas)
 
     def set_epoch(self, epoch: int, start_index: int = 0) -> None:
         """Select the epoch's order and how many of its indices to skip."""
-        self.epoch = epoch
+        super().set_epoch(epoch)
         self.start_index = start_index
 
     def indices(self) -> list[int]:
         """This rank's whole index list for the current epoch."""
-        if self.shuffle:
-            g = torch.Generator().manual_seed(self.seed + self.epoch)
-            order = torch.randperm(self.length, generator=g).tolist()
-        else:
-            order = list(range(self.length))
-        total = self.per_replica * self.num_replicas
-        if total > len(order):
-            order += order[: total - len(order)]
-        return order[self.rank : total : self.num_replicas]
+        return list(super().__iter__())
 
     def __iter__(self) -> Iterator[int]:
         return iter(self.indices()[self.start_index :])
 
     def __len__(self) -> int:
-        return self.per_replica - self.start_index
+        return int(self.num_samples) - self.start_index
 
 
 def make_loader(

@@ -221,6 +221,10 @@ class Trainer:
         self.best_accuracy = -math.inf
         self.log = RunLog(self.results_dir, self.is_main_process, cfg.train.tensorboard)
 
+    #: whether BatchNorm layers normalise over the global batch of all ranks (a
+    #: DistributedTrainer option; recorded in checkpoints, so a resume must match it).
+    sync_bn: bool = False
+
     # -- the seams distributed training overrides -------------------------------------
     @property
     def is_main_process(self) -> bool:
@@ -268,6 +272,7 @@ class Trainer:
             "rng": capture_rng_state(self.device),
             "config": config_to_dict(self.cfg),
             "num_classes": self.data.num_classes,
+            "sync_bn": self.sync_bn,
             "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
             "best_test_accuracy": self.best_accuracy,
         }
@@ -329,6 +334,13 @@ class Trainer:
             raise ResultsDirError(
                 f"{self.last_checkpoint} was written by {saved} processes; resume with the "
                 f"same number (now {self.world_size}) or rerun with --fresh"
+            )
+        saved_sync = bool(state.get("sync_bn", False))
+        if saved_sync != self.sync_bn:
+            raise ResultsDirError(
+                f"{self.last_checkpoint} was trained {'with' if saved_sync else 'without'} "
+                f"--sync-bn; resume {'with' if saved_sync else 'without'} it (the BatchNorm "
+                "statistics would change meaning mid-run) or rerun with --fresh"
             )
         self.load_state_dict(state, self.last_checkpoint)
         return True
