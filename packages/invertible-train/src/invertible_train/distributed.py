@@ -209,8 +209,10 @@ def process_group(
     try:
         yield context
     finally:
-        context.release()
-        dist.destroy_process_group()
+        try:
+            context.release()
+        finally:
+            dist.destroy_process_group()
 
 
 # -- doing something once for everyone ------------------------------------------------------
