@@ -8,6 +8,7 @@ module; :func:`is_invertible_module` checks invertibility without side effects.
 
 from invertible_core._version import __version__
 from invertible_core.checks import is_invertible_module
+from invertible_core.contract import InvertibleBlock, LogDetBlock, is_recomputing
 from invertible_core.couplings import (
     AdditiveCoupling,
     AffineAdapterNaive,
@@ -27,12 +28,15 @@ __all__ = [
     "AffineAdapterSigmoid",
     "AffineCoupling",
     "Coupling",
+    "InvertibleBlock",
     "InvertibleModuleWrapper",
+    "LogDetBlock",
     "MemoryStats",
     "ReversibleBlock",
     "ReversibleSequence",
     "__version__",
     "create_coupling",
     "is_invertible_module",
+    "is_recomputing",
     "measure_memory",
 ]

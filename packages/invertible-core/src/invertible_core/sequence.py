@@ -51,6 +51,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from invertible_core.contract import recomputing
 from invertible_core.recompute import (
     AutocastState,
     BlockRecord,
@@ -172,7 +173,11 @@ class _ChainFunction(torch.autograd.Function):
             offset += len(block_params)
         grads: list[Tensor | None] = [None] * offset
         errors: dict[int, float] = {}
-        with forked_rng(run.devices, enabled=any(run.preserve)), frozen_norm_statistics(run.blocks):
+        with (
+            forked_rng(run.devices, enabled=any(run.preserve)),
+            frozen_norm_statistics(run.blocks),
+            recomputing(),
+        ):
             for i in range(len(run.blocks) - 1, -1, -1):
                 block = run.blocks[i]
                 anchor = run.anchors.pop(i, None) if final else run.anchors.get(i)

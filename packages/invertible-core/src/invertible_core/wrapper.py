@@ -41,6 +41,7 @@ import torch
 from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
+from invertible_core.contract import recomputing
 from invertible_core.couplings import Coupling, create_coupling
 from invertible_core.recompute import (
     AutocastState,
@@ -142,7 +143,11 @@ class _WrapperFunction(torch.autograd.Function):
         wanted = [i for i, p in enumerate(run.params) if needs[1 + run.n_inputs + i]]
         params = [run.params[i] for i in wanted]
         fn = run.fn
-        with forked_rng(ctx.devices, enabled=run.preserve_rng), frozen_norm_statistics([fn]):
+        with (
+            forked_rng(ctx.devices, enabled=run.preserve_rng),
+            frozen_norm_statistics([fn]),
+            recomputing(),
+        ):
             if not run.keep_input and _is_coupling_call(fn, run.n_inputs):
                 assert isinstance(fn, Coupling)
                 step = fn.inverse_backward_halves if run.inverse else fn.backward_halves
