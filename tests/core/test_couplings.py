@@ -191,9 +191,12 @@ def test_create_coupling_rejects_an_unknown_name() -> None:
         create_coupling(nn.Identity(), coupling="bogus")
 
 
-def test_create_coupling_rejects_an_adapter_for_additive() -> None:
-    with pytest.raises(ValueError, match="adapter"):
-        create_coupling(nn.Identity(), coupling="additive", adapter=AffineAdapterNaive)
+def test_create_coupling_ignores_an_adapter_for_additive_with_a_warning() -> None:
+    # MemCNN ignores the adapter of an additive coupling; migrated code must keep working
+    with pytest.warns(UserWarning, match="adapter applies only to coupling='affine'"):
+        coupling = create_coupling(nn.Identity(), coupling="additive", adapter=AffineAdapterNaive)
+    assert isinstance(coupling, AdditiveCoupling)
+    assert isinstance(coupling.Fm, nn.Identity)
 
 
 @pytest.mark.parametrize("coupling_cls", [AdditiveCoupling, AffineCoupling])
@@ -308,17 +311,26 @@ def test_the_coupling_base_class_has_no_law_of_its_own() -> None:
 
 
 def test_signatures_match_memcnn() -> None:
+    """MemCNN's parameters, in MemCNN's order; our additions are keyword-only after them."""
+
     def names(fn) -> list[str]:
         return [n for n in inspect.signature(fn).parameters if n != "self"]
 
-    assert names(AdditiveCoupling.__init__) == [
+    def positional(fn) -> list[str]:
+        return [
+            n
+            for n, p in inspect.signature(fn).parameters.items()
+            if n != "self" and p.kind is inspect.Parameter.POSITIONAL_OR_KEYWORD
+        ]
+
+    assert positional(AdditiveCoupling.__init__) == [
         "Fm",
         "Gm",
         "implementation_fwd",
         "implementation_bwd",
         "split_dim",
     ]
-    assert names(AffineCoupling.__init__) == [
+    assert positional(AffineCoupling.__init__) == [
         "Fm",
         "Gm",
         "adapter",

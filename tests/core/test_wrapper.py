@@ -558,7 +558,7 @@ def test_double_backward_raises_instead_of_giving_wrong_second_derivatives() -> 
     )
     x = leaf_copy(_x(3, 4))
     (grad,) = torch.autograd.grad(_loss(wrapped(x)), [x], create_graph=True)
-    with pytest.raises(RuntimeError, match="differentiate twice"):
+    with pytest.raises(RuntimeError, match="double backward.*disable=True"):
         grad.sum().backward()
 
 
@@ -646,7 +646,9 @@ def test_num_bwd_passes_below_one_is_a_clear_error(passes) -> None:
 @pytest.mark.parametrize("direction", ["forward", "inverse"])
 def test_non_tensor_input_to_the_wrapper_is_a_clear_error(direction: str) -> None:
     wrapped = InvertibleModuleWrapper(make_conv_coupling(4))
-    with pytest.raises(TypeError, match=f"{direction}\\(\\) takes tensors only; argument 1"):
+    with pytest.raises(
+        TypeError, match=f"{direction}\\(\\) takes tensors only as positional arguments; argument 1"
+    ):
         getattr(wrapped, direction)(_x(2, 4, 5, 5), [1.0])
 
 

@@ -1,14 +1,23 @@
 """invertible-core: memory-efficient invertible (reversible) layers for PyTorch.
 
-Couplings turn shape-preserving functions into invertible blocks; a
-:class:`ReversibleSequence` trains a chain of them with memory flat in depth; the
-:class:`InvertibleModuleWrapper` (MemCNN's API) saves memory around any single invertible
-module; :func:`is_invertible_module` checks invertibility without side effects.
+Every block honours one small contract (:class:`InvertibleBlock`: ``forward`` and
+``inverse``, with side inputs; :class:`LogDetBlock` adds log-determinants;
+:class:`FusedInvertibleBlock` a one-recompute backward step). Couplings turn any functions
+into such blocks; a :class:`ReversibleSequence` trains a chain of them with memory flat in
+depth; the :class:`InvertibleModuleWrapper` (MemCNN's API) saves memory around any single
+invertible module; :func:`is_invertible_module` checks invertibility without side effects.
 """
 
 from invertible_core._version import __version__
 from invertible_core.checks import is_invertible_module
-from invertible_core.contract import InvertibleBlock, LogDetBlock, is_recomputing
+from invertible_core.contract import (
+    FusedInvertibleBlock,
+    InvertibleBlock,
+    LogDetBlock,
+    Partition,
+    State,
+    is_recomputing,
+)
 from invertible_core.couplings import (
     AdditiveCoupling,
     AffineAdapterNaive,
@@ -17,26 +26,32 @@ from invertible_core.couplings import (
     Coupling,
     create_coupling,
 )
+from invertible_core.fixed_point import round_to_grid
 from invertible_core.memory import MemoryStats, measure_memory
-from invertible_core.sequence import COUPLING_PROTOCOL, ReversibleSequence
+from invertible_core.recompute import RecomputeContext
+from invertible_core.sequence import ReversibleSequence
 from invertible_core.wrapper import InvertibleModuleWrapper, ReversibleBlock
 
 __all__ = [
-    "COUPLING_PROTOCOL",
     "AdditiveCoupling",
     "AffineAdapterNaive",
     "AffineAdapterSigmoid",
     "AffineCoupling",
     "Coupling",
+    "FusedInvertibleBlock",
     "InvertibleBlock",
     "InvertibleModuleWrapper",
     "LogDetBlock",
     "MemoryStats",
+    "Partition",
+    "RecomputeContext",
     "ReversibleBlock",
     "ReversibleSequence",
+    "State",
     "__version__",
     "create_coupling",
     "is_invertible_module",
     "is_recomputing",
     "measure_memory",
+    "round_to_grid",
 ]

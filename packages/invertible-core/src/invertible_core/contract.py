@@ -18,11 +18,27 @@ from __future__ import annotations
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Protocol, runtime_checkable
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
+import torch
 from torch import Tensor
 
-__all__ = ["InvertibleBlock", "LogDetBlock", "is_recomputing"]
+if TYPE_CHECKING:
+    from invertible_core.recompute import RecomputeContext
+
+__all__ = [
+    "FusedInvertibleBlock",
+    "InvertibleBlock",
+    "LogDetBlock",
+    "Partition",
+    "State",
+    "is_recomputing",
+]
+
+#: What passes from block to block inside a chain: ``(x,)`` for a whole tensor, or
+#: ``(x1, x2)``, the two parts of a :class:`Partition`.
+State = tuple[Tensor, ...]
 
 
 @runtime_checkable
@@ -57,6 +73,97 @@ class LogDetBlock(InvertibleBlock, Protocol):
     def inverse_with_logdet(
         self, y: Tensor, /, *args: Any, **kwargs: Any
     ) -> tuple[Tensor, Tensor]: ...
+
+
+@dataclass(frozen=True)
+class Partition:
+    """How a fused block wants its state: two parts of the input along ``dim``.
+
+    ``sizes=None`` means two equal halves; ``(a, b)`` gives the parts' sizes. A chain
+    passes the parts from block to block as they are while consecutive blocks share the
+    partition, and merges/splits only where it changes (or where a block takes a whole
+    tensor), so there is no concatenation per block.
+    """
+
+    dim: int = 1
+    sizes: tuple[int, int] | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.dim, int) or isinstance(self.dim, bool):
+            raise TypeError(f"split_dim must be an int, got {type(self.dim).__name__}")
+        if self.sizes is not None:
+            sizes = tuple(self.sizes)
+            if len(sizes) != 2 or not all(
+                isinstance(n, int) and not isinstance(n, bool) and n > 0 for n in sizes
+            ):
+                raise ValueError(
+                    f"split_sizes must be two positive ints (a, b), got {self.sizes!r}"
+                )
+            object.__setattr__(self, "sizes", sizes)
+
+    def split(self, x: Tensor, who: str = "coupling") -> tuple[Tensor, Tensor]:
+        """The two parts of ``x`` (views, no copy); clear errors for unsplittable inputs."""
+        if not isinstance(x, Tensor):
+            raise TypeError(f"{who} expects a tensor, got {type(x).__name__}")
+        if x.dim() == 0 or not -x.dim() <= self.dim < x.dim():
+            raise ValueError(
+                f"{who}: split_dim={self.dim} is out of range for an input of shape "
+                f"{tuple(x.shape)}"
+            )
+        size = x.shape[self.dim]
+        if self.sizes is None:
+            if size % 2 != 0:
+                raise ValueError(
+                    f"{who} splits dim {self.dim} into two equal halves, but that dim has odd "
+                    f"size {size} (input shape {tuple(x.shape)}); use an even size, choose "
+                    "another split_dim, or give split_sizes=(a, b)"
+                )
+            a, b = torch.chunk(x, 2, dim=self.dim)
+            return a, b
+        if sum(self.sizes) != size:
+            raise ValueError(
+                f"{who}: split_sizes={self.sizes} add up to {sum(self.sizes)}, but dim "
+                f"{self.dim} of the input has size {size} (input shape {tuple(x.shape)})"
+            )
+        a, b = torch.split(x, list(self.sizes), dim=self.dim)
+        return a, b
+
+    def merge(self, state: State) -> Tensor:
+        """The whole tensor from its two parts."""
+        return torch.cat(state, dim=self.dim)
+
+
+@runtime_checkable
+class FusedInvertibleBlock(InvertibleBlock, Protocol):
+    """A block with a fused backward step: it rebuilds its input and backpropagates with
+    one recompute (couplings: ``Gm(y1)`` and ``Fm(x2)`` once each).
+
+    The chain hands the block its state split by :attr:`partition` and calls
+
+    - ``run_state(state, ctx, inverse=False) -> state``: the block (or its inverse) on its
+      parts, calling every sub-module through ``ctx.call(slot, module, *inputs)`` and
+      adding its log-determinant with ``ctx.add_logdet`` when ``ctx.wants_logdet``;
+    - ``backward_state(state, grads, ctx, inverse=False) -> (input_state, input_grads)``:
+      from the output parts and their gradients, the rebuilt input parts and theirs,
+      backpropagating each recomputed call with ``ctx.backward`` (which also collects the
+      gradients of parameters and side inputs). It takes ownership of the two lists.
+
+    A block without these methods works everywhere too, through ``forward``/``inverse``
+    (the chain rebuilds its input with ``inverse`` and re-runs ``forward`` with grad).
+    """
+
+    partition: Partition
+
+    def run_state(self, state: State, ctx: RecomputeContext, *, inverse: bool = False) -> State: ...
+
+    def backward_state(
+        self,
+        state: list[Tensor],
+        grads: list[Tensor],
+        ctx: RecomputeContext,
+        *,
+        inverse: bool = False,
+    ) -> tuple[State, State]: ...
 
 
 _state = threading.local()

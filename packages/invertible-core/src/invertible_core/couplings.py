@@ -1,43 +1,38 @@
-"""Coupling layers: turn any pair of shape-preserving functions into an invertible block.
+"""Coupling layers: turn any pair of functions into an invertible block.
 
-A coupling splits its input ``x`` into halves ``(x1, x2)`` along ``split_dim`` and computes::
+A coupling splits its input ``x`` into parts ``(x1, x2)`` along ``split_dim`` and computes::
 
     y1 = couple(x1, Fm(x2))        x2 = decouple(y2, Gm(y1))
     y2 = couple(x2, Gm(y1))        x1 = decouple(y1, Fm(x2))      (the inverse)
 
 ``Fm`` and ``Gm`` need not be invertible; ``couple`` must be invertible in its first
 argument. :class:`AdditiveCoupling` uses ``x + h``; :class:`AffineCoupling` uses
-``x * s + t`` with ``(s, t) = Fm(x2)``.
+``x * s + t`` with ``(s, t) = Fm(x2)``. Side inputs given to the coupling (or to the
+sequence around it) are passed on: ``Fm(x2, *args, **kwargs)`` and ``Gm(y1, *args,
+**kwargs)``; ``side_inputs='Fm'`` or ``'Gm'`` sends them to one of the two only.
 
-Every coupling honours one protocol (the :class:`Coupling` base class), which is what the
-memory-saving machinery (:class:`~invertible_core.ReversibleSequence`,
-:class:`~invertible_core.InvertibleModuleWrapper`) relies on:
-
-- ``forward_halves(x1, x2, record=None)`` and ``inverse_halves(y1, y2, record=None)``;
-- ``backward_halves(y1, y2, dy1, dy2, record, params)``: the fused backward step of the
-  RevNet paper. It recomputes ``Gm(y1)`` and ``Fm(x2)`` once each, with grad, and uses each
-  result twice: to rebuild the input and to backpropagate. It returns the rebuilt input
-  halves, their gradients, and the gradients of ``params``;
-- ``inverse_backward_halves(x1, x2, dx1, dx2, record, params)``: the same for a block run
-  in the inverse direction.
-
-To define a new coupling law, subclass :class:`Coupling` and implement ``_couple`` and
-``_decouple`` (and, for speed, their analytic gradients ``_couple_backward`` and
-``_decouple_backward``; the default derives them with autograd).
+Every coupling is a :class:`~invertible_core.FusedInvertibleBlock`: besides ``forward`` and
+``inverse`` it has a fused backward step (the RevNet paper's algorithm) that recomputes
+``Gm(y1)`` and ``Fm(x2)`` once each, with grad, and uses each result twice: to rebuild the
+input and to backpropagate. To define a new coupling law, subclass :class:`Coupling` and
+implement ``_couple`` and ``_decouple`` (and, for speed, their analytic gradients
+``_couple_backward`` and ``_decouple_backward``; the default derives them with autograd;
+``_logdet`` for a law that changes volume).
 """
 
 from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Callable, Sequence
-from contextlib import nullcontext
-from typing import Any
+from collections.abc import Callable
+from typing import Any, Literal
 
 import torch
 from torch import Tensor, nn
 
-from invertible_core.recompute import BlockRecord
+from invertible_core.contract import Partition, State
+from invertible_core.fixed_point import GridRange, round_to_grid
+from invertible_core.recompute import RecomputeContext, SideInputs, direct_context
 
 __all__ = [
     "AdditiveCoupling",
@@ -50,7 +45,7 @@ __all__ = [
 
 #: What ``Fm``/``Gm`` produce inside a coupling: a tensor (additive) or ``(scale, shift)``.
 CouplingTerm = Tensor | tuple[Tensor, ...]
-ParamGrads = tuple[Tensor | None, ...]
+SideRoute = Literal["both", "Fm", "Gm", "none"]
 
 
 def _terms(h: CouplingTerm) -> tuple[Tensor, ...]:
@@ -61,7 +56,18 @@ def _detach(h: CouplingTerm) -> CouplingTerm:
     return tuple(t.detach() for t in h) if isinstance(h, tuple) else h.detach()
 
 
-def _warn_deprecated_implementation(implementation_fwd: int, implementation_bwd: int) -> None:
+def _check_implementation(implementation_fwd: int, implementation_bwd: int) -> None:
+    for name, value in (
+        ("implementation_fwd", implementation_fwd),
+        ("implementation_bwd", implementation_bwd),
+    ):
+        if value not in (-1, 0, 1):
+            # MemCNN raises NotImplementedError for an unknown implementation, and so do we
+            raise NotImplementedError(
+                f"{name}={value!r} is not an implementation: MemCNN knew -1, 0 and 1; "
+                "invertible-core has one implementation (the fused one-recompute backward). "
+                "Remove the argument."
+            )
     if implementation_fwd != -1 or implementation_bwd != -1:
         warnings.warn(
             "implementation_fwd/implementation_bwd are deprecated and ignored: invertible-core "
@@ -71,31 +77,75 @@ def _warn_deprecated_implementation(implementation_fwd: int, implementation_bwd:
         )
 
 
-def _add_grads(a: ParamGrads, b: ParamGrads) -> ParamGrads:
-    return tuple(x if y is None else y if x is None else x + y for x, y in zip(a, b))
+_ROUTES: dict[str, tuple[bool, bool]] = {
+    "both": (True, True),
+    "Fm": (True, False),
+    "Gm": (False, True),
+    "none": (False, False),
+}
 
 
 class Coupling(nn.Module):
-    """Base class of all couplings: the protocol the memory-saving machinery relies on.
+    """Base class of all couplings.
 
     Args:
-        Fm: module applied to ``x2``; its output couples into ``x1``.
+        Fm: module applied to ``x2`` (and the side inputs); its output couples into ``x1``.
         Gm: module applied to ``y1``; its output couples into ``x2``. ``None`` means a deep
             copy of ``Fm`` (same initial weights, separate parameters), as in MemCNN.
-        split_dim: the dimension split into two equal halves (size must be even).
+        split_dim: the dimension the input is split along.
+        split_sizes: sizes ``(a, b)`` of the two parts along ``split_dim`` (3 channels as
+            ``(1, 2)``); ``None`` splits into two equal halves (the size must be even).
+            With uneven parts ``Fm`` maps ``b`` to ``a`` channels and ``Gm`` ``a`` to ``b``.
+        side_inputs: which of ``Fm``/``Gm`` receive the side inputs: ``'both'`` (default),
+            ``'Fm'``, ``'Gm'`` or ``'none'``.
+        fixed_point_bits: compute the coupling on a fixed-point grid of ``2**-bits``
+            (see :mod:`invertible_core.fixed_point`): rebuilt inputs are then bit-exact and
+            memory saving changes no gradient at all. ``None`` (default): ordinary floats.
     """
 
-    def __init__(self, Fm: nn.Module, Gm: nn.Module | None = None, split_dim: int = 1) -> None:
+    #: The coupling law changes no volume (``log|det J| = 0``): additive couplings.
+    volume_preserving = False
+
+    def __init__(
+        self,
+        Fm: nn.Module,
+        Gm: nn.Module | None = None,
+        split_dim: int = 1,
+        *,
+        split_sizes: tuple[int, int] | None = None,
+        side_inputs: SideRoute = "both",
+        fixed_point_bits: int | None = None,
+    ) -> None:
         super().__init__()
         if not isinstance(Fm, nn.Module):
             raise TypeError(f"Fm must be a torch.nn.Module, got {type(Fm).__name__}")
         if Gm is not None and not isinstance(Gm, nn.Module):
             raise TypeError(f"Gm must be a torch.nn.Module or None, got {type(Gm).__name__}")
-        if not isinstance(split_dim, int):
-            raise TypeError(f"split_dim must be an int, got {type(split_dim).__name__}")
+        if side_inputs not in _ROUTES:
+            raise ValueError(
+                f"side_inputs must be one of 'both', 'Fm', 'Gm', 'none', got {side_inputs!r}"
+            )
+        if fixed_point_bits is not None and (
+            not isinstance(fixed_point_bits, int) or not 1 <= fixed_point_bits <= 40
+        ):
+            raise ValueError(
+                f"fixed_point_bits must be an int in 1..40 or None, got {fixed_point_bits!r}; "
+                "16 keeps additions exact for |values| < 256 in float32"
+            )
         self.Fm = Fm
         self.Gm = copy.deepcopy(Fm) if Gm is None else Gm
-        self.split_dim = split_dim
+        self.partition = Partition(split_dim, split_sizes)
+        self.side_inputs: SideRoute = side_inputs
+        self.fixed_point_bits = fixed_point_bits
+        self._grid_range = GridRange(type(self).__name__)
+
+    @property
+    def split_dim(self) -> int:
+        return self.partition.dim
+
+    @property
+    def split_sizes(self) -> tuple[int, int] | None:
+        return self.partition.sizes
 
     # -- the coupling law (override in subclasses) ---------------------------------------
     def _couple(self, x: Tensor, h: CouplingTerm) -> Tensor:
@@ -116,156 +166,176 @@ class Coupling(nn.Module):
         """Gradients of ``x = _decouple(y, h)`` w.r.t. ``y`` and each term of ``h``."""
         return _autograd_law_backward(self._decouple, y, h, dx)
 
+    def _logdet(self, h: CouplingTerm) -> Tensor:
+        """Per-sample ``log|d couple(x, h) / dx|``, shape ``(batch,)``."""
+        raise NotImplementedError(
+            f"{type(self).__name__} does not report a log-determinant: implement _logdet(h) "
+            "(or set volume_preserving = True for a law with |det J| = 1)"
+        )
+
+    def _logdet_backward(self, h: CouplingTerm, grad_logdet: Tensor) -> tuple[Tensor, ...]:
+        """Gradients of ``_logdet(h)`` w.r.t. each term of ``h`` (default: autograd)."""
+        with torch.enable_grad():
+            terms = tuple(t.detach().requires_grad_(True) for t in _terms(h))
+            logdet = self._logdet(terms if isinstance(h, tuple) else terms[0])
+            grads = torch.autograd.grad(logdet, terms, grad_logdet, allow_unused=True)
+        return tuple(torch.zeros_like(t) if g is None else g for g, t in zip(grads, terms))
+
     def _check_term(self, h: CouplingTerm, half: Tensor, name: str) -> None:
         """Hook for subclasses: raise a clear error when a term does not fit the half."""
 
-    # -- split / merge ---------------------------------------------------------------------
-    def split(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """Split ``x`` into two equal halves along ``split_dim`` (views, no copy)."""
-        if not isinstance(x, Tensor):
-            raise TypeError(f"{type(self).__name__} expects a tensor, got {type(x).__name__}")
-        if x.dim() == 0 or not -x.dim() <= self.split_dim < x.dim():
-            raise ValueError(
-                f"{type(self).__name__}: split_dim={self.split_dim} is out of range for an "
-                f"input of shape {tuple(x.shape)}"
-            )
-        size = x.shape[self.split_dim]
-        if size % 2 != 0:
-            raise ValueError(
-                f"{type(self).__name__} splits dim {self.split_dim} into two equal halves, but "
-                f"that dim has odd size {size} (input shape {tuple(x.shape)}); use an even "
-                "size or choose another split_dim"
-            )
-        x1, x2 = torch.chunk(x, 2, dim=self.split_dim)
-        return x1, x2
-
-    def merge(self, a: Tensor, b: Tensor) -> Tensor:
-        return torch.cat([a, b], dim=self.split_dim)
-
-    # -- the protocol ------------------------------------------------------------------------
-    def _term(
-        self, module: nn.Module, cond: Tensor, half: Tensor, record: BlockRecord | None, slot: int
-    ) -> CouplingTerm:
-        if record is not None:
-            record.capture(slot)
-        h = module(cond)
+    # -- one half step -------------------------------------------------------------------------
+    def _term(self, ctx: RecomputeContext, slot: int, cond: Tensor, half: Tensor) -> CouplingTerm:
+        module = self.Fm if slot == 0 else self.Gm
+        bits = self.fixed_point_bits
+        if bits is not None:
+            # the same memory layout in the forward pass and in the recompute, so that
+            # convolutions and norms sum in the same order: exactness needs every bit
+            cond = cond.contiguous()
+        h = ctx.call(slot, module, cond, side=_ROUTES[self.side_inputs][slot])
         self._check_term(h, half, "Fm" if slot == 0 else "Gm")
+        if bits is not None:
+            h = (
+                tuple(round_to_grid(t, bits) for t in h)
+                if isinstance(h, tuple)
+                else round_to_grid(h, bits)
+            )
         return h
 
-    def forward_halves(
-        self, x1: Tensor, x2: Tensor, record: BlockRecord | None = None
-    ) -> tuple[Tensor, Tensor]:
-        y1 = self._couple(x1, self._term(self.Fm, x2, x1, record, 0))
-        y2 = self._couple(x2, self._term(self.Gm, y1, x2, record, 1))
-        return y1, y2
+    def _coupled(self, ctx: RecomputeContext, x: Tensor, h: CouplingTerm, sign: int) -> Tensor:
+        if ctx.wants_logdet and not self.volume_preserving:
+            logdet = self._logdet(h)
+            ctx.add_logdet(logdet if sign > 0 else -logdet)
+        out = self._couple(x, h) if sign > 0 else self._decouple(x, h)
+        if self.fixed_point_bits is not None and ctx.recording:
+            self._grid_range.observe(out, self.fixed_point_bits)
+        return out
 
-    def inverse_halves(
-        self, y1: Tensor, y2: Tensor, record: BlockRecord | None = None
-    ) -> tuple[Tensor, Tensor]:
-        x2 = self._decouple(y2, self._term(self.Gm, y1, y2, record, 1))
-        x1 = self._decouple(y1, self._term(self.Fm, x2, y1, record, 0))
+    # -- the fused block contract ---------------------------------------------------------------
+    def run_state(self, state: State, ctx: RecomputeContext, *, inverse: bool = False) -> State:
+        """The coupling on its two parts: ``(x1, x2) -> (y1, y2)`` (or back, ``inverse``)."""
+        a, b = state
+        if not inverse:
+            y1 = self._coupled(ctx, a, self._term(ctx, 0, b, a), +1)
+            y2 = self._coupled(ctx, b, self._term(ctx, 1, y1, b), +1)
+            return y1, y2
+        x2 = self._coupled(ctx, b, self._term(ctx, 1, a, b), -1)
+        x1 = self._coupled(ctx, a, self._term(ctx, 0, x2, a), -1)
         return x1, x2
 
-    def forward(self, x: Tensor) -> Tensor:
-        return self.merge(*self.forward_halves(*self.split(x)))
+    def backward_state(
+        self,
+        state: list[Tensor],
+        grads: list[Tensor],
+        ctx: RecomputeContext,
+        *,
+        inverse: bool = False,
+    ) -> tuple[State, State]:
+        """Rebuild the input parts from the output parts and backpropagate, in one step.
 
-    def inverse(self, y: Tensor) -> Tensor:
-        return self.merge(*self.inverse_halves(*self.split(y)))
+        Takes ownership of ``state`` and ``grads`` (both are emptied), so each part and its
+        gradient is released as soon as the step no longer needs it: a caller that holds no
+        other reference gets that memory back in the middle of the step, which lowers the
+        peak of a reversible backward pass.
+        """
+        (p, q), (dp, dq) = state, grads
+        state.clear()
+        grads.clear()
+        if not inverse:
+            # the block computed y1 = couple(x1, Fm(x2)), then y2 = couple(x2, Gm(y1))
+            x2, dx2, d_y1 = self._undo(ctx, 1, p, q, dq, +1)
+            del q, dq
+            dp = dp + d_y1
+            del d_y1
+            x1, dx1, d_x2 = self._undo(ctx, 0, x2, p, dp, +1)
+            del p, dp
+            return (x1, x2), (dx1, dx2 + d_x2)
+        # the block computed x2 = decouple(y2, Gm(y1)), then x1 = decouple(y1, Fm(x2))
+        y1, dy1, d_x2 = self._undo(ctx, 0, q, p, dp, -1)
+        del p, dp
+        dq = dq + d_x2
+        del d_x2
+        y2, dy2, d_y1 = self._undo(ctx, 1, y1, q, dq, -1)
+        del q, dq
+        return (y1, y2), (dy1 + d_y1, dy2)
 
     def _undo(
         self,
-        module: nn.Module,
+        ctx: RecomputeContext,
+        slot: int,
         cond: Tensor,
         known: Tensor,
         d_known: Tensor,
-        record: BlockRecord | None,
-        slot: int,
-        params: Sequence[Tensor],
-        forward_law: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, ParamGrads]:
-        """Undo one half step and backpropagate through it with a single call of ``module``.
+        sign: int,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Undo one half step and backpropagate through it with a single call of Fm or Gm.
 
-        ``forward_law=True`` undoes ``known = couple(other, module(cond))``; ``False`` undoes
-        ``known = decouple(other, module(cond))``. Returns ``(other, d_other, d_cond,
-        param_grads)``.
+        ``sign=+1`` undoes ``known = couple(other, module(cond))``; ``-1`` undoes ``known =
+        decouple(other, module(cond))``. Returns ``(other, d_other, d_cond)``.
         """
         cond = cond.detach().requires_grad_(True)
-        with torch.enable_grad(), nullcontext() if record is None else record.replay(slot):
-            h = module(cond)
+        h = self._term(ctx, slot, cond, known)
         h_values = _detach(h)
         with torch.no_grad():
-            if forward_law:
+            if sign > 0:
                 other = self._decouple(known, h_values)
                 d_other, d_terms = self._couple_backward(other, h_values, known, d_known)
             else:
                 other = self._couple(known, h_values)
                 d_other, d_terms = self._decouple_backward(other, h_values, known, d_known)
+            if ctx.grad_logdet is not None and not self.volume_preserving:
+                g = ctx.grad_logdet if sign > 0 else -ctx.grad_logdet
+                d_terms = tuple(a + b for a, b in zip(d_terms, self._logdet_backward(h_values, g)))
         terms = _terms(h)
         d_terms = tuple(d.to(t.dtype) for d, t in zip(d_terms, terms))
-        grads = torch.autograd.grad(terms, (cond, *params), d_terms, allow_unused=True)
-        d_cond = grads[0]
+        (d_cond,) = ctx.backward(terms, d_terms, (cond,))
         if d_cond is None:
             d_cond = torch.zeros_like(cond)
-        return other, d_other, d_cond.to(cond.dtype), tuple(grads[1:])
+        return other, d_other, d_cond.to(cond.dtype)
 
-    def backward_halves(
-        self,
-        y1: Tensor,
-        y2: Tensor,
-        dy1: Tensor,
-        dy2: Tensor,
-        record: BlockRecord | None,
-        params: Sequence[Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, ParamGrads]:
-        """Rebuild ``(x1, x2)`` from ``(y1, y2)`` and return their gradients and ``params``'."""
-        return self.backward_consuming([y1, y2, dy1, dy2], record, params, inverse=False)
+    # -- whole tensors ------------------------------------------------------------------------
+    def _whole(
+        self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], inverse: bool, logdet: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        ctx = direct_context(SideInputs(args, kwargs), wants_logdet=logdet)
+        if self.fixed_point_bits is not None:
+            x = round_to_grid(x, self.fixed_point_bits)
+        state = self.partition.split(x, type(self).__name__)
+        out = self.partition.merge(self.run_state(state, ctx, inverse=inverse))
+        if not logdet:
+            return out, None
+        ld = ctx._take_logdet()
+        return out, ld if ld is not None else x.new_zeros(x.shape[0])
 
-    def inverse_backward_halves(
-        self,
-        x1: Tensor,
-        x2: Tensor,
-        dx1: Tensor,
-        dx2: Tensor,
-        record: BlockRecord | None,
-        params: Sequence[Tensor],
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, ParamGrads]:
-        """Like :meth:`backward_halves` for a block that ran in the inverse direction."""
-        return self.backward_consuming([x1, x2, dx1, dx2], record, params, inverse=True)
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """``y = merge(couple(x1, Fm(x2)), couple(x2, Gm(y1)))``; side inputs go to Fm/Gm."""
+        return self._whole(x, args, kwargs, inverse=False, logdet=False)[0]
 
-    def backward_consuming(
-        self,
-        state: list[Tensor],
-        record: BlockRecord | None,
-        params: Sequence[Tensor],
-        inverse: bool,
-    ) -> tuple[Tensor, Tensor, Tensor, Tensor, ParamGrads]:
-        """The fused backward step, taking ownership of ``[out1, out2, d_out1, d_out2]``.
+    def inverse(self, y: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """The exact inverse of :meth:`forward` for the same side inputs."""
+        return self._whole(y, args, kwargs, inverse=True, logdet=False)[0]
 
-        ``state`` is emptied on entry, so each half and its gradient is released as soon as
-        the step no longer needs it (a caller holding no other reference gets that memory
-        back in the middle of the step, which lowers the peak of a reversible backward).
-        """
-        if not inverse:
-            # the block computed y1 = couple(x1, Fm(x2)), then y2 = couple(x2, Gm(y1))
-            y1, y2, dy1, dy2 = state
-            state.clear()
-            x2, dx2, d_y1, grads_g = self._undo(self.Gm, y1, y2, dy2, record, 1, params, True)
-            del y2, dy2
-            dy1 = dy1 + d_y1
-            del d_y1
-            x1, dx1, d_x2, grads_f = self._undo(self.Fm, x2, y1, dy1, record, 0, params, True)
-            del y1, dy1
-            return x1, x2, dx1, dx2 + d_x2, _add_grads(grads_f, grads_g)
-        # the block computed x2 = decouple(y2, Gm(y1)), then x1 = decouple(y1, Fm(x2))
-        x1, x2, dx1, dx2 = state
-        state.clear()
-        y1, dy1, d_x2, grads_f = self._undo(self.Fm, x2, x1, dx1, record, 0, params, False)
-        del x1, dx1
-        dx2 = dx2 + d_x2
-        del d_x2
-        y2, dy2, d_y1, grads_g = self._undo(self.Gm, y1, x2, dx2, record, 1, params, False)
-        del x2, dx2
-        return y1, y2, dy1 + d_y1, dy2, _add_grads(grads_f, grads_g)
+    def forward_with_logdet(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` and the per-sample ``log|det dy/dx|`` (shape ``(batch,)``)."""
+        y, ld = self._whole(x, args, kwargs, inverse=False, logdet=True)
+        assert ld is not None
+        return y, ld
+
+    def inverse_with_logdet(self, y: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """:meth:`inverse` and the per-sample ``log|det dx/dy|`` (the forward's, negated)."""
+        x, ld = self._whole(y, args, kwargs, inverse=True, logdet=True)
+        assert ld is not None
+        return x, ld
+
+    def extra_repr(self) -> str:
+        parts = [f"split_dim={self.split_dim}"]
+        if self.split_sizes is not None:
+            parts.append(f"split_sizes={self.split_sizes}")
+        if self.side_inputs != "both":
+            parts.append(f"side_inputs={self.side_inputs!r}")
+        if self.fixed_point_bits is not None:
+            parts.append(f"fixed_point_bits={self.fixed_point_bits}")
+        return ", ".join(parts)
 
 
 def _autograd_law_backward(
@@ -280,18 +350,37 @@ def _autograd_law_backward(
     return filled[0], filled[1:]
 
 
+def _check_like(h: Tensor, half: Tensor, coupling: str, name: str, what: str) -> None:
+    if h.shape != half.shape:
+        raise ValueError(
+            f"{coupling}: {name} returned {what}shape {tuple(h.shape)} for a part of shape "
+            f"{tuple(half.shape)}; {name}'s output must have the shape of the part it couples into"
+        )
+    # a lower precision (autocast) is cast back by the coupling's sum; a higher one is not
+    if torch.promote_types(h.dtype, half.dtype) != half.dtype:
+        raise TypeError(
+            f"{coupling}: {name} returned {what}dtype {h.dtype} for a part of dtype {half.dtype}; "
+            f"the coupling would silently change the output's dtype. Make {name} return "
+            f"{half.dtype} (e.g. cast its parameters with .to({half.dtype}))"
+        )
+
+
 class AdditiveCoupling(Coupling):
     """Additive coupling (NICE, RevNet): ``y1 = x1 + Fm(x2)``, ``y2 = x2 + Gm(y1)``.
 
-    Volume preserving and exactly invertible up to float rounding. ``Fm`` and ``Gm`` must
-    map a half to a tensor of the same shape.
+    Volume preserving (log-determinant 0) and exactly invertible up to float rounding;
+    with ``fixed_point_bits`` bit-exact. ``Fm`` and ``Gm`` must map a part to a tensor of the
+    shape of the other part.
 
     Args:
         Fm: the first residual function, applied to ``x2``.
         Gm: the second, applied to ``y1``; ``None`` deep-copies ``Fm``.
         implementation_fwd, implementation_bwd: deprecated, ignored (MemCNN compatibility).
-        split_dim: the dimension split into halves (default 1, channels).
+        split_dim: the dimension split into parts (default 1, channels).
+        split_sizes, side_inputs, fixed_point_bits: see :class:`Coupling`.
     """
+
+    volume_preserving = True
 
     def __init__(
         self,
@@ -300,9 +389,20 @@ class AdditiveCoupling(Coupling):
         implementation_fwd: int = -1,
         implementation_bwd: int = -1,
         split_dim: int = 1,
+        *,
+        split_sizes: tuple[int, int] | None = None,
+        side_inputs: SideRoute = "both",
+        fixed_point_bits: int | None = None,
     ) -> None:
-        super().__init__(Fm, Gm, split_dim)
-        _warn_deprecated_implementation(implementation_fwd, implementation_bwd)
+        _check_implementation(implementation_fwd, implementation_bwd)
+        super().__init__(
+            Fm,
+            Gm,
+            split_dim,
+            split_sizes=split_sizes,
+            side_inputs=side_inputs,
+            fixed_point_bits=fixed_point_bits,
+        )
 
     def _check_term(self, h: CouplingTerm, half: Tensor, name: str) -> None:
         if not isinstance(h, Tensor):
@@ -310,11 +410,7 @@ class AdditiveCoupling(Coupling):
                 f"AdditiveCoupling: {name} must return a tensor, got {type(h).__name__}; "
                 "for (scale, shift) outputs use AffineCoupling"
             )
-        if h.shape != half.shape:
-            raise ValueError(
-                f"AdditiveCoupling: {name} returned shape {tuple(h.shape)} for a half of shape "
-                f"{tuple(half.shape)}; {name} must preserve the shape of its input half"
-            )
+        _check_like(h, half, "AdditiveCoupling", name, "")
 
     def _couple(self, x: Tensor, h: CouplingTerm) -> Tensor:
         assert isinstance(h, Tensor)
@@ -335,20 +431,27 @@ class AdditiveCoupling(Coupling):
         return dx, (-dx,)
 
 
+def _per_sample_sum(t: Tensor) -> Tensor:
+    return t.reshape(t.shape[0], -1).sum(dim=1)
+
+
 class AffineCoupling(Coupling):
     """Affine coupling (RealNVP): ``y1 = x1 * s1 + t1`` with ``(s1, t1) = Fm(x2)``, and the
     same for ``y2`` with ``Gm(y1)``.
 
-    ``Fm``/``Gm`` must return ``(scale, shift)``, each shaped like the half; an ``adapter``
-    (e.g. :class:`AffineAdapterNaive`) turns a module with one output into such a pair.
-    The scale must be non-zero (keep it positive, as the adapters do).
+    ``Fm``/``Gm`` must return ``(scale, shift)``, each shaped like the part they couple
+    into; an ``adapter`` (e.g. :class:`AffineAdapterNaive`) turns a module with one output
+    into such a pair. The scale must be non-zero (keep it positive, as the adapters do).
+    The log-determinant is ``sum(log|s1|) + sum(log|s2|)`` per sample (batch along dim 0).
 
     Args:
         Fm: module returning ``(scale, shift)`` for ``x2`` (or wrapped by ``adapter``).
         Gm: the same for ``y1``; ``None`` deep-copies ``Fm``.
-        adapter: a class, called as ``adapter(Fm)`` and ``adapter(Gm)``.
+        adapter: a class, called as ``adapter(Fm)`` and ``adapter(Gm)``; an adapter with a
+            ``split_dim`` attribute is given the coupling's.
         implementation_fwd, implementation_bwd: deprecated, ignored (MemCNN compatibility).
-        split_dim: the dimension split into halves (default 1, channels).
+        split_dim: the dimension split into parts (default 1, channels).
+        split_sizes, side_inputs: see :class:`Coupling`.
     """
 
     def __init__(
@@ -359,12 +462,18 @@ class AffineCoupling(Coupling):
         implementation_fwd: int = -1,
         implementation_bwd: int = -1,
         split_dim: int = 1,
+        *,
+        split_sizes: tuple[int, int] | None = None,
+        side_inputs: SideRoute = "both",
     ) -> None:
+        _check_implementation(implementation_fwd, implementation_bwd)
         Gm = copy.deepcopy(Fm) if Gm is None else Gm
         if adapter is not None:
             Fm, Gm = adapter(Fm), adapter(Gm)
-        super().__init__(Fm, Gm, split_dim)
-        _warn_deprecated_implementation(implementation_fwd, implementation_bwd)
+            for m in (Fm, Gm):
+                if hasattr(m, "split_dim"):
+                    setattr(m, "split_dim", split_dim)  # noqa: B010 (any adapter, untyped)
+        super().__init__(Fm, Gm, split_dim, split_sizes=split_sizes, side_inputs=side_inputs)
 
     def _check_term(self, h: CouplingTerm, half: Tensor, name: str) -> None:
         if not (isinstance(h, tuple) and len(h) == 2 and all(isinstance(t, Tensor) for t in h)):
@@ -374,11 +483,7 @@ class AffineCoupling(Coupling):
                 "AffineAdapterNaive or AffineAdapterSigmoid"
             )
         for what, t in zip(("scale", "shift"), h):
-            if t.shape != half.shape:
-                raise ValueError(
-                    f"AffineCoupling: {name} returned a {what} of shape {tuple(t.shape)} for a "
-                    f"half of shape {tuple(half.shape)}; both must match the half's shape"
-                )
+            _check_like(t, half, "AffineCoupling", name, f"a {what} of ")
 
     def _couple(self, x: Tensor, h: CouplingTerm) -> Tensor:
         s, t = h
@@ -401,6 +506,15 @@ class AffineCoupling(Coupling):
         dy = dx / s
         return dy, (-dy * x, -dy)
 
+    def _logdet(self, h: CouplingTerm) -> Tensor:
+        s, _ = h
+        return _per_sample_sum(torch.log(torch.abs(s)))
+
+    def _logdet_backward(self, h: CouplingTerm, grad_logdet: Tensor) -> tuple[Tensor, ...]:
+        s, t = h
+        g = grad_logdet.to(s.dtype).reshape(-1, *([1] * (s.dim() - 1)))
+        return g / s, torch.zeros_like(t)
+
 
 class AffineAdapterNaive(nn.Module):
     """Turn a single-output module into ``(scale, shift) = (exp(h), h)``, ``h = module(x)``."""
@@ -409,30 +523,36 @@ class AffineAdapterNaive(nn.Module):
         super().__init__()
         self.f = module
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.f(x)
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        h = self.f(x, *args, **kwargs)
         return torch.exp(h), h
 
 
 class AffineAdapterSigmoid(nn.Module):
-    """Turn a module with twice the half's channels into a bounded ``(scale, shift)``.
+    """Turn a module with twice the part's channels into a bounded ``(scale, shift)``.
 
-    ``h = module(x)``; scale ``= sigmoid(h[:, 1::2] + 2)`` (in (0, 1), near 0.88 at zero,
-    which keeps deep stacks stable), shift ``= h[:, 0::2]``.
+    ``h = module(x)``; along ``split_dim`` (the coupling's; dim 1 by default), scale ``=
+    sigmoid(h[1::2] + 2)`` (in (0, 1), near 0.88 at zero, which keeps deep stacks stable)
+    and shift ``= h[0::2]``.
     """
 
-    def __init__(self, module: nn.Module) -> None:
+    def __init__(self, module: nn.Module, split_dim: int = 1) -> None:
         super().__init__()
         self.f = module
+        self.split_dim = split_dim
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        h = self.f(x)
-        if h.dim() < 2 or h.shape[1] % 2 != 0:
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        h = self.f(x, *args, **kwargs)
+        dim = self.split_dim
+        if h.dim() == 0 or not -h.dim() <= dim < h.dim() or h.shape[dim] % 2 != 0:
             raise ValueError(
                 f"AffineAdapterSigmoid: the wrapped module must return twice the channels of "
-                f"its input (an even dim 1), got shape {tuple(h.shape)}"
+                f"its input along split_dim={dim} (an even size there), got shape "
+                f"{tuple(h.shape)}"
             )
-        return torch.sigmoid(h[:, 1::2] + 2.0), h[:, 0::2]
+        # interleaved along split_dim: shift at even, scale at odd positions
+        shift, scale = h.unflatten(dim, (-1, 2)).unbind(dim + 1 if dim >= 0 else dim)
+        return torch.sigmoid(scale + 2.0), shift
 
 
 def create_coupling(
@@ -444,7 +564,11 @@ def create_coupling(
     adapter: Callable[[nn.Module], nn.Module] | None = None,
     split_dim: int = 1,
 ) -> Coupling:
-    """Build a coupling by name: ``'additive'`` or ``'affine'`` (MemCNN's factory)."""
+    """Build a coupling by name: ``'additive'`` or ``'affine'`` (MemCNN's factory).
+
+    As in MemCNN, an ``adapter`` given with ``coupling='additive'`` is ignored (with a
+    warning, since it is probably a mistake).
+    """
     kwargs: dict[str, Any] = {
         "implementation_fwd": implementation_fwd,
         "implementation_bwd": implementation_bwd,
@@ -452,7 +576,12 @@ def create_coupling(
     }
     if coupling == "additive":
         if adapter is not None:
-            raise ValueError("create_coupling: an adapter applies only to coupling='affine'")
+            warnings.warn(
+                "create_coupling: an adapter applies only to coupling='affine'; it is ignored "
+                "for an additive coupling (as in MemCNN)",
+                UserWarning,
+                stacklevel=2,
+            )
         return AdditiveCoupling(Fm, Gm, **kwargs)
     if coupling == "affine":
         return AffineCoupling(Fm, Gm, adapter=adapter, **kwargs)

@@ -1,20 +1,31 @@
-"""ReversibleSequence: a chain of couplings trained with memory flat in depth.
+"""ReversibleSequence: a chain of invertible blocks trained with memory flat in depth.
 
 The trade-off: plain autograd stores every intermediate activation of a chain of N blocks,
 so memory grows with N. A :class:`ReversibleSequence` runs the whole chain as one autograd
 operation that keeps only the chain's *output*. In the backward pass it walks the blocks in
-reverse; for each block it recomputes ``Gm(y1)`` and ``Fm(x2)`` once, with grad, and uses
-each result twice: to rebuild the block's input from its output, and to backpropagate
-(the RevNet paper's algorithm). The cost is about one extra forward pass of the chain's
-``Fm``/``Gm`` (the backward of a plain chain already needs roughly two); the memory is that
-of the output plus one block's recompute, whatever N is.
+reverse and rebuilds each block's input from its output. Couplings do that in one fused
+step: ``Gm(y1)`` and ``Fm(x2)`` are recomputed once, with grad, and each result is used
+twice, to rebuild the input and to backpropagate (the RevNet paper's algorithm). Any other
+invertible block (:class:`~invertible_core.InvertibleDownsampling`, your own module with
+``forward`` and ``inverse``) is rebuilt by its inverse and differentiated by running its
+forward again. The cost is about one extra forward pass of the chain; the memory is that of
+the output plus one block's recompute, whatever N is. Blocks may change the shape
+(downsampling); the chain passes the two parts of a coupling from block to block without
+concatenating them, and merges only where a block wants the whole tensor.
 
-Compared with the per-block :class:`~invertible_core.InvertibleModuleWrapper` (MemCNN's
-design), nothing here rewrites a tensor's storage: the caller's tensors are never freed or
-refilled, so the sequence composes with ops that saved their outputs, with
+Nothing here rewrites a tensor's storage: the caller's tensors are never freed, refilled or
+modified, so the sequence composes with ops that saved their outputs, with
 ``DistributedDataParallel`` (parameters receive their gradients through ordinary autograd
-edges, once), with ``torch.autograd.grad`` and with ``torch.compile`` (which runs the
-sequence's autograd function eagerly: a graph break, by design).
+edges, once), with ``torch.autograd.grad`` and with ``torch.compile`` (the sequence's
+autograd function runs eagerly: a graph break, by design; compiled ``Fm``/``Gm`` inside it
+stay compiled).
+
+Side inputs: ``forward(x, *args, **kwargs)`` passes ``args``/``kwargs`` to every block (a
+coupling passes them to ``Fm`` and ``Gm``; see its ``side_inputs`` option to send them to
+one only). Tensors among them that require grad get their gradient, summed over all blocks;
+other values (masks, ints, ``None``) pass through untouched. Flows:
+:meth:`~ReversibleSequence.forward_with_logdet` also returns the summed per-sample
+log-determinant, with memory saving on.
 
 Options and their costs:
 
@@ -27,13 +38,19 @@ Options and their costs:
   5 KB per call, restored afterwards so the caller's random stream is unaffected.
 - autocast: the recompute runs under the autocast settings of the forward pass, so fp16 and
   bf16 training computes the same function twice.
-- BatchNorm layers inside blocks update their running statistics once per forward, as
-  without the sequence (the recompute normalises with batch statistics but writes nothing).
+- Module state: norm layers update their running statistics once per forward; any other
+  buffer a block writes in its forward pass (``spectral_norm``, parametrizations) is shown
+  to the recompute as it was before the forward pass. Forward hooks of the blocks' modules
+  fire twice (forward and recompute); :func:`~invertible_core.is_recomputing` tells them
+  apart.
 - Reconstruction drift: rebuilt inputs differ from the true ones by float rounding, which
-  grows with depth and activation magnitude. ``anchor_every=k`` keeps the exact activation
-  after every k-th block (memory: N/k activations) and restarts the reconstruction from it.
-  ``check_reconstruction='warn'|'raise'`` keeps every true input (memory as plain autograd:
-  a debugging aid), measures the relative error of each rebuilt input, stores the errors in
+  grows with depth and activation magnitude. A cheap check (``drift_check``, on by default)
+  compares a few hundred entries of the chain's input with their rebuilt values and warns
+  once if they drifted far. ``fixed_point_bits`` on the couplings removes drift (bit-exact);
+  ``anchor_every=k`` keeps the exact activation after every k-th block (memory: N/k
+  activations) and restarts the reconstruction from it. ``check_reconstruction='warn'|
+  'raise'`` keeps every true input (memory as plain autograd: a debugging aid), measures the
+  relative error of each rebuilt input, stores the errors in
   :attr:`ReversibleSequence.reconstruction_errors` and warns or raises above
   ``reconstruction_tolerance``.
 
@@ -45,88 +62,88 @@ from __future__ import annotations
 
 import warnings
 from collections.abc import Iterable, Iterator, Sequence
-from typing import Any, Literal, cast
+from typing import Any, Literal, cast, overload
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from invertible_core.contract import recomputing
+from invertible_core.contract import Partition
+from invertible_core.engine import (
+    Chain,
+    Step,
+    convert,
+    make_step,
+    once_differentiable,
+    relative_error,
+    trainable,
+)
+from invertible_core.fixed_point import round_to_grid
 from invertible_core.recompute import (
-    AutocastState,
-    BlockRecord,
+    SideInputs,
+    _Mode,
     forked_rng,
     frozen_norm_statistics,
     tensor_devices,
 )
 
-__all__ = ["COUPLING_PROTOCOL", "ReversibleSequence"]
-
-#: The methods a block of a :class:`ReversibleSequence` must have (see
-#: :class:`invertible_core.Coupling`, which implements all of them).
-COUPLING_PROTOCOL: tuple[str, ...] = (
-    "split",
-    "merge",
-    "forward_halves",
-    "inverse_halves",
-    "backward_halves",
-    "inverse_backward_halves",
-)
+__all__ = ["ReversibleSequence"]
 
 CheckMode = Literal["off", "warn", "raise"]
 
+#: relative error of the rebuilt chain input above which the drift check warns
+_DRIFT_TOLERANCE = {torch.float64: 1e-8, torch.float32: 1e-3}
+_DRIFT_TOLERANCE_LOW_PRECISION = 5e-2
+_DRIFT_SAMPLES = 256
 
-def _relative_error(rebuilt: Sequence[Tensor], true: Sequence[Tensor]) -> float:
-    num = sum(float((r.double() - t.double()).pow(2).sum()) for r, t in zip(rebuilt, true))
-    den = sum(float(t.double().pow(2).sum()) for t in true)
-    return (num / den) ** 0.5 if den > 0 else num**0.5
+_DOUBLE_BACKWARD = (
+    "ReversibleSequence: double backward (create_graph=True, e.g. a gradient penalty) is not "
+    "supported while saving memory, because the backward pass rebuilds activations outside "
+    "autograd. Run this step with memory_saving=False (plain autograd: memory grows with "
+    "depth) for higher-order gradients."
+)
 
 
-class _ChainRun:
-    """Everything the backward pass of one call needs, besides the saved output."""
+class _SequenceRun:
+    """Everything the backward pass of one call needs, besides the kept output."""
 
-    def __init__(
-        self,
-        owner: ReversibleSequence,
-        blocks: list[Any],
-        inverse: bool,
-        params: list[list[Tensor]],
-        preserve: list[bool],
-    ) -> None:
+    def __init__(self, owner: ReversibleSequence, chain: Chain, params: list[list[Tensor]]) -> None:
         self.owner = owner
-        self.blocks = blocks
-        self.inverse = inverse
+        self.chain = chain
         self.params = params
-        self.preserve = preserve
-        self.records: list[BlockRecord] = []
-        self.anchors: dict[int, tuple[Tensor, Tensor]] = {}
-        self.truths: dict[int, tuple[Tensor, Tensor]] = {}
-        self.devices: tuple[torch.device, ...] = ()
+        self.sample: tuple[tuple[Tensor, ...], Tensor] | None = None
+
+
+def _sample_indices(t: Tensor) -> tuple[Tensor, ...]:
+    g = torch.Generator().manual_seed(t.numel())
+    return tuple(
+        torch.randint(0, size, (_DRIFT_SAMPLES,), generator=g).to(t.device) for size in t.shape
+    )
 
 
 class _ChainFunction(torch.autograd.Function):
     """One autograd node for a whole chain: keeps the output, rebuilds the rest."""
 
     @staticmethod
-    def forward(ctx: Any, run: _ChainRun, x: Tensor, *params: Tensor) -> Tensor:
-        owner = run.owner
-        run.devices = tensor_devices([x])
-        autocast = AutocastState.capture(run.devices)
-        every = owner.anchor_every
-        keep_truth = owner.check_reconstruction != "off"
-        last = len(run.blocks) - 1
-        halves = run.blocks[0].split(x)
-        record: BlockRecord | None = None
-        for i, block in enumerate(run.blocks):
-            if keep_truth:
-                run.truths[i] = halves
-            record = BlockRecord(run.devices, run.preserve[i], autocast, previous=record)
-            run.records.append(record)
-            step = block.inverse_halves if run.inverse else block.forward_halves
-            halves = _checked(step(*halves, record=record), halves, i, block)
-            if every and (i + 1) % every == 0 and i < last:
-                run.anchors[i] = halves
-        out = run.blocks[-1].merge(*halves)
+    def forward(ctx: Any, run: _SequenceRun, x: Tensor, *tensors: Tensor) -> Any:
+        owner, chain = run.owner, run.chain
+        ctx.set_materialize_grads(False)
+        protected = frozenset(
+            t.untyped_storage().data_ptr() for t in (x, *chain.side.all_tensors())
+        )
+        if owner.drift_check and owner.check_reconstruction == "off" and x.numel():
+            # a few entries of the chain's input (on the grid, if the chain starts on one),
+            # to compare with their rebuilt values: a drift check for a few KB, not a copy
+            idx = _sample_indices(x)
+            run.sample = (idx, round_to_grid(x[idx].detach(), chain.steps[0].grid_bits))
+        state, part, logdet = chain.forward(
+            (x,),
+            _Mode.RECORD,
+            anchor_every=owner.anchor_every,
+            keep_truths=owner.check_reconstruction != "off",
+            protected=protected,
+        )
+        out = part.merge(state) if part is not None else state[0]
+        del state
         # The output is kept as a plain reference, not through save_for_backward, so that
         # the backward pass can drop it once it has been split: the chain's output is then
         # freed as soon as the first block is rebuilt (unless the caller still holds it).
@@ -134,13 +151,21 @@ class _ChainFunction(torch.autograd.Function):
         ctx.run = run
         ctx.out = out.detach()
         ctx.out_version = out._version
+        ctx.out_part = part
         ctx.passes = 0
-        return out
+        if not chain.wants_logdet:
+            return out
+        if logdet is None:
+            logdet = x.new_zeros(x.shape[0])
+        return out, logdet
 
     @staticmethod
-    @once_differentiable
-    def backward(ctx: Any, grad_out: Tensor) -> tuple[Tensor | None, ...]:
-        run: _ChainRun = ctx.run
+    @once_differentiable(_DOUBLE_BACKWARD)
+    def backward(
+        ctx: Any, grad_out: Tensor | None, *rest: Tensor | None
+    ) -> tuple[Tensor | None, ...]:
+        run: _SequenceRun = ctx.run
+        chain = run.chain
         passes = run.owner.num_bwd_passes
         ctx.passes += 1
         if ctx.passes > passes:
@@ -159,94 +184,72 @@ class _ChainFunction(torch.autograd.Function):
         final = ctx.passes == passes
         if final:
             ctx.out = None
+        grad_logdet = rest[0] if rest else None
+        if grad_out is None:
+            grad_out = torch.zeros_like(out)
         needs = ctx.needs_input_grad
-        last = run.blocks[-1]
-        # the incoming gradient is often expanded (from a mean) or strided: make the halves
+        part: Partition | None = ctx.out_part
+        # the incoming gradient is often expanded (from a mean) or strided: make the parts
         # dense once, so every kernel below runs its fast path
-        state = [*last.split(out), *(d.contiguous() for d in last.split(grad_out.to(out.dtype)))]
-        del out
-        offset = 2  # ctx inputs: run, x, *params
-        slots: list[tuple[list[Tensor], list[int]]] = []
+        state = list(convert((out,), None, part, "ReversibleSequence"))
+        grads = [
+            g.contiguous()
+            for g in convert((grad_out.to(out.dtype),), None, part, "ReversibleSequence")
+        ]
+        del out, grad_out
+        offset = 2  # autograd inputs: run, x, *params, *side tensors
+        wanted: list[list[Tensor]] = []
+        positions: list[list[int]] = []
         for block_params in run.params:
-            wanted = [j for j in range(len(block_params)) if needs[offset + j]]
-            slots.append(([block_params[j] for j in wanted], [offset + j for j in wanted]))
+            keep = [j for j in range(len(block_params)) if needs[offset + j]]
+            wanted.append([block_params[j] for j in keep])
+            positions.append([offset + j for j in keep])
             offset += len(block_params)
-        grads: list[Tensor | None] = [None] * offset
-        errors: dict[int, float] = {}
+        result: list[Tensor | None] = [None] * (offset + len(chain.side.tensors))
+        errors: dict[int, float] | None = {} if chain.truths else None
         with (
-            forked_rng(run.devices, enabled=any(run.preserve)),
-            frozen_norm_statistics(run.blocks),
-            recomputing(),
+            forked_rng(chain.devices, enabled=any(chain.preserve)),
+            frozen_norm_statistics(s.block for s in chain.steps),
         ):
-            for i in range(len(run.blocks) - 1, -1, -1):
-                block = run.blocks[i]
-                anchor = run.anchors.pop(i, None) if final else run.anchors.get(i)
-                if anchor is not None:
-                    state[:2] = anchor
-                params, positions = slots[i]
-                consuming = getattr(block, "backward_consuming", None)
-                if consuming is not None:
-                    # hands the halves over, so they are freed inside the step
-                    a, b, da, db, param_grads = consuming(
-                        state, run.records[i], params, run.inverse
-                    )
-                else:
-                    step = block.inverse_backward_halves if run.inverse else block.backward_halves
-                    args, state = state, []
-                    a, b, da, db, param_grads = step(*args, run.records[i], params)
-                    del args
-                for pos, g in zip(positions, param_grads):
-                    grads[pos] = g
-                if i in run.truths:
-                    errors[i] = _relative_error((a, b), run.truths[i])
-                state = [a, b, da, db]
-                del a, b, da, db
-        if run.truths:
+            rebuilt, input_grads, param_grads, side_grads = chain.backward(
+                state, grads, wanted, grad_logdet, final, errors
+            )
+        for pos, grads_of_step in zip(positions, param_grads):
+            for p, g in zip(pos, grads_of_step):
+                result[p] = g
+        for j, g in enumerate(side_grads):
+            if needs[offset + j]:
+                result[offset + j] = g
+        if errors is not None:
             run.owner._report_reconstruction([errors[i] for i in sorted(errors)])
-        grads[1] = run.blocks[0].merge(*state[2:]) if needs[1] else None
-        return tuple(grads)
+        if run.sample is not None:
+            run.owner._check_drift(rebuilt[0], run.sample)
+            if final:
+                run.sample = None
+        result[1] = input_grads[0] if needs[1] else None
+        return tuple(result)
 
 
 @torch.compiler.disable
-def _apply_chain(run: _ChainRun, x: Tensor, *params: Tensor) -> Tensor:
+def _apply_chain(run: _SequenceRun, x: Tensor, *tensors: Tensor) -> Any:
     """The chain's autograd function, kept out of ``torch.compile``'s graphs on purpose.
 
     Its backward replays random states and calls autograd itself, which graphs cannot
-    express; compiled models run it eagerly (one graph break) and compile what surrounds it.
+    express; compiled models run it eagerly (one graph break) and compile what surrounds it,
+    and compiled modules inside the blocks run compiled in both passes.
     """
-    return _ChainFunction.apply(run, x, *params)  # type: ignore[no-any-return]
-
-
-def _checked(
-    out: tuple[Tensor, Tensor], inp: tuple[Tensor, Tensor], index: int, block: Any
-) -> tuple[Tensor, Tensor]:
-    if (
-        not isinstance(out, tuple)
-        or len(out) != 2
-        or out[0].shape != inp[0].shape
-        or out[1].shape != inp[1].shape
-    ):
-        got = (
-            [tuple(t.shape) for t in out]
-            if isinstance(out, tuple) and all(isinstance(t, Tensor) for t in out)
-            else type(out).__name__
-        )
-        raise ValueError(
-            f"ReversibleSequence: block {index} ({type(block).__name__}) turned halves of "
-            f"shapes {[tuple(t.shape) for t in inp]} into {got}; every block must keep the "
-            "shapes of both halves (put shape-changing layers outside the sequence)"
-        )
-    return out
+    return _ChainFunction.apply(run, x, *tensors)
 
 
 class ReversibleSequence(nn.Module):
-    """A chain of couplings whose training memory does not grow with its length.
+    """A chain of invertible blocks whose training memory does not grow with its length.
 
     Args:
-        *blocks: couplings (:class:`~invertible_core.AdditiveCoupling`,
-            :class:`~invertible_core.AffineCoupling`, or any module with the methods in
-            :data:`COUPLING_PROTOCOL`), or a single list of them. All must split along the
-            same dimension.
+        *blocks: invertible blocks: couplings (:class:`~invertible_core.AdditiveCoupling`,
+            :class:`~invertible_core.AffineCoupling`), invertible layers
+            (:class:`~invertible_core.InvertibleDownsampling`, ...), or any ``nn.Module`` with
+            ``forward(x)`` and ``inverse(y)`` (:class:`~invertible_core.InvertibleBlock`); or
+            a single list of them.
         memory_saving: rebuild activations in backward instead of storing them (default).
             ``False`` gives plain autograd with the same parameters and state_dict keys.
         preserve_rng_state: reproduce random ops (dropout) in the recompute; a bool for all
@@ -260,9 +263,13 @@ class ReversibleSequence(nn.Module):
         num_bwd_passes: how many backward passes may run through one forward (for
             ``retain_graph=True``). The chain frees its output during the last allowed pass;
             one pass more raises an error that says so.
+        drift_check: compare a sample of the chain's input with its rebuilt values after
+            each backward pass and warn once if the reconstruction drifted (relative error
+            above 1e-3 in float32, 5e-2 in half precision). Costs a few KB.
 
-    ``forward(x)`` runs the blocks in order, ``inverse(y)`` undoes them in reverse order;
-    both save memory while training.
+    ``forward(x, *args, **kwargs)`` runs the blocks in order, ``inverse(y, *args, **kwargs)``
+    undoes them in reverse order; both save memory while training. Indexing with a slice
+    returns a new ``ReversibleSequence`` of the same blocks (shared, not copied).
     """
 
     reconstruction_errors: list[float]
@@ -276,24 +283,26 @@ class ReversibleSequence(nn.Module):
         check_reconstruction: CheckMode | None = "off",
         reconstruction_tolerance: float = 1e-4,
         num_bwd_passes: int = 1,
+        drift_check: bool = True,
     ) -> None:
         super().__init__()
         if len(blocks) == 1 and not isinstance(blocks[0], nn.Module):
-            blocks = tuple(blocks[0])
+            only = blocks[0]
+            if not isinstance(only, Iterable) or isinstance(only, (str, bytes, Tensor)):
+                raise TypeError(
+                    f"ReversibleSequence: got a {type(only).__name__}, not an invertible block "
+                    "or a list of them; pass nn.Modules with forward(x) and inverse(y), such as "
+                    "AdditiveCoupling(Fm, Gm)"
+                )
+            blocks = tuple(only)
         if len(blocks) == 0:
             raise ValueError(
                 "ReversibleSequence needs at least one block, got none; pass couplings such as "
                 "AdditiveCoupling(Fm, Gm)"
             )
         for i, block in enumerate(blocks):
-            _check_protocol(block, i)
+            make_step(block, "ReversibleSequence", i)
             self.add_module(str(i), cast(nn.Module, block))
-        split_dims = {getattr(b, "split_dim", None) for b in self}
-        if len(split_dims) > 1:
-            raise ValueError(
-                f"ReversibleSequence: all blocks must split along the same dim, got split_dims "
-                f"{[getattr(b, 'split_dim', None) for b in self]}; use one sequence per split_dim"
-            )
         if isinstance(preserve_rng_state, bool):
             preserve = [preserve_rng_state] * len(self)
         else:
@@ -318,7 +327,9 @@ class ReversibleSequence(nn.Module):
         self.anchor_every = anchor_every
         self.check_reconstruction: CheckMode = mode
         self.reconstruction_tolerance = float(reconstruction_tolerance)
+        self.drift_check = bool(drift_check)
         self.reconstruction_errors = []
+        self._drift_warned = False
 
     # -- container behaviour -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -327,43 +338,95 @@ class ReversibleSequence(nn.Module):
     def __iter__(self) -> Iterator[nn.Module]:
         return iter(self._modules.values())  # type: ignore[arg-type]
 
-    def __getitem__(self, index: int) -> nn.Module:
-        return list(self)[index]
+    @overload
+    def __getitem__(self, index: int) -> nn.Module: ...
+
+    @overload
+    def __getitem__(self, index: slice) -> ReversibleSequence: ...
+
+    def __getitem__(self, index: int | slice) -> nn.Module | ReversibleSequence:
+        blocks = list(self)
+        if isinstance(index, slice):
+            chosen = blocks[index]
+            preserve = self.preserve_rng_state[index]
+            if not chosen:
+                raise IndexError(f"ReversibleSequence[{index}] selects no block")
+            sub = ReversibleSequence(
+                chosen,
+                memory_saving=self.memory_saving,
+                preserve_rng_state=preserve,
+                anchor_every=self.anchor_every,
+                check_reconstruction=self.check_reconstruction,
+                reconstruction_tolerance=self.reconstruction_tolerance,
+                num_bwd_passes=self.num_bwd_passes,
+                drift_check=self.drift_check,
+            )
+            sub.train(self.training)
+            return sub
+        return blocks[index]
 
     # -- running -------------------------------------------------------------------------------
-    def forward(self, x: Tensor) -> Tensor:
-        """Run the blocks in order; saves memory while training with grad enabled."""
-        return self._run(x, inverse=False)
+    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
+        """Run the blocks in order (side inputs go to every block); saves memory while
+        training with grad enabled."""
+        return cast(Tensor, self._run(x, args, kwargs, inverse=False, logdet=False))
 
-    def inverse(self, y: Tensor) -> Tensor:
+    def inverse(self, y: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Undo the blocks in reverse order; saves memory the same way as :meth:`forward`."""
-        return self._run(y, inverse=True)
+        return cast(Tensor, self._run(y, args, kwargs, inverse=True, logdet=False))
 
-    def _saving_active(self, x: Tensor, params: Iterable[Tensor]) -> bool:
-        if not (self.memory_saving and self.training and torch.is_grad_enabled()):
-            return False
-        return x.requires_grad or any(p.requires_grad for p in params)
+    def forward_with_logdet(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """:meth:`forward` and the per-sample ``log|det dy/dx|`` summed over the blocks
+        (shape ``(batch,)``), for normalizing flows; memory saving stays on."""
+        return cast(tuple[Tensor, Tensor], self._run(x, args, kwargs, inverse=False, logdet=True))
 
-    def _run(self, x: Tensor, inverse: bool) -> Tensor:
-        if not isinstance(x, Tensor):
-            raise TypeError(f"ReversibleSequence expects a tensor, got {type(x).__name__}")
-        blocks: list[Any] = list(self._modules.values())
+    def inverse_with_logdet(self, y: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+        """:meth:`inverse` and the per-sample ``log|det dx/dy|`` (the forward's, negated)."""
+        return cast(tuple[Tensor, Tensor], self._run(y, args, kwargs, inverse=True, logdet=True))
+
+    def _steps(self, inverse: bool) -> tuple[list[Step], list[bool]]:
+        steps = [make_step(b, "ReversibleSequence", i) for i, b in enumerate(self)]
         preserve = list(self.preserve_rng_state)
         if inverse:
-            blocks.reverse()
+            steps.reverse()
             preserve.reverse()
-        params: list[list[Tensor]] = [
-            [p for p in b.parameters() if p.requires_grad] for b in blocks
-        ]
-        if not self._saving_active(x, (p for ps in params for p in ps)):
-            halves = blocks[0].split(x)
-            for i, block in enumerate(blocks):
-                step = block.inverse_halves if inverse else block.forward_halves
-                halves = _checked(step(*halves), halves, i, block)
-            return blocks[-1].merge(*halves)
-        run = _ChainRun(self, blocks, inverse, params, preserve)
+        return steps, preserve
+
+    def _run(
+        self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], inverse: bool, logdet: bool
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        if not isinstance(x, Tensor):
+            raise TypeError(f"ReversibleSequence expects a tensor, got {type(x).__name__}")
+        if logdet and x.dim() == 0:
+            raise ValueError("forward_with_logdet needs a batch dimension (dim 0) in its input")
+        steps, preserve = self._steps(inverse)
+        side = SideInputs(args, kwargs)
+        params = trainable(s.block for s in steps)
+        chain = Chain(
+            steps=steps,
+            inverse=inverse,
+            side=side,
+            who="ReversibleSequence",
+            preserve=preserve,
+            wants_logdet=logdet,
+            devices=tensor_devices([x, *side.all_tensors()]),
+        )
+        saving = (
+            self.memory_saving
+            and self.training
+            and torch.is_grad_enabled()
+            and (x.requires_grad or bool(side.tensors) or any(params))
+        )
+        if not saving:
+            protected = frozenset(t.untyped_storage().data_ptr() for t in (x, *side.all_tensors()))
+            state, part, ld = chain.forward((x,), _Mode.DIRECT, protected=protected)
+            out = part.merge(state) if part is not None else state[0]
+            if not logdet:
+                return out
+            return out, ld if ld is not None else x.new_zeros(x.shape[0])
+        run = _SequenceRun(self, chain, params)
         flat = [p for ps in params for p in ps]
-        return _apply_chain(run, x, *flat)
+        return cast(Any, _apply_chain(run, x, *flat, *side.tensors))
 
     def _report_reconstruction(self, errors: list[float]) -> None:
         self.reconstruction_errors = errors
@@ -375,30 +438,35 @@ class ReversibleSequence(nn.Module):
             f"ReversibleSequence: the input of block {block} was rebuilt with relative error "
             f"{worst:.3g} > reconstruction_tolerance={self.reconstruction_tolerance:g}. The "
             "block is ill-conditioned for reconstruction in this precision; bound the drift "
-            "with anchor_every=k, keep activations of the worst blocks, or train in float64."
+            "with anchor_every=k, use couplings with fixed_point_bits, or train in float64."
         )
         if self.check_reconstruction == "raise":
             raise RuntimeError(message)
         warnings.warn(message, RuntimeWarning, stacklevel=2)
 
+    def _check_drift(self, rebuilt: Tensor, sample: tuple[tuple[Tensor, ...], Tensor]) -> None:
+        if self._drift_warned:
+            return
+        idx, true = sample
+        error = relative_error([rebuilt[idx]], [true])
+        dtype = true.dtype
+        tolerance = _DRIFT_TOLERANCE.get(dtype, _DRIFT_TOLERANCE_LOW_PRECISION)
+        if error <= tolerance:
+            return
+        self._drift_warned = True
+        warnings.warn(
+            f"ReversibleSequence: the chain's input was rebuilt with relative error {error:.3g} "
+            f"(sampled; tolerance {tolerance:g} in {dtype}): the blocks amplify rounding "
+            "errors, so the gradients of memory saving are unreliable. Bound the drift with "
+            "anchor_every=k (keeps every k-th activation), use couplings with "
+            "fixed_point_bits=16 (bit-exact), normalise the blocks' outputs, or debug with "
+            "check_reconstruction='warn'. (Warned once; drift_check=False silences it.)",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+
     def extra_repr(self) -> str:
         return (
             f"memory_saving={self.memory_saving}, anchor_every={self.anchor_every}, "
             f"check_reconstruction={self.check_reconstruction!r}"
-        )
-
-
-def _check_protocol(block: object, index: int) -> None:
-    if not isinstance(block, nn.Module):
-        raise TypeError(
-            f"ReversibleSequence: block {index} is a {type(block).__name__}, not an nn.Module; "
-            "pass couplings such as AdditiveCoupling(Fm, Gm)"
-        )
-    missing = [name for name in COUPLING_PROTOCOL if not callable(getattr(block, name, None))]
-    if missing or not hasattr(block, "split_dim"):
-        missing += [] if hasattr(block, "split_dim") else ["split_dim"]
-        raise TypeError(
-            f"ReversibleSequence: block {index} ({type(block).__name__}) does not follow the "
-            f"coupling protocol: it lacks {', '.join(missing)}. Wrap its residual function in "
-            "AdditiveCoupling(Fm, Gm) or AffineCoupling, or subclass invertible_core.Coupling"
         )

@@ -39,13 +39,20 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.autograd.function import once_differentiable
 
-from invertible_core.contract import recomputing
-from invertible_core.couplings import Coupling, create_coupling
+from invertible_core.couplings import create_coupling
+from invertible_core.engine import (
+    Chain,
+    FusedStep,
+    GenericStep,
+    Step,
+    convert,
+    make_step,
+    once_differentiable,
+)
 from invertible_core.recompute import (
-    AutocastState,
-    BlockRecord,
+    SideInputs,
+    _Mode,
     forked_rng,
     frozen_norm_statistics,
     tensor_devices,
@@ -53,55 +60,49 @@ from invertible_core.recompute import (
 
 __all__ = ["InvertibleModuleWrapper", "ReversibleBlock"]
 
+_DOUBLE_BACKWARD = (
+    "InvertibleModuleWrapper: double backward (create_graph=True) is not supported while "
+    "saving memory, because the backward pass rebuilds the input outside autograd. Use "
+    "disable=True (plain autograd) for higher-order gradients."
+)
+
 
 class _WrapperRun:
     """Per-call settings and state shared by forward and backward."""
 
     def __init__(
-        self, wrapper: InvertibleModuleWrapper, n_inputs: int, inverse: bool, params: list[Tensor]
+        self,
+        wrapper: InvertibleModuleWrapper,
+        chain: Chain,
+        n_inputs: int,
+        params: list[Tensor],
     ) -> None:
-        self.fn = wrapper._fn
+        self.chain = chain
         self.n_inputs = n_inputs
-        self.inverse = inverse
-        self.keep_input = wrapper.keep_input_inverse if inverse else wrapper.keep_input
+        self.keep_input = wrapper.keep_input_inverse if chain.inverse else wrapper.keep_input
         self.num_bwd_passes = wrapper.num_bwd_passes
-        self.preserve_rng = wrapper.preserve_rng_state
         self.params = params
 
 
-def _call(fn: Any, inverse: bool, inputs: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    out = fn.inverse(*inputs) if inverse else fn(*inputs)
-    outputs = out if isinstance(out, tuple) else (out,)
-    for i, t in enumerate(outputs):
-        if not isinstance(t, Tensor):
-            raise TypeError(
-                f"InvertibleModuleWrapper: fn.{'inverse' if inverse else 'forward'} returned a "
-                f"{type(t).__name__} at position {i}; it must return tensors"
-            )
-    return outputs
-
-
-def _is_coupling_call(fn: nn.Module, n_inputs: int) -> bool:
-    return isinstance(fn, Coupling) and n_inputs == 1
+def _step_for(fn: nn.Module, n_inputs: int) -> Step:
+    step = make_step(fn, "InvertibleModuleWrapper")
+    if isinstance(step, FusedStep) and n_inputs != 1:
+        return GenericStep(fn)
+    return step
 
 
 class _WrapperFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx: Any, run: _WrapperRun, *args: Tensor) -> tuple[Tensor, ...]:
         inputs = args[: run.n_inputs]
-        devices = tensor_devices(inputs)
-        record = BlockRecord(devices, run.preserve_rng, AutocastState.capture(devices))
-        fn = run.fn
-        if not run.keep_input and _is_coupling_call(fn, run.n_inputs):
-            assert isinstance(fn, Coupling)
-            step = fn.inverse_halves if run.inverse else fn.forward_halves
-            outputs: tuple[Tensor, ...] = (fn.merge(*step(*fn.split(inputs[0]), record=record)),)
-        else:
-            record.capture(0)
-            outputs = _call(fn, run.inverse, inputs)
+        chain = run.chain
+        protected = frozenset(
+            t.untyped_storage().data_ptr() for t in (*inputs, *chain.side.all_tensors())
+        )
+        state, part, _ = chain.forward(tuple(inputs), _Mode.RECORD, protected=protected)
+        outputs: tuple[Tensor, ...] = (part.merge(state),) if part is not None else state
+        del state
         ctx.run = run
-        ctx.record = record
-        ctx.devices = devices
         ctx.passes = 0
         ctx.rebuilt = [None] * len(outputs)
         ctx.promises = []
@@ -124,9 +125,10 @@ class _WrapperFunction(torch.autograd.Function):
         return outputs
 
     @staticmethod
-    @once_differentiable
+    @once_differentiable(_DOUBLE_BACKWARD)
     def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
         run: _WrapperRun = ctx.run
+        chain = run.chain
         ctx.passes += 1
         if ctx.passes > run.num_bwd_passes:
             raise RuntimeError(
@@ -134,47 +136,47 @@ class _WrapperFunction(torch.autograd.Function):
                 f"it was built with num_bwd_passes={run.num_bwd_passes}; construct it with "
                 f"num_bwd_passes={ctx.passes} (or more) to backpropagate through it that often"
             )
-        outputs = () if run.keep_input else _held_outputs(ctx)
         grads = tuple(
             torch.zeros(shape, dtype=dtype, device=device) if g is None else g.to(dtype)
             for g, (shape, dtype, device) in zip(grad_outputs, ctx.output_meta)
         )
         needs = ctx.needs_input_grad
-        wanted = [i for i, p in enumerate(run.params) if needs[1 + run.n_inputs + i]]
+        n = run.n_inputs
+        wanted = [i for i, p in enumerate(run.params) if needs[1 + n + i]]
         params = [run.params[i] for i in wanted]
-        fn = run.fn
         with (
-            forked_rng(ctx.devices, enabled=run.preserve_rng),
-            frozen_norm_statistics([fn]),
-            recomputing(),
+            forked_rng(chain.devices, enabled=chain.preserve[0]),
+            frozen_norm_statistics([chain.steps[0].block]),
         ):
-            if not run.keep_input and _is_coupling_call(fn, run.n_inputs):
-                assert isinstance(fn, Coupling)
-                step = fn.inverse_backward_halves if run.inverse else fn.backward_halves
-                y1, y2 = fn.split(outputs[0])
-                dy1, dy2 = fn.split(grads[0])
-                x1, x2, dx1, dx2, param_grads = step(y1, y2, dy1, dy2, ctx.record, params)
-                inputs: tuple[Tensor, ...] = (fn.merge(x1, x2),)
-                input_grads: tuple[Tensor | None, ...] = (fn.merge(dx1, dx2),)
+            if run.keep_input:
+                inputs, input_grads, param_grads, side_grads = chain.reforward(
+                    0, tuple(ctx.saved_tensors), grads, params, None
+                )
             else:
-                if run.keep_input:
-                    inputs = tuple(ctx.saved_tensors)
-                else:
-                    with torch.no_grad():
-                        inputs = _call(fn, not run.inverse, outputs)
-                inputs, input_grads, param_grads = _reforward(ctx, inputs, grads, params)
+                part = chain.layouts[0]
+                state = list(convert(_held_outputs(ctx), None, part, "InvertibleModuleWrapper"))
+                grad_state = list(convert(grads, None, part, "InvertibleModuleWrapper"))
+                inputs, input_grads_, all_param_grads, side_grads = chain.backward(
+                    state, grad_state, [params], None, final=True
+                )
+                input_grads = tuple(input_grads_)
+                param_grads = all_param_grads[0]
         if not run.keep_input:
             for producer, slot, j in ctx.promises:
                 producer.rebuilt[slot] = inputs[j].detach()
         if ctx.passes == run.num_bwd_passes:
             ctx.outputs = None
             ctx.promises = []
-        result: list[Tensor | None] = [None] * (1 + run.n_inputs + len(run.params))
+        result: list[Tensor | None] = [None] * (1 + n + len(run.params) + len(side_grads))
         for j, g in enumerate(input_grads):
             if needs[1 + j]:
                 result[1 + j] = g
         for i, g in zip(wanted, param_grads):
-            result[1 + run.n_inputs + i] = g
+            result[1 + n + i] = g
+        base = 1 + n + len(run.params)
+        for j, g in enumerate(side_grads):
+            if needs[base + j]:
+                result[base + j] = g
         return tuple(result)
 
 
@@ -203,24 +205,6 @@ def _held_outputs(ctx: Any) -> tuple[Tensor, ...]:
                 "not reach the loss). Construct the next block with keep_input=True."
             )
     return tuple(held)
-
-
-def _reforward(
-    ctx: Any,
-    inputs: tuple[Tensor, ...],
-    grads: tuple[Tensor, ...],
-    params: list[Tensor],
-) -> tuple[tuple[Tensor, ...], tuple[Tensor | None, ...], tuple[Tensor | None, ...]]:
-    """Run ``fn`` again with grad from known inputs and backpropagate ``grads`` through it."""
-    run: _WrapperRun = ctx.run
-    detached = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in inputs)
-    with torch.enable_grad(), ctx.record.replay(0):
-        outputs = _call(run.fn, run.inverse, detached)
-    differentiable = [x for x in detached if x.requires_grad]
-    result = torch.autograd.grad(outputs, (*differentiable, *params), grads, allow_unused=True)
-    it = iter(result[: len(differentiable)])
-    input_grads = tuple(next(it) if x.requires_grad else None for x in detached)
-    return detached, input_grads, tuple(result[len(differentiable) :])
 
 
 @torch.compiler.disable
@@ -277,16 +261,21 @@ class InvertibleModuleWrapper(nn.Module):
         self.preserve_rng_state = preserve_rng_state
         self._fn = fn
 
-    def forward(self, *xin: Tensor) -> Tensor | tuple[Tensor, ...]:
-        """``fn(*xin)``; while training, keeps no activation of its own."""
-        return self._run_direction(xin, inverse=False)
+    def forward(self, *xin: Tensor, **side: Any) -> Tensor | tuple[Tensor, ...]:
+        """``fn(*xin, **side)``; while training, keeps no activation of its own.
 
-    def inverse(self, *yin: Tensor) -> Tensor | tuple[Tensor, ...]:
-        """``fn.inverse(*yin)``; while training, keeps no activation of its own."""
-        return self._run_direction(yin, inverse=True)
+        Positional tensors are ``fn``'s invertible inputs (MemCNN's semantics); keyword
+        arguments are side inputs (a mask, an embedding), passed to ``fn`` and, for a
+        coupling, to its ``Fm``/``Gm``; tensors among them that require grad get theirs.
+        """
+        return self._run_direction(xin, side, inverse=False)
+
+    def inverse(self, *yin: Tensor, **side: Any) -> Tensor | tuple[Tensor, ...]:
+        """``fn.inverse(*yin, **side)``; while training, keeps no activation of its own."""
+        return self._run_direction(yin, side, inverse=True)
 
     def _run_direction(
-        self, inputs: tuple[Tensor, ...], inverse: bool
+        self, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], inverse: bool
     ) -> Tensor | tuple[Tensor, ...]:
         name = "inverse" if inverse else "forward"
         if len(inputs) == 0:
@@ -294,21 +283,35 @@ class InvertibleModuleWrapper(nn.Module):
         for i, x in enumerate(inputs):
             if not isinstance(x, Tensor):
                 raise TypeError(
-                    f"InvertibleModuleWrapper.{name}() takes tensors only; argument {i} is a "
-                    f"{type(x).__name__}"
+                    f"InvertibleModuleWrapper.{name}() takes tensors only as positional "
+                    f"arguments; argument {i} is a {type(x).__name__} (pass side inputs such "
+                    "as masks by keyword)"
                 )
+        side = SideInputs((), kwargs)
         params: list[Tensor] = [p for p in self._fn.parameters() if p.requires_grad]
+        chain = Chain(
+            steps=[_step_for(self._fn, len(inputs))],
+            inverse=inverse,
+            side=side,
+            who="InvertibleModuleWrapper",
+            preserve=[self.preserve_rng_state],
+            devices=tensor_devices([*inputs, *side.all_tensors()]),
+        )
         saving = (
             not self.disable
             and self.training
             and torch.is_grad_enabled()
-            and (any(x.requires_grad for x in inputs) or bool(params))
+            and (any(x.requires_grad for x in inputs) or bool(params) or bool(side.tensors))
         )
         if not saving:
-            outputs = _call(self._fn, inverse, inputs)
+            protected = frozenset(
+                t.untyped_storage().data_ptr() for t in (*inputs, *side.all_tensors())
+            )
+            state, part, _ = chain.forward(inputs, _Mode.DIRECT, protected=protected)
+            outputs: tuple[Tensor, ...] = (part.merge(state),) if part is not None else state
         else:
-            run = _WrapperRun(self, len(inputs), inverse, params)
-            outputs = _apply_wrapper(run, *inputs, *params)
+            run = _WrapperRun(self, chain, len(inputs), params)
+            outputs = _apply_wrapper(run, *inputs, *params, *side.tensors)
         return outputs[0] if len(outputs) == 1 else outputs
 
 

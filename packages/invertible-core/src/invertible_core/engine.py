@@ -1,0 +1,398 @@
+"""The engine under ReversibleSequence and InvertibleModuleWrapper: steps, states, recompute.
+
+A chain is a list of *steps*, one per block. A step knows how to run its block on a state
+(a tuple of tensors) through a :class:`~invertible_core.RecomputeContext`, and how to go
+back: from the block's output state and its gradient to the input state and its gradient.
+Fused blocks (couplings) do that in one recompute; any other invertible block goes through
+:class:`GenericStep`: its inverse rebuilds the input (no grad), then the forward runs again
+with grad and autograd differentiates it (two calls).
+
+The chain, not the blocks, owns how state passes between blocks: a fused block takes its
+state as the two parts of its :class:`~invertible_core.Partition`; a generic block takes the
+whole tensor (and may change its shape). :meth:`Chain.convert` merges and splits only
+where consecutive blocks disagree, so a chain of couplings never concatenates. Couplings
+with ``fixed_point_bits`` need their input on the grid: the chain rounds the state where it
+enters such a coupling from anything that is not on the same grid (layers that only move
+values around, such as :class:`~invertible_core.InvertibleDownsampling`, say so with
+``preserves_grid = True`` and keep the grid).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Any, TypeVar
+
+import torch
+from torch import Tensor, nn
+
+from invertible_core.contract import Partition, State
+from invertible_core.fixed_point import round_to_grid
+from invertible_core.recompute import (
+    AutocastState,
+    BufferState,
+    RecomputeContext,
+    SideInputs,
+    _Mode,
+)
+
+__all__ = ["Chain", "FusedStep", "GenericStep", "Step", "make_step", "once_differentiable"]
+
+_Backward = TypeVar("_Backward", bound=Callable[..., Any])
+
+
+def once_differentiable(message: str) -> Callable[[_Backward], _Backward]:
+    """``torch.autograd.function.once_differentiable`` with our own error message.
+
+    The backward runs without grad; when a caller asked for a differentiable gradient
+    (``create_graph=True``), the gradients it returns raise ``message`` if anyone tries to
+    differentiate them, instead of torch's generic "differentiate twice" text. A first-order
+    ``autograd.grad(..., create_graph=True)`` that is never differentiated again still works.
+    """
+
+    def decorate(backward: _Backward) -> _Backward:
+        @functools.wraps(backward)
+        def wrapper(ctx: Any, *args: Any) -> Any:
+            with torch.no_grad():
+                outputs = backward(ctx, *args)
+            if not torch.is_grad_enabled():
+                return outputs
+            if not any(isinstance(a, Tensor) and a.requires_grad for a in args):
+                return outputs
+            single = not isinstance(outputs, tuple)
+            outs = (outputs,) if single else outputs
+            err = torch._C._functions.DelayedError(message.encode(), len(outs))
+
+            def fake_requires_grad(v: Tensor | None) -> Tensor | None:
+                if v is not None:
+                    v = v.detach()
+                    v.requires_grad = True
+                return v
+
+            return err(*[fake_requires_grad(v) for v in outs])  # type: ignore[arg-type]
+
+        return wrapper  # type: ignore[return-value]
+
+    return decorate
+
+
+def _as_state(out: Any, who: str, name: str) -> State:
+    outputs = out if isinstance(out, tuple) else (out,)
+    for i, t in enumerate(outputs):
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"{who}.{name} returned a {type(t).__name__} at position {i}; it must return "
+                "tensors"
+            )
+    return outputs
+
+
+class Step:
+    """One block of a chain, as the engine drives it."""
+
+    partition: Partition | None = None
+    grid_bits: int | None = None
+    preserves_grid: bool = False
+
+    def __init__(self, block: nn.Module, where: str | None = None) -> None:
+        self.block = block
+        self.name = type(block).__name__
+        self.where = where or self.name
+
+    def run(self, state: State, ctx: RecomputeContext, inverse: bool) -> State:
+        raise NotImplementedError
+
+    def backward(
+        self, state: list[Tensor], grads: list[Tensor], ctx: RecomputeContext, inverse: bool
+    ) -> tuple[State, State]:
+        raise NotImplementedError
+
+    def reforward(
+        self, inputs: State, grads: State, ctx: RecomputeContext, inverse: bool
+    ) -> tuple[State, tuple[Tensor | None, ...]]:
+        """From a known input state: run the block again with grad and backpropagate."""
+        leaves = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in inputs)
+        outputs = self.run(leaves, ctx, inverse)
+        terms, term_grads = list(outputs), list(grads)
+        logdet = ctx._take_logdet()
+        if logdet is not None and ctx.grad_logdet is not None:
+            terms.append(logdet)
+            term_grads.append(ctx.grad_logdet.to(logdet.dtype))
+        differentiable = [x for x in leaves if x.requires_grad]
+        got = iter(ctx.backward(terms, term_grads, differentiable))
+        input_grads = tuple(next(got) if x.requires_grad else None for x in leaves)
+        return tuple(x.detach() for x in leaves), input_grads
+
+
+class FusedStep(Step):
+    """A :class:`~invertible_core.FusedInvertibleBlock`: one recompute per backward step."""
+
+    def __init__(self, block: Any, where: str | None = None) -> None:
+        super().__init__(block, where)
+        self.fused: Any = block
+        self.partition = block.partition
+        self.grid_bits = getattr(block, "fixed_point_bits", None)
+
+    def run(self, state: State, ctx: RecomputeContext, inverse: bool) -> State:
+        out = self.fused.run_state(state, ctx, inverse=inverse)
+        if not (
+            isinstance(out, tuple) and len(out) == 2 and all(isinstance(t, Tensor) for t in out)
+        ):
+            got = f"{len(out)} values" if isinstance(out, tuple) else f"a {type(out).__name__}"
+            raise TypeError(
+                f"{self.where} returned {got} from run_state; a fused block takes the two parts "
+                "of its partition and must return two parts (tensors)"
+            )
+        return out  # type: ignore[no-any-return]
+
+    def backward(
+        self, state: list[Tensor], grads: list[Tensor], ctx: RecomputeContext, inverse: bool
+    ) -> tuple[State, State]:
+        return self.fused.backward_state(state, grads, ctx, inverse=inverse)  # type: ignore[no-any-return]
+
+
+class GenericStep(Step):
+    """Any module with ``forward`` and ``inverse``: inverse, then re-forward with grad."""
+
+    def __init__(self, block: nn.Module, where: str | None = None) -> None:
+        super().__init__(block, where)
+        self.preserves_grid = bool(getattr(block, "preserves_grid", False))
+
+    def _fn(self, inverse: bool, logdet: bool) -> Any:
+        name = ("inverse" if inverse else "forward") + ("_with_logdet" if logdet else "")
+        fn = getattr(self.block, name, None)
+        if not callable(fn):
+            raise TypeError(
+                f"{self.name} has no {name}() method, so it cannot report its log-determinant; "
+                "give it forward_with_logdet and inverse_with_logdet (see "
+                "invertible_core.LogDetBlock)"
+            )
+        return fn
+
+    def run(self, state: State, ctx: RecomputeContext, inverse: bool) -> State:
+        if ctx.wants_logdet:
+            out = ctx.call(0, self._fn(inverse, True), *state)
+            if not (isinstance(out, tuple) and len(out) == 2):
+                raise TypeError(
+                    f"{self.name}.{'inverse' if inverse else 'forward'}_with_logdet must return "
+                    f"(output, logdet), got {type(out).__name__}"
+                )
+            y, logdet = out
+            ctx.add_logdet(logdet)
+            return _as_state(y, self.name, "forward_with_logdet")
+        fn = self._fn(inverse, False)
+        return _as_state(ctx.call(0, fn, *state), self.name, fn.__name__)
+
+    def backward(
+        self, state: list[Tensor], grads: list[Tensor], ctx: RecomputeContext, inverse: bool
+    ) -> tuple[State, State]:
+        outputs = tuple(state)
+        state.clear()
+        inputs = ctx.rebuild(self._fn(not inverse, False), *outputs)
+        del outputs
+        inputs = _as_state(inputs, self.name, "inverse" if not inverse else "forward")
+        rebuilt, input_grads = self.reforward(inputs, tuple(grads), ctx, inverse)
+        grads.clear()
+        filled = tuple(
+            torch.zeros_like(x) if g is None else g.to(x.dtype)
+            for x, g in zip(rebuilt, input_grads)
+        )
+        return rebuilt, filled
+
+
+def is_fused(block: object) -> bool:
+    return (
+        isinstance(getattr(block, "partition", None), Partition)
+        and callable(getattr(block, "run_state", None))
+        and callable(getattr(block, "backward_state", None))
+    )
+
+
+def make_step(block: object, who: str, index: int | None = None) -> Step:
+    """The step for ``block``, or a clear error when it is not an invertible block."""
+    where = f"block {index} ({type(block).__name__})" if index is not None else type(block).__name__
+    if not isinstance(block, nn.Module):
+        raise TypeError(
+            f"{who}: {where} is a {type(block).__name__}, not an nn.Module; pass invertible "
+            "modules such as AdditiveCoupling(Fm, Gm), InvertibleDownsampling(), or your own "
+            "nn.Module with forward(x) and inverse(y)"
+        )
+    if is_fused(block):
+        return FusedStep(block, where)
+    if not callable(getattr(block, "inverse", None)):
+        raise TypeError(
+            f"{who}: {where} has no inverse() method, so its input cannot be rebuilt. Wrap a "
+            "residual function in AdditiveCoupling(Fm, Gm), or give the module an inverse(y) "
+            "(see invertible_core.InvertibleBlock)"
+        )
+    return GenericStep(block, where)
+
+
+def convert(state: State, frm: Partition | None, to: Partition | None, who: str) -> State:
+    """``state`` re-cut from partition ``frm`` to ``to`` (``None``: a whole tensor)."""
+    if frm == to:
+        return state
+    whole = frm.merge(state) if frm is not None else state[0]
+    if to is None:
+        return (whole,)
+    return to.split(whole, who)
+
+
+def _on_grid(state: State, bits: int) -> State:
+    return tuple(round_to_grid(t, bits) for t in state)
+
+
+@dataclass
+class Chain:
+    """One call of a chain of steps: the forward pass and what its backward pass needs."""
+
+    steps: Sequence[Step]
+    inverse: bool
+    side: SideInputs
+    who: str
+    preserve: Sequence[bool]
+    wants_logdet: bool = False
+    devices: tuple[torch.device, ...] = ()
+    contexts: list[RecomputeContext] = field(default_factory=list)
+    #: partition of the state entering / leaving each step (None: a whole tensor)
+    layouts: list[Partition | None] = field(default_factory=list)
+    #: exact states after chosen steps (anchors) or before every step (truths, for checks)
+    anchors: dict[int, State] = field(default_factory=dict)
+    truths: dict[int, State] = field(default_factory=dict)
+
+    def forward(
+        self,
+        state: State,
+        mode: int,
+        *,
+        anchor_every: int = 0,
+        keep_truths: bool = False,
+        protected: frozenset[int] = frozenset(),
+    ) -> tuple[State, Partition | None, Tensor | None]:
+        """Run every step; returns the final state, its partition and the summed log-det."""
+        record = mode == _Mode.RECORD
+        autocast = AutocastState.capture(self.devices) if record else None
+        part: Partition | None = None
+        grid: int | None = None
+        logdet: Tensor | None = None
+        previous: RecomputeContext | None = None
+        last = len(self.steps) - 1
+        for i, step in enumerate(self.steps):
+            state = convert(state, part, step.partition, step.name)
+            part = step.partition
+            if step.grid_bits is not None and grid != step.grid_bits:
+                state = _on_grid(state, step.grid_bits)
+            grid = (
+                step.grid_bits
+                if step.grid_bits is not None
+                else (grid if step.preserves_grid else None)
+            )
+            if keep_truths:
+                self.truths[i] = state
+            ctx = RecomputeContext(
+                mode=mode,
+                side=self.side,
+                devices=self.devices,
+                preserve_rng=self.preserve[i],
+                autocast=autocast,
+                wants_logdet=self.wants_logdet,
+                previous=previous,
+                protected=protected,
+            )
+            if record:
+                watch = BufferState.watch(step.block)
+                state = step.run(state, ctx, self.inverse)
+                ctx.buffers = watch.finish()
+                self.contexts.append(ctx)
+                self.layouts.append(part)
+                previous = ctx
+            else:
+                state = step.run(state, ctx, self.inverse)
+            if self.wants_logdet:
+                ld = ctx._take_logdet()
+                if ld is not None:
+                    logdet = ld if logdet is None else logdet + ld
+            if record and anchor_every and (i + 1) % anchor_every == 0 and i < last:
+                self.anchors[i] = state
+        return state, part, logdet
+
+    def backward(
+        self,
+        state: list[Tensor],
+        grads: list[Tensor],
+        params: Sequence[Sequence[Tensor]],
+        grad_logdet: Tensor | None,
+        final: bool,
+        errors: dict[int, float] | None = None,
+    ) -> tuple[State, State, list[list[Tensor | None]], list[Tensor | None]]:
+        """From the last step's output state and its gradient down to the chain's input.
+
+        Returns the rebuilt input state, its gradient, the gradients of each step's
+        ``params`` and of the side inputs' differentiable tensors (summed over steps).
+        """
+        side = self.side.differentiable()
+        n_side = len(side.tensors)
+        side_grads: list[Tensor | None] = [None] * n_side
+        param_grads: list[list[Tensor | None]] = [[] for _ in self.steps]
+        for i in range(len(self.steps) - 1, -1, -1):
+            step, ctx = self.steps[i], self.contexts[i]
+            anchor = self.anchors.pop(i, None) if final else self.anchors.get(i)
+            if anchor is not None:
+                state[:] = anchor
+            acc: list[Tensor | None] = [None] * (len(params[i]) + n_side)
+            with ctx._replaying(side, params[i], acc, grad_logdet):
+                rebuilt, rebuilt_grads = step.backward(state, grads, ctx, self.inverse)
+            param_grads[i] = acc[: len(params[i])]
+            for j, g in enumerate(acc[len(params[i]) :]):
+                if g is not None:
+                    summed = side_grads[j]
+                    side_grads[j] = g if summed is None else summed + g
+            if errors is not None and i in self.truths:
+                errors[i] = relative_error(rebuilt, self.truths[i])
+            before = self.layouts[i - 1] if i > 0 else None
+            state = list(convert(rebuilt, self.layouts[i], before, step.name))
+            grads = list(convert(rebuilt_grads, self.layouts[i], before, step.name))
+            del rebuilt, rebuilt_grads
+        return tuple(state), tuple(grads), param_grads, side_grads
+
+    def reforward(
+        self,
+        i: int,
+        inputs: State,
+        grads: State,
+        params: Sequence[Tensor],
+        grad_logdet: Tensor | None,
+    ) -> tuple[State, tuple[Tensor | None, ...], list[Tensor | None], list[Tensor | None]]:
+        """Step ``i`` from its known (kept) input: run it again with grad, backpropagate.
+
+        Returns the input state, its gradient, the gradients of ``params`` and of the side
+        inputs' differentiable tensors. ``inputs``/``grads`` come as whole tensors and go
+        back as such.
+        """
+        step, ctx = self.steps[i], self.contexts[i]
+        side = self.side.differentiable()
+        part = self.layouts[i]
+        state = convert(inputs, None, part, step.name)
+        out_grads = convert(grads, None, part, step.name)
+        acc: list[Tensor | None] = [None] * (len(params) + len(side.tensors))
+        with ctx._replaying(side, params, acc, grad_logdet):
+            rebuilt, input_grads = step.reforward(state, out_grads, ctx, self.inverse)
+        if part is not None:
+            filled = tuple(
+                torch.zeros_like(x) if g is None else g for x, g in zip(rebuilt, input_grads)
+            )
+            input_grads = (part.merge(filled),)
+        return inputs, input_grads, acc[: len(params)], acc[len(params) :]
+
+
+def relative_error(rebuilt: Sequence[Tensor], true: Sequence[Tensor]) -> float:
+    """Relative L2 error of a rebuilt state (float64 arithmetic)."""
+    num = sum(float((r.double() - t.double()).pow(2).sum()) for r, t in zip(rebuilt, true))
+    den = sum(float(t.double().pow(2).sum()) for t in true)
+    return (num / den) ** 0.5 if den > 0 else num**0.5
+
+
+def trainable(blocks: Iterable[nn.Module]) -> list[list[Tensor]]:
+    """Each block's parameters that require grad (the inputs of the chain's autograd node)."""
+    return [[p for p in b.parameters() if p.requires_grad] for b in blocks]
