@@ -527,3 +527,13 @@ def test_permutation_state_dict_restores_the_trained_permutation() -> None:
 def test_permutation_refuses_a_bad_seed() -> None:
     with pytest.raises(TypeError, match="seed must be an int"):
         Permutation(3, seed=None)  # type: ignore[arg-type]
+
+
+def test_the_repr_shows_the_arguments() -> None:
+    assert repr(InvertibleDownsampling(3)) == "InvertibleDownsampling(factor=3)"
+    assert (
+        repr(InvertibleConv1x1(4, lu=False, dim=-1))
+        == "InvertibleConv1x1(channels=4, lu=False, dim=-1)"
+    )
+    assert repr(ActNorm(4, eps=0.5)) == "ActNorm(channels=4, dim=1, eps=0.5)"
+    assert repr(Permutation(4, dim=2)) == "Permutation(channels=4, dim=2)"

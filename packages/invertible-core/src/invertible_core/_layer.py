@@ -12,6 +12,7 @@ costs nothing to report. :class:`InvertibleLayer` turns three small methods (``_
 from __future__ import annotations
 
 import math
+from abc import ABC, abstractmethod
 from typing import Any
 
 import torch
@@ -28,7 +29,7 @@ __all__ = [
 ]
 
 
-class InvertibleLayer(nn.Module):
+class InvertibleLayer(nn.Module, ABC):
     """Base of the built-in layers: ``forward``/``inverse`` and their ``*_with_logdet`` forms.
 
     Side inputs (``*args``, ``**kwargs``: the conditioning a chain passes to its couplings)
@@ -55,14 +56,14 @@ class InvertibleLayer(nn.Module):
         x = self._inverse(_tensor(y, self))
         return x, -self._logdet(x)
 
-    def _forward(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _forward(self, x: Tensor) -> Tensor: ...
 
-    def _inverse(self, y: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _inverse(self, y: Tensor) -> Tensor: ...
 
-    def _logdet(self, x: Tensor) -> Tensor:
-        raise NotImplementedError
+    @abstractmethod
+    def _logdet(self, x: Tensor) -> Tensor: ...
 
 
 def _tensor(x: object, layer: nn.Module) -> Tensor:
