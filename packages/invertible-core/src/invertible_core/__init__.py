@@ -3,12 +3,18 @@
 Every block honours one small contract (:class:`InvertibleBlock`: ``forward`` and
 ``inverse``, with side inputs; :class:`LogDetBlock` adds log-determinants;
 :class:`FusedInvertibleBlock` a one-recompute backward step). Couplings turn any functions
-into such blocks; a :class:`ReversibleSequence` trains a chain of them with memory flat in
-depth; the :class:`InvertibleModuleWrapper` (MemCNN's API) saves memory around any single
-invertible module; :func:`is_invertible_module` checks invertibility without side effects.
+into such blocks; invertible layers (:class:`InvertibleDownsampling`,
+:class:`HaarDownsampling`, :class:`InvertibleConv1x1`, :class:`ActNorm`,
+:class:`Permutation`) change shape or mix channels and report their log-determinants, for
+fully invertible nets and flows. A :class:`ReversibleSequence` trains a chain of any of
+them with memory flat in depth; the :class:`InvertibleModuleWrapper` (MemCNN's API) saves
+memory around any single invertible module; :func:`is_invertible_module` checks
+invertibility without side effects.
 """
 
 from invertible_core._version import __version__
+from invertible_core.actnorm import ActNorm
+from invertible_core.channel_mixing import InvertibleConv1x1, Permutation
 from invertible_core.checks import is_invertible_module
 from invertible_core.contract import (
     FusedInvertibleBlock,
@@ -29,21 +35,27 @@ from invertible_core.couplings import (
 from invertible_core.fixed_point import round_to_grid
 from invertible_core.memory import MemoryStats, measure_memory
 from invertible_core.recompute import RecomputeContext
+from invertible_core.resampling import HaarDownsampling, InvertibleDownsampling
 from invertible_core.sequence import ReversibleSequence
 from invertible_core.wrapper import InvertibleModuleWrapper, ReversibleBlock
 
 __all__ = [
+    "ActNorm",
     "AdditiveCoupling",
     "AffineAdapterNaive",
     "AffineAdapterSigmoid",
     "AffineCoupling",
     "Coupling",
     "FusedInvertibleBlock",
+    "HaarDownsampling",
     "InvertibleBlock",
+    "InvertibleConv1x1",
+    "InvertibleDownsampling",
     "InvertibleModuleWrapper",
     "LogDetBlock",
     "MemoryStats",
     "Partition",
+    "Permutation",
     "RecomputeContext",
     "ReversibleBlock",
     "ReversibleSequence",
