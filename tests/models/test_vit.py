@@ -255,8 +255,9 @@ def test_revvit_training_memory_is_flat_in_depth() -> None:
     (shallow, shallow_params), (deep, deep_params) = (_training_peak(build, d) for d in (4, 12))
     assert deep <= 1.1 * shallow
     # What grows is the extra blocks' parameter gradients, which the reversible chain hands
-    # to autograd at the end of its backward: no activation grows with depth.
-    assert deep - shallow <= deep_params - shallow_params
+    # to autograd at the end of its backward: no activation grows with depth (measured:
+    # equal to the byte; the slack is for allocator details of other torch releases).
+    assert deep - shallow <= deep_params - shallow_params + 16 * 1024
 
 
 @pytest.mark.parametrize("saving", [False, True], ids=["plain", "checkpointed"])
