@@ -1,22 +1,30 @@
-"""Benchmark the zoo: ResNets against RevNets, memory and time of one training step.
+"""Benchmark the zoo: memory and time of one training step, plain networks against reversible.
 
-Runs resnet32/110/164 (plain, and with ``torch.utils.checkpoint`` per block) and
-revnet38/110/164 (memory saving on, and off), batch 32 on the CPU by default, and reports
-the ratios issue 5 targets:
+CNNs (batch 32): resnet32/110/164 (plain, and with ``memory_saving``: ``torch.utils.checkpoint``
+per block) and revnet38/110/164 (memory saving on, and off), with the ratios issue 5 targets:
 
 * revnet164 peak / resnet164 peak                      (target <= 0.15)
 * revnet110 peak / revnet38 peak, memory flat in depth   (target <= 1.10)
 * step time with saving / without, revnet110, revnet164  (target <= 1.35)
 
+Transformers (batch 64, issue 11): revvit_tiny against its twin vit_tiny (equal parameters:
+width 192, 3 heads, 4x4 patches of 32x32 images) at depth 6, 12 and 24, plus vit_tiny with
+``memory_saving`` (checkpointed blocks) at depth 24:
+
+* revvit_tiny peak at depth 24 / depth 6, memory flat in depth   (target <= 1.10)
+* the same for the activations a forward pass stores              (target <= 1.10)
+* vit_tiny's peak against depth (growing), RevViT against ViT in memory and step time
+
 Memory is exact (``invertible_core.memory.measure_memory``: profiler allocation events on
 the CPU, ``max_memory_allocated`` on CUDA), beyond the model state (parameters, gradients,
 momentum); time is the median of a few steps measured without the profiler (by default the
-process's CPU time, which the other jobs of a shared machine barely disturb), each RevNet
-interleaved with its no-saving twin and each ResNet with its checkpointed twin (A, B, A,
-B...), so that the ratios hold on a loaded machine. Prints a table and writes JSON to
+process's CPU time, which the other jobs of a shared machine barely disturb), each
+configuration interleaved with its twin (A, B, A, B...): a RevNet with its no-saving self, a
+ResNet with its checkpointed self, a RevViT with the ViT of the same depth, so that the
+ratios hold on a loaded machine. Prints a table and writes JSON to
 ``benchmarks/results/models.json`` (and ``--json PATH``).
 
-    python benchmarks/bench_models.py            # batch 32, about a few minutes on 2 cores
+    python benchmarks/bench_models.py            # a few minutes on 2 cores
     python benchmarks/bench_models.py --quick    # batch 8, 3 timed rounds: a smoke run
 """
 
@@ -26,7 +34,7 @@ import argparse
 import json
 import os
 import platform
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,20 +55,52 @@ from invertible_models.profiler import (
 
 RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
 
-#: (row label, model name, options), in table order.
-CONFIGS: list[tuple[str, str, dict[str, Any]]] = [
-    ("resnet32", "resnet32", {}),
-    ("resnet32 +checkpoint", "resnet32", {"checkpoint_blocks": True}),
-    ("resnet110", "resnet110", {}),
-    ("resnet110 +checkpoint", "resnet110", {"checkpoint_blocks": True}),
-    ("resnet164", "resnet164", {}),
-    ("resnet164 +checkpoint", "resnet164", {"checkpoint_blocks": True}),
-    ("revnet38", "revnet38", {}),
-    ("revnet38 nosave", "revnet38", {"memory_saving": False}),
-    ("revnet110", "revnet110", {}),
-    ("revnet110 nosave", "revnet110", {"memory_saving": False}),
-    ("revnet164", "revnet164", {}),
-    ("revnet164 nosave", "revnet164", {"memory_saving": False}),
+
+@dataclass(frozen=True)
+class Config:
+    """One row: a label, the registered model and its options, the pair it is timed in."""
+
+    label: str
+    name: str
+    options: dict[str, Any]
+    group: str
+    transformer: bool = False
+
+
+def _cnn(label: str, name: str, **options: Any) -> Config:
+    return Config(label, name, options, group=name)
+
+
+def _transformer(label: str, name: str, depth: int, **options: Any) -> Config:
+    return Config(label, name, {"depth": depth, **options}, f"d{depth}", transformer=True)
+
+
+#: The depths of the transformer comparison (revvit_tiny and vit_tiny at each).
+DEPTHS = (6, 12, 24)
+
+#: The rows, in table order.
+CONFIGS: list[Config] = [
+    _cnn("resnet32", "resnet32", memory_saving=False),
+    _cnn("resnet32 +checkpoint", "resnet32", memory_saving=True),
+    _cnn("resnet110", "resnet110", memory_saving=False),
+    _cnn("resnet110 +checkpoint", "resnet110", memory_saving=True),
+    _cnn("resnet164", "resnet164", memory_saving=False),
+    _cnn("resnet164 +checkpoint", "resnet164", memory_saving=True),
+    _cnn("revnet38", "revnet38"),
+    _cnn("revnet38 nosave", "revnet38", memory_saving=False),
+    _cnn("revnet110", "revnet110"),
+    _cnn("revnet110 nosave", "revnet110", memory_saving=False),
+    _cnn("revnet164", "revnet164"),
+    _cnn("revnet164 nosave", "revnet164", memory_saving=False),
+    *(
+        row
+        for depth in DEPTHS
+        for row in (
+            _transformer(f"vit_tiny d{depth}", "vit_tiny", depth, memory_saving=False),
+            _transformer(f"revvit_tiny d{depth}", "revvit_tiny", depth),
+        )
+    ),
+    _transformer("vit_tiny d24 +ckpt", "vit_tiny", 24, memory_saving=True),
 ]
 
 #: (description, numerator label, denominator label, field, target upper bound)
@@ -97,21 +137,50 @@ RATIOS: list[tuple[str, str, str, str, float | None]] = [
         "step_seconds",
         None,
     ),
+    ("revvit_tiny peak: d24 / d6", "revvit_tiny d24", "revvit_tiny d6", "peak_step_mib", 1.10),
+    (
+        "revvit_tiny activ.: d24 / d6",
+        "revvit_tiny d24",
+        "revvit_tiny d6",
+        "activation_mib",
+        1.10,
+    ),
+    ("vit_tiny peak: d24 / d6", "vit_tiny d24", "vit_tiny d6", "peak_step_mib", None),
+    *(
+        (f"revvit / vit peak, d{d}", f"revvit_tiny d{d}", f"vit_tiny d{d}", "peak_step_mib", None)
+        for d in DEPTHS
+    ),
+    *(
+        (f"revvit / vit step, d{d}", f"revvit_tiny d{d}", f"vit_tiny d{d}", "step_seconds", None)
+        for d in DEPTHS
+    ),
+    (
+        "revvit / vit+ckpt peak, d24",
+        "revvit_tiny d24",
+        "vit_tiny d24 +ckpt",
+        "peak_step_mib",
+        None,
+    ),
+    (
+        "revvit / vit+ckpt step, d24",
+        "revvit_tiny d24",
+        "vit_tiny d24 +ckpt",
+        "step_seconds",
+        None,
+    ),
 ]
 
 
-def _pairs(
-    configs: list[tuple[str, str, dict[str, Any]]],
-) -> list[list[tuple[str, str, dict[str, Any]]]]:
-    """Configurations grouped by model name (plain next to its saving variant)."""
-    groups: dict[str, list[tuple[str, str, dict[str, Any]]]] = {}
+def _pairs(configs: list[Config]) -> list[list[Config]]:
+    """Configurations grouped for interleaved timing (a network next to its twin)."""
+    groups: dict[str, list[Config]] = {}
     for config in configs:
-        groups.setdefault(config[1], []).append(config)
+        groups.setdefault(config.group, []).append(config)
     return list(groups.values())
 
 
 def compute_ratios(profiles: list[ModelProfile]) -> list[dict[str, Any]]:
-    """The target ratios of issue 5 (and the comparisons with checkpointing), as records."""
+    """The target ratios of issues 5 and 11 (and the comparisons), as records."""
     by_label = {p.label: p for p in profiles}
     rows = []
     for description, num, den, field, target in RATIOS:
@@ -124,6 +193,31 @@ def compute_ratios(profiles: list[ModelProfile]) -> list[dict[str, Any]]:
                 "value": value,
                 "target": target,
                 "met": None if target is None else value <= target,
+            }
+        )
+    return rows
+
+
+def depth_growth(profiles: list[ModelProfile]) -> list[dict[str, Any]]:
+    """How much each transformer's peak and parameters grow from the first depth to the last.
+
+    RevViT's activations are flat in depth; what its peak still gains per block is the
+    block's parameter gradients, which the reversible chain hands to autograd at the end of
+    its backward (a transient copy while the step's gradients are kept allocated). These
+    records set the two growths side by side.
+    """
+    by_label = {p.label: p for p in profiles}
+    rows = []
+    for family in ("revvit_tiny", "vit_tiny"):
+        low, high = f"{family} d{DEPTHS[0]}", f"{family} d{DEPTHS[-1]}"
+        if low not in by_label or high not in by_label:
+            continue
+        rows.append(
+            {
+                "model": family,
+                "depths": [DEPTHS[0], DEPTHS[-1]],
+                "peak_growth_mib": by_label[high].peak_step_mib - by_label[low].peak_step_mib,
+                "parameter_growth_mib": by_label[high].parameter_mib - by_label[low].parameter_mib,
             }
         )
     return rows
@@ -142,7 +236,10 @@ def format_ratios(rows: list[dict[str, Any]]) -> str:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true", help="batch 8, 3 timed rounds")
-    parser.add_argument("--batch-size", type=int, default=None, help="default 32 (8 quick)")
+    parser.add_argument("--batch-size", type=int, default=None, help="CNNs; default 32 (8 quick)")
+    parser.add_argument(
+        "--vit-batch-size", type=int, default=None, help="transformers; default 64 (8 quick)"
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 7)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
@@ -156,51 +253,63 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--json", metavar="PATH", help="also write the results here")
     args = parser.parse_args(argv)
     batch_size = args.batch_size or (8 if args.quick else 32)
+    vit_batch_size = args.vit_batch_size or (8 if args.quick else 64)
     steps = args.steps or (3 if args.quick else 7)
     clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
 
-    configs = [c for c in CONFIGS if not args.only or c[0] in args.only]
+    def batch_of(config: Config) -> int:
+        return vit_batch_size if config.transformer else batch_size
+
+    configs = [c for c in CONFIGS if not args.only or c.label in args.only]
     # Memory first, one configuration at a time, under the allocation profiler.
     memory = {}
-    for label, name, options in configs:
-        memory[label] = profile_model(
-            name, batch_size=batch_size, device=args.device, steps=0, label=label, **options
+    for c in configs:
+        memory[c.label] = profile_model(
+            c.name, batch_size=batch_of(c), device=args.device, steps=0, label=c.label, **c.options
         )
-        print(f"memory measured: {label}", flush=True)
-    # Time separately, without the profiler, each pair (plain / saving) interleaved.
+        print(f"memory measured: {c.label}", flush=True)
+    # Time separately, without the profiler, each group (a network and its twin) interleaved.
     seconds: dict[str, float] = {}
     for group in _pairs(configs):
         steps_of_group = []
-        for _, name, options in group:
+        for c in group:
             torch.manual_seed(0)
             step = TrainingStep(
-                create_model(name, **options),
-                batch_size=batch_size,
+                create_model(c.name, **c.options),
+                batch_size=batch_of(c),
                 image_size=32,
                 num_classes=10,
                 device=args.device,
             )
             step(), step(), step()  # warm-up: state allocated, kernels created
             steps_of_group.append(step)
-        for (label, _, _), value in zip(group, median_step_seconds(steps_of_group, steps, clock)):
-            seconds[label] = value
-        print(f"time measured: {', '.join(label for label, _, _ in group)}", flush=True)
-    profiles = [replace(memory[label], step_seconds=seconds[label]) for label, _, _ in configs]
+        for c, value in zip(group, median_step_seconds(steps_of_group, steps, clock)):
+            seconds[c.label] = value
+        print(f"time measured: {', '.join(c.label for c in group)}", flush=True)
+    profiles = [replace(memory[c.label], step_seconds=seconds[c.label]) for c in configs]
     ratios = compute_ratios(profiles)
+    growth = depth_growth(profiles)
     header = (
-        f"batch {batch_size}, 32x32, device {args.device}, torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads, median of {steps} steps, {clock} clock"
+        f"batch {batch_size} (transformers {vit_batch_size}), 32x32, device {args.device}, "
+        f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {steps} "
+        f"steps, {clock} clock"
     )
     print()
     print(header)
     print(format_table(profiles))
     print()
     print(format_ratios(ratios))
+    for row in growth:
+        print(
+            f"{row['model']} from depth {row['depths'][0]} to {row['depths'][1]}: peak "
+            f"+{row['peak_growth_mib']:.1f} MiB, parameters +{row['parameter_growth_mib']:.1f} MiB"
+        )
 
     record = {
         "benchmark": "bench_models",
         "conditions": {
             "batch_size": batch_size,
+            "transformer_batch_size": vit_batch_size,
             "image_size": 32,
             "device": args.device,
             "steps": steps,
@@ -212,6 +321,7 @@ def main(argv: list[str] | None = None) -> int:
         },
         "profiles": [asdict(p) for p in profiles],
         "ratios": ratios,
+        "depth_growth": growth,
     }
     paths = [RESULTS] + ([Path(args.json)] if args.json else [])
     for path in paths:

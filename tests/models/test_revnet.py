@@ -120,7 +120,7 @@ def _train(model: nn.Module, steps: int, seed: int = 1) -> None:
     "build",
     [
         lambda saving: _small_revnet(memory_saving=saving),
-        lambda saving: ResNet("basic", (2, 2, 2), (8, 8, 16, 32), checkpoint_blocks=saving),
+        lambda saving: ResNet("basic", (2, 2, 2), (8, 8, 16, 32), memory_saving=saving),
     ],
     ids=["revnet", "resnet-checkpointed"],
 )

@@ -42,16 +42,29 @@ def test_parameter_count_matches_the_paper(name: str, num_classes: int) -> None:
     assert sum(p.numel() for p in model.parameters()) == PARAMETER_COUNTS[name, num_classes]
 
 
-def test_list_models_names_the_six_networks_first() -> None:
-    # other test suites may register more models in the same process; the zoo's come first
-    assert list_models()[:6] == [
-        "resnet32",
-        "resnet110",
-        "resnet164",
-        "revnet38",
-        "revnet110",
-        "revnet164",
-    ]
+ZOO = [
+    "resnet32",
+    "resnet110",
+    "resnet164",
+    "revnet38",
+    "revnet110",
+    "revnet164",
+    "revvit_small",
+    "revvit_tiny",
+    "vit_small",
+    "vit_tiny",
+]
+
+
+def test_list_models_names_the_zoo_by_family_and_depth() -> None:
+    # other test suites may register more models in the same process
+    assert [name for name in list_models() if name in ZOO] == ZOO
+
+
+@pytest.mark.parametrize("name", ZOO)
+def test_create_model_passes_memory_saving_to_every_zoo_model(name: str) -> None:
+    assert create_model(name, memory_saving=False).memory_saving is False
+    assert create_model(name).memory_saving is True  # the default, on every model
 
 
 def test_unknown_model_name_lists_the_known_ones() -> None:
@@ -81,11 +94,6 @@ def test_register_model_returns_the_constructor_and_create_model_finds_it(
     assert register_model(tiny_test_net) is tiny_test_net  # re-registering itself is fine
     model = create_model("tiny_test_net", num_classes=3, memory_saving=False)
     assert isinstance(model, nn.Linear) and model.out_features == 3
-
-
-def test_resnets_accept_memory_saving_and_ignore_it() -> None:
-    model = create_model("resnet32", memory_saving=False)
-    assert isinstance(model, ResNet)
 
 
 @pytest.mark.parametrize("name", ["resnet32", "revnet38"])

@@ -18,7 +18,7 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 CASES = {
     "bench_core.py": (["--quick"], "--json", {"results", "ratios"}),
     "bench_models.py": (
-        ["--quick", "--only", "revnet38", "revnet38 nosave"],
+        ["--quick", "--only", "revnet38", "revnet38 nosave", "revvit_tiny d6", "vit_tiny d6"],
         "--json",
         {"profiles", "ratios"},
     ),

@@ -1,4 +1,7 @@
-"""invertible-models: the ResNet/RevNet zoo of the RevNet paper, and a memory/time profiler.
+"""invertible-models: the zoo of reversible networks and their plain twins, and a profiler.
+
+ResNets and RevNets (the RevNet paper), ViTs and RevViTs (the RevViT paper), each one
+``create_model(name)`` away; ``memory_saving`` is one switch with one meaning on all of them.
 
 Build a model by name::
 
@@ -22,6 +25,8 @@ from invertible_models.blocks import (
 from invertible_models.registry import create_model, list_models, register_model
 from invertible_models.resnet import ResNet
 from invertible_models.revnet import RevNet, RevNetStage
+from invertible_models.revvit import ReversibleVisionTransformer
+from invertible_models.vit import VisionTransformer
 
 __all__ = [
     "BasicBlock",
@@ -32,6 +37,8 @@ __all__ = [
     "ResidualBlock",
     "RevNet",
     "RevNetStage",
+    "ReversibleVisionTransformer",
+    "VisionTransformer",
     "__version__",
     "create_model",
     "list_models",

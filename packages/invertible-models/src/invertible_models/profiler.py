@@ -182,8 +182,8 @@ def profile_model(
             0 skips timing (``step_seconds`` is then NaN).
         label: row label; defaults to ``name``.
         seed: seed for the weights and the batch, for repeatable runs.
-        **options: passed to :func:`create_model` (``memory_saving``, ``checkpoint_blocks``,
-            ``checkpoint_transitions``, ``anchor_every``...).
+        **options: passed to :func:`create_model` (``memory_saving``,
+            ``checkpoint_transitions``, ``anchor_every``, ``depth``...).
     """
     if steps < 0:
         raise ValueError(f"steps must be at least 0, got {steps}")
@@ -303,7 +303,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--no-memory-saving",
         action="store_true",
-        help="build reversible models with memory saving off (plain autograd)",
+        help="build the models with memory saving off (plain autograd: no reversible "
+        "recompute, no checkpointing)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="FILE", help="draw memory against depth (matplotlib)")

@@ -49,11 +49,15 @@ def create_model(
     Args:
         name: a name from :func:`list_models`, e.g. ``"resnet110"`` or ``"revnet110"``.
         num_classes: outputs of the classifier (10 for CIFAR-10, 100 for CIFAR-100).
-        memory_saving: for reversible networks, run the reversible stages without storing
-            their activations (recomputed in backward). ResNets have no reversible stage and
-            ignore it; their memory/time trade-off is ``checkpoint_blocks=True``.
+        memory_saving: the zoo's one switch, with one meaning on every model: trade compute
+            for training memory. Reversible networks (RevNets, RevViTs) rebuild their
+            reversible blocks' activations in backward instead of storing them; plain
+            networks (ResNets, ViTs) recompute each block with ``torch.utils.checkpoint``.
+            Settable later through the model's ``memory_saving`` attribute; it changes no
+            parameter and no ``state_dict`` key. ``False``: plain autograd.
         **options: passed to the network class (e.g. ``checkpoint_transitions``,
-            ``anchor_every``, ``stem``, ``in_channels``).
+            ``anchor_every``, ``stem``, ``in_channels``; ``depth``, ``embed_dim``,
+            ``drop_path_rate`` for the transformers).
 
     Raises:
         ValueError: unknown ``name``; the message lists the known names.

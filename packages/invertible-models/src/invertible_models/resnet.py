@@ -7,13 +7,15 @@ type, blocks per stage, channels per stage. The registered constructors at the b
 :func:`invertible_models.create_model`.
 
 A ResNet must keep every block's activations for backward, so its training memory grows
-linearly with depth. ``checkpoint_blocks=True`` trades time for memory the usual way
-(``torch.utils.checkpoint`` per residual block: one extra forward per block, and each
-block's input is still kept); it is the comparison the RevNets must beat.
+linearly with depth. ``memory_saving=True`` (the zoo's one switch, as on every model)
+trades time for memory the usual way: ``torch.utils.checkpoint`` per residual block, one
+extra forward per block, and each block's input is still kept. It is the comparison the
+RevNets must beat. ``checkpoint_blocks``, its former name, is a deprecated alias.
 """
 
 from __future__ import annotations
 
+import warnings
 from collections.abc import Sequence
 from typing import Any
 
@@ -70,8 +72,11 @@ class ResNet(nn.Module):
         strides: stride of each stage's first block; default 1, 2, 2(, 2).
         stem: ``"cifar"`` (conv3x3) or ``"imagenet"`` (conv7x7 stride 2 + max-pool).
         in_channels: image channels.
-        checkpoint_blocks: recompute every residual block in backward
-            (``torch.utils.checkpoint``): less memory, about one more forward of time.
+        memory_saving: while training, recompute every residual block in backward
+            (``torch.utils.checkpoint``; BatchNorm statistics still updated once): less
+            memory, about one more forward of time. Settable later through the attribute;
+            parameters and ``state_dict`` keys are the same either way.
+        checkpoint_blocks: deprecated alias of ``memory_saving``; when given, it wins.
     """
 
     def __init__(
@@ -83,13 +88,17 @@ class ResNet(nn.Module):
         strides: Sequence[int] | None = None,
         stem: StemType = "cifar",
         in_channels: int = 3,
-        checkpoint_blocks: bool = False,
+        memory_saving: bool = True,
+        checkpoint_blocks: bool | None = None,
     ) -> None:
         super().__init__()
         strides = tuple(strides) if strides is not None else default_strides(len(stage_blocks))
         check_config(stage_blocks, channels, strides)
         residual_cls = residual_function(block)
-        self.checkpoint_blocks = checkpoint_blocks
+        if checkpoint_blocks is not None:
+            _warn_checkpoint_blocks()
+            memory_saving = checkpoint_blocks
+        self.memory_saving = memory_saving
         self.stem = Stem(in_channels, channels[0], stem)
         width = channels[0]
         stages: list[nn.Module] = []
@@ -111,12 +120,33 @@ class ResNet(nn.Module):
         self.head = Head(width, num_classes)
         init_weights(self)
 
+    @property
+    def memory_saving(self) -> bool:
+        """Whether training recomputes every residual block in backward instead of storing it."""
+        return self._memory_saving
+
+    @memory_saving.setter
+    def memory_saving(self, value: bool) -> None:
+        self._memory_saving = bool(value)
+
+    @property
+    def checkpoint_blocks(self) -> bool:
+        """Deprecated alias of :attr:`memory_saving`."""
+        _warn_checkpoint_blocks()
+        return self._memory_saving
+
+    @checkpoint_blocks.setter
+    def checkpoint_blocks(self, value: bool) -> None:
+        _warn_checkpoint_blocks()
+        self.memory_saving = value
+
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's feature map, before the head's BN + ReLU and pooling."""
         out = self.stem(x)
+        checkpointed = self._memory_saving and self.training
         for stage in self.stages:
             for res_block in stage.children():
-                out = run_checkpointed(res_block, out) if self.checkpoint_blocks else res_block(out)
+                out = run_checkpointed(res_block, out) if checkpointed else res_block(out)
         return out
 
     def forward(self, x: Tensor) -> Tensor:
@@ -124,19 +154,39 @@ class ResNet(nn.Module):
         return self.head(self.forward_features(x))
 
 
+def _warn_checkpoint_blocks() -> None:
+    warnings.warn(
+        "ResNet's checkpoint_blocks is deprecated: use memory_saving, the switch every model "
+        "of the zoo has (for a ResNet it checkpoints the residual blocks)",
+        DeprecationWarning,
+        stacklevel=3,
+    )
+
+
 @register_model
-def resnet32(num_classes: int = 10, **options: Any) -> ResNet:
+def resnet32(num_classes: int = 10, memory_saving: bool = True, **options: Any) -> ResNet:
     """ResNet-32 for CIFAR: basic blocks 5, 5, 5; widths 16, 16, 32, 64 (0.47 M parameters)."""
-    return ResNet("basic", (5, 5, 5), (16, 16, 32, 64), num_classes, **options)
+    return ResNet(
+        "basic", (5, 5, 5), (16, 16, 32, 64), num_classes, memory_saving=memory_saving, **options
+    )
 
 
 @register_model
-def resnet110(num_classes: int = 10, **options: Any) -> ResNet:
+def resnet110(num_classes: int = 10, memory_saving: bool = True, **options: Any) -> ResNet:
     """ResNet-110 for CIFAR: basic blocks 18, 18, 18; widths 16, 16, 32, 64 (1.73 M)."""
-    return ResNet("basic", (18, 18, 18), (16, 16, 32, 64), num_classes, **options)
+    return ResNet(
+        "basic", (18, 18, 18), (16, 16, 32, 64), num_classes, memory_saving=memory_saving, **options
+    )
 
 
 @register_model
-def resnet164(num_classes: int = 10, **options: Any) -> ResNet:
+def resnet164(num_classes: int = 10, memory_saving: bool = True, **options: Any) -> ResNet:
     """ResNet-164 for CIFAR: bottleneck blocks 18, 18, 18; widths 16, 16, 32, 64 (1.70 M)."""
-    return ResNet("bottleneck", (18, 18, 18), (16, 16, 32, 64), num_classes, **options)
+    return ResNet(
+        "bottleneck",
+        (18, 18, 18),
+        (16, 16, 32, 64),
+        num_classes,
+        memory_saving=memory_saving,
+        **options,
+    )

@@ -111,7 +111,7 @@ class RevNetStage(nn.Module):
 
     def forward(self, x: Tensor) -> Tensor:
         if self.transition is not None:
-            if self.checkpoint_transition:
+            if self.checkpoint_transition and self.training:
                 x = run_checkpointed(self.transition, x)
             else:
                 x = self.transition(x)
@@ -136,8 +136,8 @@ class RevNet(nn.Module):
         memory_saving: run the reversible stages without storing activations. Can be
             changed later through the :attr:`memory_saving` attribute; parameters and
             ``state_dict`` keys are the same either way.
-        checkpoint_transitions: while saving memory, also recompute the stem and the
-            transition blocks in backward (default True; see the module docstring).
+        checkpoint_transitions: while saving memory in training, also recompute the stem
+            and the transition blocks in backward (default True; see the module docstring).
         anchor_every: keep exact activations every this many reversible blocks to bound
             float32 drift (0: never; costs one feature map per anchor). Not needed with
             ``fixed_point_bits``, which removes the drift.
@@ -211,7 +211,8 @@ class RevNet(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's feature map, before the head's BN + ReLU and pooling."""
-        if self._memory_saving and self.checkpoint_transitions:
+        # like the reversible stages, recompute only while training (eval keeps nothing)
+        if self._memory_saving and self.checkpoint_transitions and self.training:
             out = run_checkpointed(self.stem, x)
         else:
             out = self.stem(x)
