@@ -248,7 +248,9 @@ def test_backward_releases_halves_inside_each_step(monkeypatch: pytest.MonkeyPat
     x = torch.randn(8, 8, 16, 16, requires_grad=True)
 
     def backward_peak() -> int:
-        loss = seq(x).square().sum()
+        # a sum: the incoming gradient is an expanded scalar, so no gradient-sized buffer
+        # held by autograd during the last block's step hides what the steps release
+        loss = seq(x).sum()
         return measure_memory(loss.backward)[1].peak_bytes
 
     backward_peak()
@@ -284,10 +286,10 @@ def test_plain_when_grad_disabled_or_eval() -> None:
     assert y.grad_fn is None
     seq.eval()
     y = seq(x)
-    # eval mode: ordinary autograd graph, not the chain function
-    assert "ChainFunction" not in type(y.grad_fn).__name__
+    # eval mode: ordinary autograd graph, not the chain's nodes
+    assert "StepFunction" not in type(y.grad_fn).__name__
     seq.train()
-    assert "ChainFunction" in type(seq(x).grad_fn).__name__
+    assert "StepFunction" in type(seq(x).grad_fn).__name__
 
 
 def test_memory_saving_switch_keeps_parameters_and_state_dict_keys() -> None:

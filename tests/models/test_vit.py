@@ -252,12 +252,13 @@ def _transformer(cls: TransformerClass, saving: bool) -> Callable[[int], nn.Modu
 
 def test_revvit_training_memory_is_flat_in_depth() -> None:
     build = _transformer(ReversibleVisionTransformer, True)
-    (shallow, shallow_params), (deep, deep_params) = (_training_peak(build, d) for d in (4, 12))
+    (shallow, _), (deep, _) = (_training_peak(build, d) for d in (4, 12))
     assert deep <= 1.1 * shallow
-    # What grows is the extra blocks' parameter gradients, which the reversible chain hands
-    # to autograd at the end of its backward: no activation grows with depth (measured:
-    # equal to the byte; the slack is for allocator details of other torch releases).
-    assert deep - shallow <= deep_params - shallow_params + 16 * 1024
+    # Nothing grows with depth, not even the extra blocks' parameter gradients: the chain has
+    # one autograd node per block, so each block's gradients reach the allocated ``.grad``
+    # as soon as the block is done (measured: equal to the byte at depth 4, 12 and 24; the
+    # slack is for allocator details of other torch releases).
+    assert deep - shallow <= 16 * 1024
 
 
 @pytest.mark.parametrize("saving", [False, True], ids=["plain", "checkpointed"])

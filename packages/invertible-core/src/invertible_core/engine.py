@@ -245,7 +245,12 @@ def _on_grid(state: State, bits: int) -> State:
 
 @dataclass
 class Chain:
-    """One call of a chain of steps: the forward pass and what its backward pass needs."""
+    """One call of a chain of steps: the forward pass and what its backward pass needs.
+
+    Both passes advance one step at a time (:meth:`step_forward`, :meth:`step_backward`),
+    so a front end may give each step its own autograd node; :meth:`forward` and
+    :meth:`backward` run all steps at once.
+    """
 
     steps: Sequence[Step]
     inverse: bool
@@ -261,6 +266,77 @@ class Chain:
     anchors: dict[int, State] = field(default_factory=dict)
     truths: dict[int, State] = field(default_factory=dict)
 
+    # -- forward ---------------------------------------------------------------------------
+    def begin_forward(
+        self,
+        state: State,
+        mode: int,
+        *,
+        anchor_every: int = 0,
+        keep_truths: bool = False,
+        protected: frozenset[int] = frozenset(),
+    ) -> None:
+        self._mode = mode
+        self._autocast = AutocastState.capture(self.devices) if mode == _Mode.RECORD else None
+        self._anchor_every = anchor_every
+        self._keep_truths = keep_truths
+        self._protected = protected
+        self._state: State = state
+        self._part: Partition | None = None
+        self._grid: int | None = None
+        self._logdet: Tensor | None = None
+        self._previous: RecomputeContext | None = None
+
+    def step_forward(self, i: int) -> None:
+        """Run step ``i`` on the current state."""
+        step = self.steps[i]
+        record = self._mode == _Mode.RECORD
+        state = convert(self._state, self._part, step.partition, step.name)
+        self._state = ()
+        part = self._part = step.partition
+        if step.grid_bits is not None and self._grid != step.grid_bits:
+            state = _on_grid(state, step.grid_bits)
+        if step.grid_bits is not None:
+            self._grid = step.grid_bits
+        elif not step.preserves_grid:
+            self._grid = None
+        if self._keep_truths:
+            self.truths[i] = state
+        ctx = RecomputeContext(
+            mode=self._mode,
+            side=self.side,
+            devices=self.devices,
+            preserve_rng=self.preserve[i],
+            autocast=self._autocast,
+            wants_logdet=self.wants_logdet,
+            previous=self._previous,
+            protected=self._protected,
+        )
+        if record:
+            watch = BufferState.watch(step.block)
+            state = step.run(state, ctx, self.inverse)
+            ctx.buffers = watch.finish()
+            self.contexts.append(ctx)
+            self.layouts.append(part)
+            self._previous = ctx
+        else:
+            state = step.run(state, ctx, self.inverse)
+        if self.wants_logdet:
+            ld = ctx._take_logdet()
+            if ld is not None:
+                self._logdet = ld if self._logdet is None else self._logdet + ld
+        every = self._anchor_every
+        if record and every and (i + 1) % every == 0 and i < len(self.steps) - 1:
+            self.anchors[i] = state
+        self._state = state
+
+    def finish_forward(self) -> tuple[State, Partition | None, Tensor | None]:
+        """The final state, its partition and the summed log-det; the chain keeps none."""
+        state, self._state = self._state, ()
+        logdet, self._logdet = self._logdet, None
+        self._previous = None
+        return state, self._part, logdet
+
     def forward(
         self,
         state: State,
@@ -271,51 +347,60 @@ class Chain:
         protected: frozenset[int] = frozenset(),
     ) -> tuple[State, Partition | None, Tensor | None]:
         """Run every step; returns the final state, its partition and the summed log-det."""
-        record = mode == _Mode.RECORD
-        autocast = AutocastState.capture(self.devices) if record else None
-        part: Partition | None = None
-        grid: int | None = None
-        logdet: Tensor | None = None
-        previous: RecomputeContext | None = None
-        last = len(self.steps) - 1
-        for i, step in enumerate(self.steps):
-            state = convert(state, part, step.partition, step.name)
-            part = step.partition
-            if step.grid_bits is not None and grid != step.grid_bits:
-                state = _on_grid(state, step.grid_bits)
-            grid = (
-                step.grid_bits
-                if step.grid_bits is not None
-                else (grid if step.preserves_grid else None)
-            )
-            if keep_truths:
-                self.truths[i] = state
-            ctx = RecomputeContext(
-                mode=mode,
-                side=self.side,
-                devices=self.devices,
-                preserve_rng=self.preserve[i],
-                autocast=autocast,
-                wants_logdet=self.wants_logdet,
-                previous=previous,
-                protected=protected,
-            )
-            if record:
-                watch = BufferState.watch(step.block)
-                state = step.run(state, ctx, self.inverse)
-                ctx.buffers = watch.finish()
-                self.contexts.append(ctx)
-                self.layouts.append(part)
-                previous = ctx
-            else:
-                state = step.run(state, ctx, self.inverse)
-            if self.wants_logdet:
-                ld = ctx._take_logdet()
-                if ld is not None:
-                    logdet = ld if logdet is None else logdet + ld
-            if record and anchor_every and (i + 1) % anchor_every == 0 and i < last:
-                self.anchors[i] = state
-        return state, part, logdet
+        self.begin_forward(
+            state, mode, anchor_every=anchor_every, keep_truths=keep_truths, protected=protected
+        )
+        for i in range(len(self.steps)):
+            self.step_forward(i)
+        return self.finish_forward()
+
+    # -- backward --------------------------------------------------------------------------
+    def begin_backward(
+        self,
+        state: list[Tensor],
+        grads: list[Tensor],
+        grad_logdet: Tensor | None,
+        final: bool,
+        errors: dict[int, float] | None = None,
+    ) -> None:
+        """Start a backward pass from the last step's output state and its gradient."""
+        self._b_state = state
+        self._b_grads = grads
+        self._grad_logdet = grad_logdet
+        self._final = final
+        self._errors = errors
+        self._side_leaves = self.side.differentiable()
+
+    def step_backward(
+        self, i: int, params: Sequence[Tensor]
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        """Step ``i`` backward: rebuilds its input state and its gradient (kept by the
+        chain for step ``i - 1``); returns the gradients of ``params`` and of the side
+        inputs' differentiable tensors (this step's share)."""
+        step, ctx = self.steps[i], self.contexts[i]
+        anchor = self.anchors.pop(i, None) if self._final else self.anchors.get(i)
+        state, grads = self._b_state, self._b_grads
+        self._b_state, self._b_grads = [], []
+        if anchor is not None:
+            state[:] = anchor
+        side = self._side_leaves
+        acc: list[Tensor | None] = [None] * (len(params) + len(side.tensors))
+        with ctx._replaying(side, params, acc, self._grad_logdet):
+            rebuilt, rebuilt_grads = step.backward(state, grads, ctx, self.inverse)
+        del state, grads
+        if self._errors is not None and i in self.truths:
+            self._errors[i] = relative_error(rebuilt, self.truths[i])
+        before = self.layouts[i - 1] if i > 0 else None
+        self._b_state = list(convert(rebuilt, self.layouts[i], before, step.name))
+        self._b_grads = list(convert(rebuilt_grads, self.layouts[i], before, step.name))
+        return acc[: len(params)], acc[len(params) :]
+
+    def finish_backward(self) -> tuple[State, State]:
+        """The rebuilt input state of the chain and its gradient."""
+        state, grads = tuple(self._b_state), tuple(self._b_grads)
+        self._b_state, self._b_grads = [], []
+        self._grad_logdet = None
+        return state, grads
 
     def backward(
         self,
@@ -331,30 +416,18 @@ class Chain:
         Returns the rebuilt input state, its gradient, the gradients of each step's
         ``params`` and of the side inputs' differentiable tensors (summed over steps).
         """
-        side = self.side.differentiable()
-        n_side = len(side.tensors)
-        side_grads: list[Tensor | None] = [None] * n_side
+        self.begin_backward(state, grads, grad_logdet, final, errors)
+        state, grads = [], []
+        side_grads: list[Tensor | None] = [None] * len(self._side_leaves.tensors)
         param_grads: list[list[Tensor | None]] = [[] for _ in self.steps]
         for i in range(len(self.steps) - 1, -1, -1):
-            step, ctx = self.steps[i], self.contexts[i]
-            anchor = self.anchors.pop(i, None) if final else self.anchors.get(i)
-            if anchor is not None:
-                state[:] = anchor
-            acc: list[Tensor | None] = [None] * (len(params[i]) + n_side)
-            with ctx._replaying(side, params[i], acc, grad_logdet):
-                rebuilt, rebuilt_grads = step.backward(state, grads, ctx, self.inverse)
-            param_grads[i] = acc[: len(params[i])]
-            for j, g in enumerate(acc[len(params[i]) :]):
+            param_grads[i], side_part = self.step_backward(i, params[i])
+            for j, g in enumerate(side_part):
                 if g is not None:
                     summed = side_grads[j]
                     side_grads[j] = g if summed is None else summed + g
-            if errors is not None and i in self.truths:
-                errors[i] = relative_error(rebuilt, self.truths[i])
-            before = self.layouts[i - 1] if i > 0 else None
-            state = list(convert(rebuilt, self.layouts[i], before, step.name))
-            grads = list(convert(rebuilt_grads, self.layouts[i], before, step.name))
-            del rebuilt, rebuilt_grads
-        return tuple(state), tuple(grads), param_grads, side_grads
+        rebuilt, input_grads = self.finish_backward()
+        return rebuilt, input_grads, param_grads, side_grads
 
     def reforward(
         self,

@@ -104,13 +104,20 @@ _DOUBLE_BACKWARD = (
 
 
 class _SequenceRun:
-    """Everything the backward pass of one call needs, besides the kept output."""
+    """One call of a sequence: the chain, and what passes between its autograd nodes."""
 
     def __init__(self, owner: ReversibleSequence, chain: Chain, params: list[list[Tensor]]) -> None:
         self.owner = owner
         self.chain = chain
         self.params = params
+        self.n_side = len(chain.side.tensors)
         self.sample: tuple[tuple[Tensor, ...], Tensor] | None = None
+        self.out: Tensor | None = None
+        self.out_version = 0
+        self.out_part: Partition | None = None
+        self.passes = 0
+        self.final = False
+        self.errors: dict[int, float] | None = None
 
 
 def _sample_indices(t: Tensor) -> tuple[Tensor, ...]:
@@ -120,43 +127,61 @@ def _sample_indices(t: Tensor) -> tuple[Tensor, ...]:
     )
 
 
-class _ChainFunction(torch.autograd.Function):
-    """One autograd node for a whole chain: keeps the output, rebuilds the rest."""
+# NOTE [one autograd node per block]
+# The chain's activations pass from block to block outside autograd (the chain object holds
+# them), but every block gets its own autograd node, linked to the next by an empty tensor.
+# Autograd then runs the nodes last to first, and each node returns its block's parameter
+# gradients as soon as the block is done: they reach the parameters' ``.grad`` (and DDP's
+# buckets, which can start reducing) while the blocks below are still being rebuilt. One
+# node for the whole chain would hold every parameter gradient until the end, a second copy
+# of all of them whenever ``.grad`` is already allocated (DDP, ``zero_grad(set_to_none=
+# False)``), and the peak would grow with depth by the parameters' size. The first node
+# takes the chain's input, the last returns the chain's output; side inputs that need a
+# gradient are inputs of every node, so autograd sums their gradients over the blocks.
+class _StepFunction(torch.autograd.Function):
+    """The autograd node of block ``i`` of a memory-saving chain."""
 
     @staticmethod
-    def forward(ctx: Any, run: _SequenceRun, x: Tensor, *tensors: Tensor) -> Any:
-        owner, chain = run.owner, run.chain
+    def forward(ctx: Any, run: _SequenceRun, i: int, link: Tensor, *tensors: Tensor) -> Any:
         ctx.set_materialize_grads(False)
-        protected = frozenset(
-            t.untyped_storage().data_ptr() for t in (x, *chain.side.all_tensors())
-        )
-        if owner.drift_check and owner.check_reconstruction == "off" and x.numel():
-            # a few entries of the chain's input (on the grid, if the chain starts on one),
-            # to compare with their rebuilt values: a drift check for a few KB, not a copy
-            idx = _sample_indices(x)
-            run.sample = (idx, round_to_grid(x[idx].detach(), chain.steps[0].grid_bits))
-        state, part, logdet = chain.forward(
-            (x,),
-            _Mode.RECORD,
-            anchor_every=owner.anchor_every,
-            keep_truths=owner.check_reconstruction != "off",
-            protected=protected,
-        )
+        ctx.run, ctx.i = run, i
+        chain = run.chain
+        last = len(chain.steps) - 1
+        if i == 0:
+            owner = run.owner
+            protected = frozenset(
+                t.untyped_storage().data_ptr() for t in (link, *chain.side.all_tensors())
+            )
+            if owner.drift_check and owner.check_reconstruction == "off" and link.numel():
+                # a few entries of the chain's input (on the grid, if the chain starts on
+                # one), to compare with their rebuilt values: a drift check for a few KB
+                idx = _sample_indices(link)
+                run.sample = (idx, round_to_grid(link[idx].detach(), chain.steps[0].grid_bits))
+            chain.begin_forward(
+                (link,),
+                _Mode.RECORD,
+                anchor_every=owner.anchor_every,
+                keep_truths=owner.check_reconstruction != "off",
+                protected=protected,
+            )
+            ctx.input_meta = (link.shape, link.dtype, link.device)
+        chain.step_forward(i)
+        if i < last:
+            return link.new_empty(0)
+        state, part, logdet = chain.finish_forward()
         out = part.merge(state) if part is not None else state[0]
         del state
         # The output is kept as a plain reference, not through save_for_backward, so that
         # the backward pass can drop it once it has been split: the chain's output is then
         # freed as soon as the first block is rebuilt (unless the caller still holds it).
         # In-place changes are caught by its version counter, as save_for_backward would.
-        ctx.run = run
-        ctx.out = out.detach()
-        ctx.out_version = out._version
-        ctx.out_part = part
-        ctx.passes = 0
+        run.out = out.detach()
+        run.out_version = out._version
+        run.out_part = part
         if not chain.wants_logdet:
             return out
         if logdet is None:
-            logdet = x.new_zeros(x.shape[0])
+            logdet = out.new_zeros(out.shape[0])
         return out, logdet
 
     @staticmethod
@@ -166,79 +191,86 @@ class _ChainFunction(torch.autograd.Function):
     ) -> tuple[Tensor | None, ...]:
         run: _SequenceRun = ctx.run
         chain = run.chain
-        passes = run.owner.num_bwd_passes
-        ctx.passes += 1
-        if ctx.passes > passes:
-            raise RuntimeError(
-                f"ReversibleSequence: backward pass {ctx.passes} through the chain, but it was "
-                f"built with num_bwd_passes={passes}, so it released its output after the last "
-                f"allowed pass; construct it with num_bwd_passes={ctx.passes} (or more) to "
-                "backpropagate through it that often"
-            )
-        out = ctx.out
-        if out._version != ctx.out_version:
-            raise RuntimeError(
-                "ReversibleSequence: its output was modified in place after the forward pass, so "
-                "the activations cannot be rebuilt from it. Clone the output before modifying it."
-            )
-        final = ctx.passes == passes
-        if final:
-            ctx.out = None
-        grad_logdet = rest[0] if rest else None
-        if grad_out is None:
-            grad_out = torch.zeros_like(out)
+        i = ctx.i
+        if i == len(chain.steps) - 1:
+            _begin_backward(run, grad_out, rest[0] if rest else None)
         needs = ctx.needs_input_grad
-        part: Partition | None = ctx.out_part
-        # the incoming gradient is often expanded (from a mean) or strided: make the parts
-        # dense once, so every kernel below runs its fast path
-        state = list(convert((out,), None, part, "ReversibleSequence"))
-        grads = [
-            g.contiguous()
-            for g in convert((grad_out.to(out.dtype),), None, part, "ReversibleSequence")
-        ]
-        del out, grad_out
-        offset = 2  # autograd inputs: run, x, *params, *side tensors
-        wanted: list[list[Tensor]] = []
-        positions: list[list[int]] = []
-        for block_params in run.params:
-            keep = [j for j in range(len(block_params)) if needs[offset + j]]
-            wanted.append([block_params[j] for j in keep])
-            positions.append([offset + j for j in keep])
-            offset += len(block_params)
-        result: list[Tensor | None] = [None] * (offset + len(chain.side.tensors))
-        errors: dict[int, float] | None = {} if chain.truths else None
+        params = run.params[i]
+        wanted = [j for j in range(len(params)) if needs[3 + j]]
         with (
-            forked_rng(chain.devices, enabled=any(chain.preserve)),
-            frozen_norm_statistics(s.block for s in chain.steps),
+            forked_rng(chain.devices, enabled=chain.preserve[i]),
+            frozen_norm_statistics([chain.steps[i].block]),
         ):
-            rebuilt, input_grads, param_grads, side_grads = chain.backward(
-                state, grads, wanted, grad_logdet, final, errors
-            )
-        for pos, grads_of_step in zip(positions, param_grads):
-            for p, g in zip(pos, grads_of_step):
-                result[p] = g
+            param_grads, side_grads = chain.step_backward(i, [params[j] for j in wanted])
+        result: list[Tensor | None] = [None] * (3 + len(params) + run.n_side)
+        for j, g in zip(wanted, param_grads):
+            result[3 + j] = g
+        base = 3 + len(params)
         for j, g in enumerate(side_grads):
-            if needs[offset + j]:
-                result[offset + j] = g
-        if errors is not None:
-            run.owner._report_reconstruction([errors[i] for i in sorted(errors)])
+            if needs[base + j]:
+                result[base + j] = g
+        if i > 0:
+            result[2] = grad_out.new_zeros(0) if grad_out is not None else None
+            return tuple(result)
+        rebuilt, input_grads = chain.finish_backward()
+        if run.errors is not None:
+            run.owner._report_reconstruction([run.errors[k] for k in sorted(run.errors)])
         if run.sample is not None:
             run.owner._check_drift(rebuilt[0], run.sample)
-            if final:
+            if run.final:
                 run.sample = None
-        result[1] = input_grads[0] if needs[1] else None
+        result[2] = input_grads[0] if needs[2] else None
         return tuple(result)
 
 
-@torch.compiler.disable
-def _apply_chain(run: _SequenceRun, x: Tensor, *tensors: Tensor) -> Any:
-    """The chain's autograd function, kept out of ``torch.compile``'s graphs on purpose.
+def _begin_backward(run: _SequenceRun, grad_out: Tensor | None, grad_logdet: Tensor | None) -> None:
+    """At the last block's node: check the kept output, split it and its gradient."""
+    passes = run.owner.num_bwd_passes
+    run.passes += 1
+    if run.passes > passes:
+        raise RuntimeError(
+            f"ReversibleSequence: backward pass {run.passes} through the chain, but it was "
+            f"built with num_bwd_passes={passes}, so it released its output after the last "
+            f"allowed pass; construct it with num_bwd_passes={run.passes} (or more) to "
+            "backpropagate through it that often"
+        )
+    out = run.out
+    assert out is not None
+    if out._version != run.out_version:
+        raise RuntimeError(
+            "ReversibleSequence: its output was modified in place after the forward pass, so "
+            "the activations cannot be rebuilt from it. Clone the output before modifying it."
+        )
+    run.final = run.passes == passes
+    if run.final:
+        run.out = None
+    if grad_out is None:
+        grad_out = torch.zeros_like(out)
+    part = run.out_part
+    # the incoming gradient is often expanded (from a mean) or strided: make the parts
+    # dense once, so every kernel below runs its fast path
+    state = list(convert((out,), None, part, "ReversibleSequence"))
+    grads = [
+        g.contiguous() for g in convert((grad_out.to(out.dtype),), None, part, "ReversibleSequence")
+    ]
+    del out, grad_out
+    run.errors = {} if run.chain.truths else None
+    run.chain.begin_backward(state, grads, grad_logdet, run.final, run.errors)
 
-    Its backward replays random states and calls autograd itself, which graphs cannot
-    express; compiled models run it eagerly (one graph break) and compile what surrounds it,
-    and compiled modules inside the blocks run compiled in both passes.
+
+@torch.compiler.disable
+def _apply_chain(run: _SequenceRun, x: Tensor) -> Any:
+    """The chain's autograd nodes, kept out of ``torch.compile``'s graphs on purpose.
+
+    Their backward replays random states and calls autograd itself, which graphs cannot
+    express; compiled models run the chain eagerly (one graph break) and compile what
+    surrounds it, and compiled modules inside the blocks run compiled in both passes.
     """
-    return _ChainFunction.apply(run, x, *tensors)
+    side = run.chain.side.tensors
+    link: Any = x
+    for i, params in enumerate(run.params):
+        link = _StepFunction.apply(run, i, link, *params, *side)
+    return link
 
 
 class ReversibleSequence(nn.Module):
@@ -425,8 +457,7 @@ class ReversibleSequence(nn.Module):
                 return out
             return out, ld if ld is not None else x.new_zeros(x.shape[0])
         run = _SequenceRun(self, chain, params)
-        flat = [p for ps in params for p in ps]
-        return cast(Any, _apply_chain(run, x, *flat, *side.tensors))
+        return cast(Any, _apply_chain(run, x))
 
     def _report_reconstruction(self, errors: list[float]) -> None:
         self.reconstruction_errors = errors
