@@ -50,6 +50,10 @@ class Permutation(InvertibleLayer):
     perm: Tensor
     inverse_perm: Tensor
 
+    #: only moves values around: a state on a fixed-point grid stays on it (the chain
+    #: rounds no more after this layer; see invertible_core.engine)
+    preserves_grid = True
+
     def __init__(self, channels: int, seed: int = 0, dim: int = 1) -> None:
         super().__init__()
         self.channels = check_positive_int(channels, "channels", "Permutation")

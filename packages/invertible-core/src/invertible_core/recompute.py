@@ -324,11 +324,11 @@ _EMPTY = SideInputs()
 # A sub-module that changes its input in place (``nn.Sequential(nn.ReLU(inplace=True),
 # conv)`` as Fm) would overwrite the caller's tensor, since a coupling hands Fm a view of
 # the chain's input, and it breaks the coupling's algebra anyway (y2 = x2 + Gm(y1) needs
-# the unchanged x2). The first time a module is called on something the caller owns (the
-# chain's input or a side input), it gets copies of those tensors; if it changes a copy,
-# we refuse with an error before anything of the caller's is touched. A module that left
-# its inputs alone is trusted afterwards (no copies), and every call still compares version
-# counters, so a module that starts writing its input later is refused too, after the fact.
+# the unchanged x2). The first time a module is called on the chain's input, it gets a
+# copy; if it changes the copy, we refuse with an error before anything of the caller's is
+# touched. A module that left its inputs alone is trusted afterwards (no copies), and every
+# call compares version counters, so a module that starts writing its inputs later, or
+# writes a side input (passed as the caller's own object, never copied), is refused too.
 _TRUSTED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
 
@@ -346,13 +346,19 @@ def _describe(fn: Callable[..., Any]) -> str:
     return type(fn).__name__ if isinstance(fn, nn.Module) else getattr(fn, "__name__", repr(fn))
 
 
-def _in_place_error(fn: Callable[..., Any], what: str) -> RuntimeError:
+def _in_place_error(fn: Callable[..., Any], shielded: bool) -> RuntimeError:
+    consequence = (
+        "Nothing of yours was modified: it worked on a copy."
+        if shielded
+        else "The modified tensor was one the chain passed on (a part of an activation or "
+        "a side input), so this call's results cannot be trusted."
+    )
     return RuntimeError(
-        f"{_describe(fn)} modified {what} in place. Invertible blocks need the inputs of "
-        "their functions unchanged (a coupling reuses them to compute and to invert), and the "
-        "caller's tensors must never be overwritten; make the function out of place (e.g. "
-        "nn.ReLU(inplace=False) as its first layer, or clone the input before an in-place "
-        "op). Nothing of yours was modified."
+        f"{_describe(fn)} modified one of its inputs in place. Invertible blocks need the "
+        "inputs of their functions unchanged (a coupling reuses them to compute and to "
+        "invert), and the caller's tensors must never be overwritten; make the function out "
+        "of place (e.g. nn.ReLU(inplace=False) as its first layer, or clone the input before "
+        f"an in-place op). {consequence}"
     )
 
 
@@ -384,9 +390,12 @@ def _guarded_call(
         if isinstance(t, Tensor) and not any(t is c for c, _ in copies)
     ]
     out = fn(*args, **kwargs)
-    for t, version in (*copies, *versions):
+    for t, version in copies:
         if t._version != version:
-            raise _in_place_error(fn, "one of its inputs" if copies else "its input")
+            raise _in_place_error(fn, shielded=True)
+    for t, version in versions:
+        if t._version != version:
+            raise _in_place_error(fn, shielded=False)
     if not trusted:
         with suppress(TypeError):  # not weak-referenceable
             _TRUSTED.setdefault(owner, set()).add(name)

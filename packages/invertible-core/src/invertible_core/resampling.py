@@ -64,6 +64,10 @@ class InvertibleDownsampling(InvertibleLayer):
     Side inputs (``*args``, ``**kwargs``) are accepted and ignored.
     """
 
+    #: only moves values around: a state on a fixed-point grid stays on it (the chain
+    #: rounds no more after this layer; see invertible_core.engine)
+    preserves_grid = True
+
     def __init__(self, factor: int = 2) -> None:
         super().__init__()
         self.factor = check_positive_int(factor, "factor", "InvertibleDownsampling")

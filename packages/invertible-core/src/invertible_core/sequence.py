@@ -149,9 +149,7 @@ class _StepFunction(torch.autograd.Function):
         last = len(chain.steps) - 1
         if i == 0:
             owner = run.owner
-            protected = frozenset(
-                t.untyped_storage().data_ptr() for t in (link, *chain.side.all_tensors())
-            )
+            protected = frozenset({link.untyped_storage().data_ptr()})
             if owner.drift_check and owner.check_reconstruction == "off" and link.numel():
                 # a few entries of the chain's input (on the grid, if the chain starts on
                 # one), to compare with their rebuilt values: a drift check for a few KB
@@ -450,7 +448,7 @@ class ReversibleSequence(nn.Module):
             and (x.requires_grad or bool(side.tensors) or any(params))
         )
         if not saving:
-            protected = frozenset(t.untyped_storage().data_ptr() for t in (x, *side.all_tensors()))
+            protected = frozenset({x.untyped_storage().data_ptr()})
             state, part, ld = chain.forward((x,), _Mode.DIRECT, protected=protected)
             out = part.merge(state) if part is not None else state[0]
             if not logdet:
@@ -487,8 +485,10 @@ class ReversibleSequence(nn.Module):
         self._drift_warned = True
         warnings.warn(
             f"ReversibleSequence: the chain's input was rebuilt with relative error {error:.3g} "
-            f"(sampled; tolerance {tolerance:g} in {dtype}): the blocks amplify rounding "
-            "errors, so the gradients of memory saving are unreliable. Bound the drift with "
+            f"(sampled; tolerance {tolerance:g} in {dtype}), so the gradients of memory "
+            "saving are unreliable. Either the blocks amplify rounding errors, or the "
+            "recompute computes something else than the forward pass did (random ops with "
+            "preserve_rng_state=False, state the blocks change). Bound the drift with "
             "anchor_every=k (keeps every k-th activation), use couplings with "
             "fixed_point_bits=16 (bit-exact), normalise the blocks' outputs, or debug with "
             "check_reconstruction='warn'. (Warned once; drift_check=False silences it.)",

@@ -96,9 +96,7 @@ class _WrapperFunction(torch.autograd.Function):
     def forward(ctx: Any, run: _WrapperRun, *args: Tensor) -> tuple[Tensor, ...]:
         inputs = args[: run.n_inputs]
         chain = run.chain
-        protected = frozenset(
-            t.untyped_storage().data_ptr() for t in (*inputs, *chain.side.all_tensors())
-        )
+        protected = frozenset(t.untyped_storage().data_ptr() for t in inputs)
         state, part, _ = chain.forward(tuple(inputs), _Mode.RECORD, protected=protected)
         outputs: tuple[Tensor, ...] = (part.merge(state),) if part is not None else state
         del state
@@ -304,9 +302,7 @@ class InvertibleModuleWrapper(nn.Module):
             and (any(x.requires_grad for x in inputs) or bool(params) or bool(side.tensors))
         )
         if not saving:
-            protected = frozenset(
-                t.untyped_storage().data_ptr() for t in (*inputs, *side.all_tensors())
-            )
+            protected = frozenset(t.untyped_storage().data_ptr() for t in inputs)
             state, part, _ = chain.forward(inputs, _Mode.DIRECT, protected=protected)
             outputs: tuple[Tensor, ...] = (part.merge(state),) if part is not None else state
         else:
