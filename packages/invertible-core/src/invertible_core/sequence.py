@@ -106,10 +106,17 @@ _DOUBLE_BACKWARD = (
 class _SequenceRun:
     """One call of a sequence: the chain, and what passes between its autograd nodes."""
 
-    def __init__(self, owner: ReversibleSequence, chain: Chain, params: list[list[Tensor]]) -> None:
+    def __init__(
+        self,
+        owner: ReversibleSequence,
+        chain: Chain,
+        params: list[list[Tensor]],
+        blocks: list[int],
+    ) -> None:
         self.owner = owner
         self.chain = chain
         self.params = params
+        self.blocks = blocks  # the sequence's index of each step's block
         self.n_side = len(chain.side.tensors)
         self.sample: tuple[tuple[Tensor, ...], Tensor] | None = None
         self.out: Tensor | None = None
@@ -212,7 +219,7 @@ class _StepFunction(torch.autograd.Function):
             return tuple(result)
         rebuilt, input_grads = chain.finish_backward()
         if run.errors is not None:
-            run.owner._report_reconstruction([run.errors[k] for k in sorted(run.errors)])
+            run.owner._report_reconstruction({run.blocks[k]: e for k, e in run.errors.items()})
         if run.sample is not None:
             run.owner._check_drift(rebuilt[0], run.sample)
             if run.final:
@@ -271,6 +278,28 @@ def _apply_chain(run: _SequenceRun, x: Tensor) -> Any:
     return link
 
 
+def _kept_indices(value: int | Iterable[int] | None, n: int) -> tuple[int, ...]:
+    """``keep_blocks`` as sorted block indices; clear errors for anything else."""
+    if value is None:
+        return ()
+    if isinstance(value, bool):
+        raise TypeError("keep_blocks must be a count or block indices, not a bool")
+    if isinstance(value, int):
+        if not 0 <= value <= n:
+            raise ValueError(
+                f"keep_blocks={value} is not a count of blocks of this {n}-block sequence "
+                f"(0..{n}); pass a count of last blocks to keep, or their indices"
+            )
+        return tuple(range(n - value, n))
+    indices = list(value)
+    for i in indices:
+        if isinstance(i, bool) or not isinstance(i, int):
+            raise TypeError(f"keep_blocks indices must be ints, got {i!r}")
+        if not -n <= i < n:
+            raise ValueError(f"keep_blocks index {i} is out of range for {n} blocks")
+    return tuple(sorted({i % n for i in indices}))
+
+
 class ReversibleSequence(nn.Module):
     """A chain of invertible blocks whose training memory does not grow with its length.
 
@@ -296,6 +325,12 @@ class ReversibleSequence(nn.Module):
         drift_check: compare a sample of the chain's input with its rebuilt values after
             each backward pass and warn once if the reconstruction drifted (relative error
             above 1e-3 in float32, 5e-2 in half precision). Costs a few KB.
+        keep_blocks: blocks that keep their activations while saving memory: plain
+            autograd for them, no recompute (faster, costs their activations). A count
+            ``k`` keeps the last ``k`` blocks (the backward pass needs them first); a list
+            gives the indices. A kept block is also an exact anchor: the blocks below it are
+            rebuilt from its exactly stored input. See
+            :func:`~invertible_core.fit_memory_budget` for choosing them by a memory budget.
 
     ``forward(x, *args, **kwargs)`` runs the blocks in order, ``inverse(y, *args, **kwargs)``
     undoes them in reverse order; both save memory while training. Indexing with a slice
@@ -314,6 +349,7 @@ class ReversibleSequence(nn.Module):
         reconstruction_tolerance: float = 1e-4,
         num_bwd_passes: int = 1,
         drift_check: bool = True,
+        keep_blocks: int | Iterable[int] | None = None,
     ) -> None:
         super().__init__()
         if len(blocks) == 1 and not isinstance(blocks[0], nn.Module):
@@ -360,6 +396,8 @@ class ReversibleSequence(nn.Module):
         self.drift_check = bool(drift_check)
         self.reconstruction_errors = []
         self._drift_warned = False
+        self._keep_blocks: tuple[int, ...] = ()
+        self.keep_blocks = keep_blocks
 
     # -- container behaviour -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -390,6 +428,9 @@ class ReversibleSequence(nn.Module):
                 reconstruction_tolerance=self.reconstruction_tolerance,
                 num_bwd_passes=self.num_bwd_passes,
                 drift_check=self.drift_check,
+                keep_blocks=[
+                    j for j, i in enumerate(range(len(blocks))[index]) if i in self._keep_blocks
+                ],
             )
             sub.train(self.training)
             return sub
@@ -414,13 +455,25 @@ class ReversibleSequence(nn.Module):
         """:meth:`inverse` and the per-sample ``log|det dx/dy|`` (the forward's, negated)."""
         return cast(tuple[Tensor, Tensor], self._run(y, args, kwargs, inverse=True, logdet=True))
 
-    def _steps(self, inverse: bool) -> tuple[list[Step], list[bool]]:
+    # -- which blocks keep their activations ------------------------------------------------
+    @property
+    def keep_blocks(self) -> tuple[int, ...]:
+        """Indices of the blocks that keep their activations (plain autograd, no recompute)."""
+        return self._keep_blocks
+
+    @keep_blocks.setter
+    def keep_blocks(self, value: int | Iterable[int] | None) -> None:
+        self._keep_blocks = _kept_indices(value, len(self))
+
+    def _steps(self, inverse: bool) -> tuple[list[Step], list[bool], list[int]]:
         steps = [make_step(b, "ReversibleSequence", i) for i, b in enumerate(self)]
         preserve = list(self.preserve_rng_state)
+        order = list(range(len(steps)))
         if inverse:
             steps.reverse()
             preserve.reverse()
-        return steps, preserve
+            order.reverse()
+        return steps, preserve, order
 
     def _run(
         self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], inverse: bool, logdet: bool
@@ -429,40 +482,63 @@ class ReversibleSequence(nn.Module):
             raise TypeError(f"ReversibleSequence expects a tensor, got {type(x).__name__}")
         if logdet and x.dim() == 0:
             raise ValueError("forward_with_logdet needs a batch dimension (dim 0) in its input")
-        steps, preserve = self._steps(inverse)
+        steps, preserve, order = self._steps(inverse)
         side = SideInputs(args, kwargs)
         params = trainable(s.block for s in steps)
-        chain = Chain(
-            steps=steps,
-            inverse=inverse,
-            side=side,
-            who="ReversibleSequence",
-            preserve=preserve,
-            wants_logdet=logdet,
-            devices=tensor_devices([x, *side.all_tensors()]),
-        )
         saving = (
             self.memory_saving
             and self.training
             and torch.is_grad_enabled()
             and (x.requires_grad or bool(side.tensors) or any(params))
         )
-        if not saving:
-            protected = frozenset({x.untyped_storage().data_ptr()})
-            state, part, ld = chain.forward((x,), _Mode.DIRECT, protected=protected)
-            out = part.merge(state) if part is not None else state[0]
-            if not logdet:
-                return out
-            return out, ld if ld is not None else x.new_zeros(x.shape[0])
-        run = _SequenceRun(self, chain, params)
-        return cast(Any, _apply_chain(run, x))
+        devices = tensor_devices([x, *side.all_tensors()])
+        # stretches of consecutive blocks: rebuilt ones run as one memory-saving chain, kept
+        # ones (keep_blocks) as plain autograd; without saving, everything is one plain stretch
+        kept = set(self._keep_blocks) if saving else set()
+        stretches: list[tuple[bool, list[int]]] = []
+        for pos, index in enumerate(order):
+            rebuild = saving and index not in kept
+            if stretches and stretches[-1][0] == rebuild:
+                stretches[-1][1].append(pos)
+            else:
+                stretches.append((rebuild, [pos]))
+        total: Tensor | None = None
+        out = x
+        for rebuild, positions in stretches:
+            chain = Chain(
+                steps=[steps[p] for p in positions],
+                inverse=inverse,
+                side=side,
+                who="ReversibleSequence",
+                preserve=[preserve[p] for p in positions],
+                wants_logdet=logdet,
+                devices=devices,
+            )
+            if rebuild:
+                run = _SequenceRun(
+                    self, chain, [params[p] for p in positions], [order[p] for p in positions]
+                )
+                result = _apply_chain(run, out)
+                out, ld = result if logdet else (result, None)
+            else:
+                protected = frozenset({out.untyped_storage().data_ptr()})
+                state, part, ld = chain.forward((out,), _Mode.DIRECT, protected=protected)
+                out = part.merge(state) if part is not None else state[0]
+            if ld is not None:
+                total = ld if total is None else total + ld
+        if not logdet:
+            return out
+        return out, total if total is not None else x.new_zeros(x.shape[0])
 
-    def _report_reconstruction(self, errors: list[float]) -> None:
-        self.reconstruction_errors = errors
-        worst = max(errors, default=0.0)
+    def _report_reconstruction(self, errors: dict[int, float]) -> None:
+        if len(self.reconstruction_errors) != len(self):
+            self.reconstruction_errors = [0.0] * len(self)  # kept blocks: exact
+        for block, error in errors.items():
+            self.reconstruction_errors[block] = error
+        worst = max(errors.values(), default=0.0)
         if worst <= self.reconstruction_tolerance:
             return
-        block = errors.index(worst)
+        block = max(errors, key=lambda b: errors[b])
         message = (
             f"ReversibleSequence: the input of block {block} was rebuilt with relative error "
             f"{worst:.3g} > reconstruction_tolerance={self.reconstruction_tolerance:g}. The "
@@ -497,7 +573,8 @@ class ReversibleSequence(nn.Module):
         )
 
     def extra_repr(self) -> str:
+        keep = f", keep_blocks={list(self._keep_blocks)}" if self._keep_blocks else ""
         return (
             f"memory_saving={self.memory_saving}, anchor_every={self.anchor_every}, "
-            f"check_reconstruction={self.check_reconstruction!r}"
+            f"check_reconstruction={self.check_reconstruction!r}{keep}"
         )
