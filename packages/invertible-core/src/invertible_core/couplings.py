@@ -25,7 +25,7 @@ from __future__ import annotations
 import copy
 import warnings
 from collections.abc import Callable
-from typing import Any, Literal
+from typing import Any, Literal, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -83,6 +83,17 @@ _ROUTES: dict[str, tuple[bool, bool]] = {
     "Gm": (False, True),
     "none": (False, False),
 }
+
+
+class _Half(NamedTuple):
+    """One recomputed half step, waiting for its gradient."""
+
+    sign: int
+    cond: Tensor
+    h: CouplingTerm
+    h_values: CouplingTerm
+    other: Tensor
+    known: Tensor
 
 
 class Coupling(nn.Module):
@@ -273,25 +284,91 @@ class Coupling(nn.Module):
         ``sign=+1`` undoes ``known = couple(other, module(cond))``; ``-1`` undoes ``known =
         decouple(other, module(cond))``. Returns ``(other, d_other, d_cond)``.
         """
+        half = self._recompute_half(ctx, slot, cond, known, sign)
+        d_other, d_cond = self._backprop_half(ctx, half, d_known)
+        return half.other, d_other, d_cond
+
+    def _recompute_half(
+        self, ctx: RecomputeContext, slot: int, cond: Tensor, known: Tensor, sign: int
+    ) -> _Half:
         cond = cond.detach().requires_grad_(True)
         h = self._term(ctx, slot, cond, known)
         h_values = _detach(h)
         with torch.no_grad():
-            if sign > 0:
-                other = self._decouple(known, h_values)
+            other = self._decouple(known, h_values) if sign > 0 else self._couple(known, h_values)
+        return _Half(sign, cond, h, h_values, other, known)
+
+    def _backprop_half(
+        self, ctx: RecomputeContext, half: _Half, d_known: Tensor
+    ) -> tuple[Tensor, Tensor]:
+        """Gradients of a recomputed half step: ``(d_other, d_cond)``."""
+        h_values, other, known = half.h_values, half.other, half.known
+        with torch.no_grad():
+            if half.sign > 0:
                 d_other, d_terms = self._couple_backward(other, h_values, known, d_known)
             else:
-                other = self._couple(known, h_values)
                 d_other, d_terms = self._decouple_backward(other, h_values, known, d_known)
             if ctx.grad_logdet is not None and not self.volume_preserving:
-                g = ctx.grad_logdet if sign > 0 else -ctx.grad_logdet
+                g = ctx.grad_logdet if half.sign > 0 else -ctx.grad_logdet
                 d_terms = tuple(a + b for a, b in zip(d_terms, self._logdet_backward(h_values, g)))
-        terms = _terms(h)
+        terms = _terms(half.h)
         d_terms = tuple(d.to(t.dtype) for d, t in zip(d_terms, terms))
-        (d_cond,) = ctx.backward(terms, d_terms, (cond,))
+        (d_cond,) = ctx.backward(terms, d_terms, (half.cond,))
         if d_cond is None:
-            d_cond = torch.zeros_like(cond)
-        return other, d_other, d_cond.to(cond.dtype)
+            d_cond = torch.zeros_like(half.cond)
+        return d_other, d_cond.to(half.cond.dtype)
+
+    def recompute_state(
+        self, state: list[Tensor], ctx: RecomputeContext, *, inverse: bool = False
+    ) -> tuple[State, Any]:
+        """The first half of :meth:`backward_state`: rebuild the input parts (recomputing
+        ``Gm`` and ``Fm`` with grad) and return them with what :meth:`backprop_state` needs.
+
+        Split in two so that a chain can rebuild the next block while this one's gradients
+        are computed (overlapped recompute); both halves' graphs are alive in between.
+        """
+        p, q = state
+        state.clear()
+        if not inverse:
+            g = self._recompute_half(ctx, 1, p, q, +1)
+            f = self._recompute_half(ctx, 0, g.other, p, +1)
+            return (f.other, g.other), (g, f)
+        f = self._recompute_half(ctx, 0, q, p, -1)
+        g = self._recompute_half(ctx, 1, f.other, q, -1)
+        return (f.other, g.other), (f, g)
+
+    def backprop_state(
+        self,
+        pending: Any,
+        grads: list[Tensor],
+        ctx: RecomputeContext,
+        *,
+        inverse: bool = False,
+        between: Callable[[], None] | None = None,
+    ) -> State:
+        """The second half of :meth:`backward_state`: the input parts' gradients.
+
+        ``between`` is called once, after the first function's gradients are done and its
+        graph released (a chain starts the next block's recompute there, so that only three
+        graphs of half a block, not four, are alive at once).
+        """
+        dp, dq = grads
+        grads.clear()
+        first, second = pending
+        del pending
+        if not inverse:
+            dx2, d_y1 = self._backprop_half(ctx, first, dq)
+            del first
+            if between is not None:
+                between()
+            dx1, d_x2 = self._backprop_half(ctx, second, dp + d_y1)
+            return dx1, dx2 + d_x2
+        dy1, d_x2 = self._backprop_half(ctx, first, dp)
+        del first
+        if between is not None:
+            between()
+        dy2, d_y1 = self._backprop_half(ctx, second, dq + d_x2)
+        return dy1 + d_y1, dy2
 
     # -- whole tensors ------------------------------------------------------------------------
     def _whole(

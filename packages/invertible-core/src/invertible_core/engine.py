@@ -20,7 +20,8 @@ values around, such as :class:`~invertible_core.InvertibleDownsampling`, say so 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -35,6 +36,8 @@ from invertible_core.recompute import (
     RecomputeContext,
     SideInputs,
     _Mode,
+    forked_rng,
+    frozen_norm_statistics,
 )
 
 __all__ = ["Chain", "FusedStep", "GenericStep", "Step", "make_step", "once_differentiable"]
@@ -108,6 +111,27 @@ class Step:
     ) -> tuple[State, State]:
         raise NotImplementedError
 
+    #: whether the step splits its backward into recompute() and backprop() (overlap)
+    phased: bool = False
+
+    def recompute(
+        self, state: list[Tensor], ctx: RecomputeContext, inverse: bool
+    ) -> tuple[State, Any]:
+        """Rebuild the input state (first half of :meth:`backward`); takes ``state``."""
+        raise NotImplementedError
+
+    def backprop(
+        self,
+        pending: Any,
+        grads: list[Tensor],
+        ctx: RecomputeContext,
+        inverse: bool,
+        between: Callable[[], None] | None = None,
+    ) -> State:
+        """The input state's gradient (second half of :meth:`backward`); takes ``grads``.
+        ``between`` (if given) is called once while the step's graph is partly released."""
+        raise NotImplementedError
+
     def reforward(
         self, inputs: State, grads: State, ctx: RecomputeContext, inverse: bool
     ) -> tuple[State, tuple[Tensor | None, ...]]:
@@ -133,6 +157,34 @@ class FusedStep(Step):
         self.fused: Any = block
         self.partition = block.partition
         self.grid_bits = getattr(block, "fixed_point_bits", None)
+        self.phased = callable(getattr(block, "recompute_state", None)) and callable(
+            getattr(block, "backprop_state", None)
+        )
+
+    def recompute(
+        self, state: list[Tensor], ctx: RecomputeContext, inverse: bool
+    ) -> tuple[State, Any]:
+        return self.fused.recompute_state(state, ctx, inverse=inverse)  # type: ignore[no-any-return]
+
+    def backprop(
+        self,
+        pending: Any,
+        grads: list[Tensor],
+        ctx: RecomputeContext,
+        inverse: bool,
+        between: Callable[[], None] | None = None,
+    ) -> State:
+        if between is None:
+            return self.fused.backprop_state(pending, grads, ctx, inverse=inverse)  # type: ignore[no-any-return]
+        try:
+            return self.fused.backprop_state(  # type: ignore[no-any-return]
+                pending, grads, ctx, inverse=inverse, between=between
+            )
+        except TypeError as exc:
+            if "between" not in str(exc):
+                raise
+            between()  # a user's block without the hook: start the next recompute first
+            return self.fused.backprop_state(pending, grads, ctx, inverse=inverse)  # type: ignore[no-any-return]
 
     def run(self, state: State, ctx: RecomputeContext, inverse: bool) -> State:
         out = self.fused.run_state(state, ctx, inverse=inverse)
@@ -184,21 +236,52 @@ class GenericStep(Step):
         fn = self._fn(inverse, False)
         return _as_state(ctx.call(0, fn, *state), self.name, fn.__name__)
 
+    phased = True
+
+    def recompute(
+        self, state: list[Tensor], ctx: RecomputeContext, inverse: bool
+    ) -> tuple[State, Any]:
+        outputs = tuple(state)
+        state.clear()
+        rebuilt = _as_state(
+            ctx.rebuild(self._fn(not inverse, False), *outputs),
+            self.name,
+            "inverse" if not inverse else "forward",
+        )
+        del outputs
+        leaves = tuple(x.detach().requires_grad_(x.is_floating_point()) for x in rebuilt)
+        recomputed = self.run(leaves, ctx, inverse)
+        return tuple(x.detach() for x in leaves), (leaves, recomputed, ctx._take_logdet())
+
+    def backprop(
+        self,
+        pending: Any,
+        grads: list[Tensor],
+        ctx: RecomputeContext,
+        inverse: bool,
+        between: Callable[[], None] | None = None,
+    ) -> State:
+        if between is not None:
+            between()  # one graph: the next step's recompute goes first
+        leaves, outputs, logdet = pending
+        terms, term_grads = list(outputs), list(grads)
+        grads.clear()
+        if logdet is not None and ctx.grad_logdet is not None:
+            terms.append(logdet)
+            term_grads.append(ctx.grad_logdet.to(logdet.dtype))
+        differentiable = [x for x in leaves if x.requires_grad]
+        got = iter(ctx.backward(terms, term_grads, differentiable))
+        filled: list[Tensor] = []
+        for x in leaves:
+            g = next(got) if x.requires_grad else None
+            filled.append(torch.zeros_like(x) if g is None else g.to(x.dtype))
+        return tuple(filled)
+
     def backward(
         self, state: list[Tensor], grads: list[Tensor], ctx: RecomputeContext, inverse: bool
     ) -> tuple[State, State]:
-        outputs = tuple(state)
-        state.clear()
-        inputs = ctx.rebuild(self._fn(not inverse, False), *outputs)
-        del outputs
-        inputs = _as_state(inputs, self.name, "inverse" if not inverse else "forward")
-        rebuilt, input_grads = self.reforward(inputs, tuple(grads), ctx, inverse)
-        grads.clear()
-        filled = tuple(
-            torch.zeros_like(x) if g is None else g.to(x.dtype)
-            for x, g in zip(rebuilt, input_grads)
-        )
-        return rebuilt, filled
+        rebuilt, pending = self.recompute(state, ctx, inverse)
+        return rebuilt, self.backprop(pending, grads, ctx, inverse)
 
 
 def is_fused(block: object) -> bool:
@@ -259,6 +342,8 @@ class Chain:
     preserve: Sequence[bool]
     wants_logdet: bool = False
     devices: tuple[torch.device, ...] = ()
+    #: overlap each block's recompute with the next block's gradients (see the NOTE)
+    overlap: bool = False
     contexts: list[RecomputeContext] = field(default_factory=list)
     #: partition of the state entering / leaving each step (None: a whole tensor)
     layouts: list[Partition | None] = field(default_factory=list)
@@ -370,6 +455,10 @@ class Chain:
         self._final = final
         self._errors = errors
         self._side_leaves = self.side.differentiable()
+        self._prefetched: dict[int, tuple[State, Any]] = {}
+        self._anchor_used: set[int] = set()
+        self._events: dict[str, Any] = {}
+        self._b_grads_inflight: list[Tensor] = []
 
     def step_backward(
         self, i: int, params: Sequence[Tensor]
@@ -377,23 +466,170 @@ class Chain:
         """Step ``i`` backward: rebuilds its input state and its gradient (kept by the
         chain for step ``i - 1``); returns the gradients of ``params`` and of the side
         inputs' differentiable tensors (this step's share)."""
-        step, ctx = self.steps[i], self.contexts[i]
-        anchor = self.anchors.pop(i, None) if self._final else self.anchors.get(i)
-        state, grads = self._b_state, self._b_grads
-        self._b_state, self._b_grads = [], []
-        if anchor is not None:
-            state[:] = anchor
+        step = self.steps[i]
+        if self.overlap and step.phased:
+            return self._step_backward_overlapped(i, params)
+        ctx = self.contexts[i]
+        state, grads = self._take_state(i)
         side = self._side_leaves
         acc: list[Tensor | None] = [None] * (len(params) + len(side.tensors))
-        with ctx._replaying(side, params, acc, self._grad_logdet):
+        with self._recompute_env(i), ctx._replaying(side, params, acc, self._grad_logdet):
             rebuilt, rebuilt_grads = step.backward(state, grads, ctx, self.inverse)
         del state, grads
+        self._check_truth(i, rebuilt)
+        self._hand_down(i, rebuilt, rebuilt_grads)
+        return acc[: len(params)], acc[len(params) :]
+
+    # NOTE [overlapped recompute]
+    # A block's backward step is two halves: the recompute (rebuild the input, recording
+    # the graph of Fm/Gm) and the backprop through that graph. Block i-1's recompute needs
+    # only block i's rebuilt input, not its gradients, so it can run while block i's
+    # gradients are computed (PaReprop, Zhu et al. 2023). On CUDA the two halves of one
+    # block run on the same stream (autograd runs a backward op on the stream of its
+    # forward op), and consecutive blocks alternate between two streams, so the recompute
+    # of i-1 overlaps the backprop of i; events order what depends on what, and every
+    # tensor that crosses streams is recorded with the caching allocator for the stream
+    # that uses it. The CPU runs the same schedule in order. Cost: the graphs of two
+    # blocks are alive at once (one block's recompute above the sequential schedule).
+    def _step_backward_overlapped(
+        self, i: int, params: Sequence[Tensor]
+    ) -> tuple[list[Tensor | None], list[Tensor | None]]:
+        prefetched = self._prefetched.pop(i, None)
+        if prefetched is None:
+            state, grads = self._take_state(i)
+            self._stream_waits_for_caller(i, (*state, *grads))
+            rebuilt, pending = self._recompute(i, state)
+        else:
+            rebuilt, pending = prefetched
+            grads = self._b_grads
+            self._b_state, self._b_grads = [], []
+        del prefetched
+        # the step's backprop takes the only reference to its graphs, so that it can free
+        # the first function's graph before the next block's recompute starts
+        handed = [pending]
+        del pending
+        before = self.layouts[i - 1] if i > 0 else None
+        between: Callable[[], None] | None = None
+        if i > 0 and self.steps[i - 1].phased:
+
+            def between() -> None:
+                # block i-1's recompute, while block i's second function is backpropagated
+                anchor = self.anchors.pop(i - 1, None) if self._final else self.anchors.get(i - 1)
+                down = list(
+                    anchor
+                    if anchor is not None
+                    else convert(rebuilt, self.layouts[i], before, self.steps[i].name)
+                )
+                self._after(i, i - 1, down)
+                self._prefetched[i - 1] = self._recompute(i - 1, down)
+
+        side = self._side_leaves
+        acc: list[Tensor | None] = [None] * (len(params) + len(side.tensors))
+        ctx = self.contexts[i]
+        with self._stream(i), ctx._backpropagating(side, params, acc, self._grad_logdet):
+            self._after_grads(i)
+            rebuilt_grads = self.steps[i].backprop(handed.pop(), grads, ctx, self.inverse, between)
+        del grads
+        self._grads_done(i, (*rebuilt_grads, *(g for g in acc if g is not None)))
+        self._hand_down(i, rebuilt, rebuilt_grads)
+        return acc[: len(params)], acc[len(params) :]
+
+    def _recompute(self, i: int, state: list[Tensor]) -> tuple[State, Any]:
+        ctx = self.contexts[i]
+        with self._stream(i), self._recompute_env(i), ctx._recomputing(self._side_leaves):
+            rebuilt, pending = self.steps[i].recompute(state, ctx, self.inverse)
+        self._recomputed(i)
+        self._check_truth(i, rebuilt)
+        return rebuilt, pending
+
+    def _take_state(self, i: int) -> tuple[list[Tensor], list[Tensor]]:
+        state, grads = self._b_state, self._b_grads
+        self._b_state, self._b_grads = [], []
+        if i not in self._anchor_used:
+            anchor = self.anchors.pop(i, None) if self._final else self.anchors.get(i)
+            if anchor is not None:
+                state[:] = anchor
+        return state, grads
+
+    def _check_truth(self, i: int, rebuilt: State) -> None:
         if self._errors is not None and i in self.truths:
             self._errors[i] = relative_error(rebuilt, self.truths[i])
+
+    def _hand_down(self, i: int, rebuilt: State, rebuilt_grads: State) -> None:
         before = self.layouts[i - 1] if i > 0 else None
-        self._b_state = list(convert(rebuilt, self.layouts[i], before, step.name))
-        self._b_grads = list(convert(rebuilt_grads, self.layouts[i], before, step.name))
-        return acc[: len(params)], acc[len(params) :]
+        name = self.steps[i].name
+        if not (i > 0 and i - 1 in self._prefetched):
+            self._b_state = list(convert(rebuilt, self.layouts[i], before, name))
+        self._b_grads = list(convert(rebuilt_grads, self.layouts[i], before, name))
+
+    @contextmanager
+    def _recompute_env(self, i: int) -> Iterator[None]:
+        """The caller's random streams restored afterwards; norm statistics frozen."""
+        with (
+            forked_rng(self.devices, enabled=self.preserve[i]),
+            frozen_norm_statistics([self.steps[i].block]),
+        ):
+            yield
+
+    # -- streams (CUDA, overlap only; no-ops elsewhere) ---------------------------------
+    def _streams(self) -> tuple[Any, Any] | None:
+        if not self.overlap or not self.devices or self.devices[0].type != "cuda":
+            return None
+        return _side_streams(self.devices[0])
+
+    def _stream(self, i: int) -> Any:
+        streams = self._streams()
+        if streams is None:
+            return nullcontext()
+        return torch.cuda.stream(streams[(len(self.steps) - 1 - i) % 2])
+
+    def _stream_of(self, i: int) -> Any:
+        streams = self._streams()
+        return None if streams is None else streams[(len(self.steps) - 1 - i) % 2]
+
+    def _stream_waits_for_caller(self, i: int, tensors: Iterable[Tensor]) -> None:
+        stream = self._stream_of(i)
+        if stream is None:
+            return
+        stream.wait_stream(torch.cuda.current_stream(self.devices[0]))
+        for t in tensors:
+            t.record_stream(stream)
+
+    def _recomputed(self, i: int) -> None:
+        stream = self._stream_of(i)
+        if stream is not None:
+            self._events[f"f{i}"] = stream.record_event()
+
+    def _after(self, done: int, i: int, tensors: Iterable[Tensor]) -> None:
+        """Step ``i`` uses ``tensors`` that step ``done`` rebuilt on its own stream."""
+        stream = self._stream_of(i)
+        if stream is None:
+            return
+        stream.wait_event(self._events[f"f{done}"])
+        for t in tensors:
+            t.record_stream(stream)
+
+    def _after_grads(self, i: int) -> None:
+        """Step ``i``'s backprop waits for the gradients of step ``i + 1``'s."""
+        stream = self._stream_of(i)
+        event = self._events.get(f"b{i + 1}")
+        if stream is None or event is None:
+            return
+        stream.wait_event(event)
+        for t in self._b_grads_inflight:
+            t.record_stream(stream)
+
+    def _grads_done(self, i: int, tensors: tuple[Tensor, ...]) -> None:
+        stream = self._stream_of(i)
+        if stream is None:
+            return
+        self._events[f"b{i}"] = stream.record_event()
+        # the caller's stream (autograd's) takes this step's gradients from here on
+        caller = torch.cuda.current_stream(self.devices[0])
+        caller.wait_event(self._events[f"b{i}"])
+        for t in tensors:
+            t.record_stream(caller)
+        self._b_grads_inflight = [t for t in tensors]
 
     def finish_backward(self) -> tuple[State, State]:
         """The rebuilt input state of the chain and its gradient."""
@@ -449,7 +685,7 @@ class Chain:
         state = convert(inputs, None, part, step.name)
         out_grads = convert(grads, None, part, step.name)
         acc: list[Tensor | None] = [None] * (len(params) + len(side.tensors))
-        with ctx._replaying(side, params, acc, grad_logdet):
+        with self._recompute_env(i), ctx._replaying(side, params, acc, grad_logdet):
             rebuilt, input_grads = step.reforward(state, out_grads, ctx, self.inverse)
         if part is not None:
             filled = tuple(
@@ -457,6 +693,16 @@ class Chain:
             )
             input_grads = (part.merge(filled),)
         return inputs, input_grads, acc[: len(params)], acc[len(params) :]
+
+
+_STREAMS: dict[torch.device, tuple[Any, Any]] = {}
+
+
+def _side_streams(device: torch.device) -> tuple[Any, Any]:
+    """Two CUDA streams per device for the overlapped schedule, made once and reused."""
+    if device not in _STREAMS:
+        _STREAMS[device] = (torch.cuda.Stream(device), torch.cuda.Stream(device))
+    return _STREAMS[device]
 
 
 def relative_error(rebuilt: Sequence[Tensor], true: Sequence[Tensor]) -> float:

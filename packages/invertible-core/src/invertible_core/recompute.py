@@ -556,13 +556,36 @@ class RecomputeContext:
         grads: list[Tensor | None],
         grad_logdet: Tensor | None,
     ) -> Iterator[None]:
-        """Switch to replay mode for one backward step (gradients go into ``grads``)."""
+        """Replay mode for a whole backward step: recompute, then backpropagate (gradients
+        go into ``grads``)."""
+        with self._recomputing(side), self._backpropagating(side, params, grads, grad_logdet):
+            yield
+
+    @contextmanager
+    def _recomputing(self, side: SideInputs) -> Iterator[None]:
+        """The recompute of a backward step: calls replay, with grad, buffers as before."""
+        mode, saved_side = self._mode, self._side
+        self._mode, self._side = _Mode.REPLAY, side
+        try:
+            with torch.enable_grad(), recomputing(), self.buffers.as_before():
+                yield
+        finally:
+            self._mode, self._side = mode, saved_side
+
+    @contextmanager
+    def _backpropagating(
+        self,
+        side: SideInputs,
+        params: Sequence[Tensor],
+        grads: list[Tensor | None],
+        grad_logdet: Tensor | None,
+    ) -> Iterator[None]:
+        """The gradient half of a backward step (:meth:`backward` collects into ``grads``)."""
         mode, saved_side = self._mode, self._side
         self._mode, self._side = _Mode.REPLAY, side
         self._params, self._grads, self.grad_logdet = params, grads, grad_logdet
         try:
-            with torch.enable_grad(), recomputing(), self.buffers.as_before():
-                yield
+            yield
         finally:
             self._mode, self._side = mode, saved_side
             self._params, self._grads, self.grad_logdet = (), [], None

@@ -81,8 +81,6 @@ from invertible_core.fixed_point import round_to_grid
 from invertible_core.recompute import (
     SideInputs,
     _Mode,
-    forked_rng,
-    frozen_norm_statistics,
     tensor_devices,
 )
 
@@ -202,11 +200,7 @@ class _StepFunction(torch.autograd.Function):
         needs = ctx.needs_input_grad
         params = run.params[i]
         wanted = [j for j in range(len(params)) if needs[3 + j]]
-        with (
-            forked_rng(chain.devices, enabled=chain.preserve[i]),
-            frozen_norm_statistics([chain.steps[i].block]),
-        ):
-            param_grads, side_grads = chain.step_backward(i, [params[j] for j in wanted])
+        param_grads, side_grads = chain.step_backward(i, [params[j] for j in wanted])
         result: list[Tensor | None] = [None] * (3 + len(params) + run.n_side)
         for j, g in zip(wanted, param_grads):
             result[3 + j] = g
@@ -331,6 +325,10 @@ class ReversibleSequence(nn.Module):
             gives the indices. A kept block is also an exact anchor: the blocks below it are
             rebuilt from its exactly stored input. See
             :func:`~invertible_core.fit_memory_budget` for choosing them by a memory budget.
+        overlap: rebuild block ``i - 1`` while block ``i``'s gradients are computed
+            (PaReprop): on CUDA the two run on two streams, on the CPU in order (same
+            results, no gain). Costs one block's recompute memory more. Off by default until
+            measured faster on GPUs (``benchmarks/gpu/run.sh`` measures it).
 
     ``forward(x, *args, **kwargs)`` runs the blocks in order, ``inverse(y, *args, **kwargs)``
     undoes them in reverse order; both save memory while training. Indexing with a slice
@@ -350,6 +348,7 @@ class ReversibleSequence(nn.Module):
         num_bwd_passes: int = 1,
         drift_check: bool = True,
         keep_blocks: int | Iterable[int] | None = None,
+        overlap: bool = False,
     ) -> None:
         super().__init__()
         if len(blocks) == 1 and not isinstance(blocks[0], nn.Module):
@@ -398,6 +397,7 @@ class ReversibleSequence(nn.Module):
         self._drift_warned = False
         self._keep_blocks: tuple[int, ...] = ()
         self.keep_blocks = keep_blocks
+        self.overlap = bool(overlap)
 
     # -- container behaviour -----------------------------------------------------------------
     def __len__(self) -> int:
@@ -428,6 +428,7 @@ class ReversibleSequence(nn.Module):
                 reconstruction_tolerance=self.reconstruction_tolerance,
                 num_bwd_passes=self.num_bwd_passes,
                 drift_check=self.drift_check,
+                overlap=self.overlap,
                 keep_blocks=[
                     j for j, i in enumerate(range(len(blocks))[index]) if i in self._keep_blocks
                 ],
@@ -513,6 +514,7 @@ class ReversibleSequence(nn.Module):
                 preserve=[preserve[p] for p in positions],
                 wants_logdet=logdet,
                 devices=devices,
+                overlap=self.overlap and rebuild,
             )
             if rebuild:
                 run = _SequenceRun(

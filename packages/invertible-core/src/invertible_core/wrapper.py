@@ -53,8 +53,6 @@ from invertible_core.engine import (
 from invertible_core.recompute import (
     SideInputs,
     _Mode,
-    forked_rng,
-    frozen_norm_statistics,
     tensor_devices,
 )
 
@@ -142,23 +140,19 @@ class _WrapperFunction(torch.autograd.Function):
         n = run.n_inputs
         wanted = [i for i, p in enumerate(run.params) if needs[1 + n + i]]
         params = [run.params[i] for i in wanted]
-        with (
-            forked_rng(chain.devices, enabled=chain.preserve[0]),
-            frozen_norm_statistics([chain.steps[0].block]),
-        ):
-            if run.keep_input:
-                inputs, input_grads, param_grads, side_grads = chain.reforward(
-                    0, tuple(ctx.saved_tensors), grads, params, None
-                )
-            else:
-                part = chain.layouts[0]
-                state = list(convert(_held_outputs(ctx), None, part, "InvertibleModuleWrapper"))
-                grad_state = list(convert(grads, None, part, "InvertibleModuleWrapper"))
-                inputs, input_grads_, all_param_grads, side_grads = chain.backward(
-                    state, grad_state, [params], None, final=True
-                )
-                input_grads = tuple(input_grads_)
-                param_grads = all_param_grads[0]
+        if run.keep_input:
+            inputs, input_grads, param_grads, side_grads = chain.reforward(
+                0, tuple(ctx.saved_tensors), grads, params, None
+            )
+        else:
+            part = chain.layouts[0]
+            state = list(convert(_held_outputs(ctx), None, part, "InvertibleModuleWrapper"))
+            grad_state = list(convert(grads, None, part, "InvertibleModuleWrapper"))
+            inputs, input_grads_, all_param_grads, side_grads = chain.backward(
+                state, grad_state, [params], None, final=True
+            )
+            input_grads = tuple(input_grads_)
+            param_grads = all_param_grads[0]
         if not run.keep_input:
             for producer, slot, j in ctx.promises:
                 producer.rebuilt[slot] = inputs[j].detach()
