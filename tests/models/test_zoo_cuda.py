@@ -70,7 +70,8 @@ def test_revnet164_trains_in_a_fraction_of_resnet164s_cuda_memory() -> None:
     # 13% of ResNet-164's, what the forward keeps for backward 4.6%. The peak's bound leaves
     # room for cuDNN's workspace (the same few MiB in both, absent on the CPU); what the
     # forward keeps is free of it.
-    revnet, resnet = _profile("revnet164"), _profile("resnet164")
+    # saving off named for the ResNet: the zoo may come to map memory_saving to checkpointing
+    revnet, resnet = _profile("revnet164"), _profile("resnet164", memory_saving=False)
     assert revnet.activation_mib < 0.15 * resnet.activation_mib
     assert revnet.peak_step_mib < 0.3 * resnet.peak_step_mib
 
