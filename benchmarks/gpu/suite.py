@@ -198,6 +198,9 @@ def run_stage(
     except subprocess.TimeoutExpired:
         timed_out = True
         _terminate(process)
+    finally:  # the driver itself interrupted (SIGTERM, Ctrl-C): take the stage along
+        if process.poll() is None:
+            _terminate(process)
     seconds = time.monotonic() - started
     log.flush()
     with log_path.open("rb") as handle:
@@ -236,6 +239,22 @@ def allotment(index: int, remaining_s: float, dry_run: bool) -> float:
     return max(0.0, min(2 * own, remaining_s - later - 2 * GRACE_S))
 
 
+def cuda_missing(environment: dict[str, Any]) -> bool:
+    """Whether the environment stage showed that this machine has no usable CUDA.
+
+    Only then is measuring pointless; a slow or otherwise failing environment stage proves
+    nothing about the others, which then run and record what they meet.
+    """
+    facts = (environment.get("result") or {}).get("facts") or {}
+    if environment["status"] == "ok":
+        return not facts.get("cuda_available")
+    return "CUDA is not available" in (environment.get("error_tail") or "")
+
+
+def _interrupted(signum: int, frame: object) -> None:
+    raise SystemExit(128 + signum)
+
+
 def skipped(stage: Stage, why: str) -> dict[str, Any]:
     return {
         "name": stage.name,
@@ -250,6 +269,8 @@ def skipped(stage: Stage, why: str) -> dict[str, Any]:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    # SIGTERM unwinds like Ctrl-C: the running stage's process group is ended, not orphaned
+    signal.signal(signal.SIGTERM, _interrupted)
     dry_run: bool = args.dry_run
     device = "cpu" if dry_run else "cuda"
     deadline_s = args.deadline_s or DEADLINE_S["dry" if dry_run else "gpu"]
@@ -295,11 +316,8 @@ def main(argv: list[str] | None = None) -> int:
                 )  # fmt: skip
             print(f"[suite] {stage.name}: {entry['status']} ({entry['seconds']:.1f} s)", flush=True)
             record["stages"].append(entry)
-            if stage.name == "environment" and not dry_run and entry["status"] != "timeout":
-                # a slow start proves nothing; a crash or a CUDA-less torch does
-                facts = (entry.get("result") or {}).get("facts") or {}
-                if entry["status"] != "ok" or not facts.get("cuda_available"):
-                    blocked = "CUDA is not available here: nothing to measure (use --dry-run)"
+            if stage.name == "environment" and not dry_run and cuda_missing(entry):
+                blocked = "CUDA is not available here: nothing to measure (use --dry-run)"
             record["wall_s"] = time.monotonic() - start
             write_json(json_path, record)  # after every stage: a killed suite leaves a record
     record["finished"] = dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds")
