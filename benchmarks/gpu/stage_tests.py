@@ -134,7 +134,9 @@ def main(argv: list[str] | None = None) -> int:
     keep = MIN_RUN_S[kind]
     for index, (folder, group) in enumerate(groups.items()):
         later = len(groups) - index - 1
-        timeout = max(keep / 2, box.remaining() - keep * later)
+        # what is left but the later runs' reserve; when that is too little, still a short
+        # run, never past the stage's own box
+        timeout = max(min(keep / 2, box.remaining()), box.remaining() - keep * later)
         record = run_pytest(pytest_command("cuda", group), outcomes_path, timeout)
         result.data["runs"].append({"folder": folder, **record})
         result.data.update(summarise(read_json(outcomes_path) or {}))
