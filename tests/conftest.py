@@ -2,7 +2,8 @@
 
 Fixture :func:`spawn_ranks` starts the processes of a multi-process test and fails the
 test (killing them) when they do not finish in time, so a hung collective fails one test
-instead of stalling the whole run.
+instead of stalling the whole run. For CUDA tests, :func:`nccl_group` gives a process group
+of one on NCCL and :func:`fp32_exact` true float32 cuDNN kernels.
 
 Hypothesis profiles: ``ci`` (what tox sets through ``HYPOTHESIS_PROFILE=ci``) has no
 per-example deadline, because a 2-core CI machine running torch has timing noise far above
@@ -15,7 +16,8 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -76,3 +78,35 @@ def spawn_ranks() -> Callable[..., None]:
                 process.join()
 
     return run
+
+
+@pytest.fixture
+def nccl_group(tmp_path: Path) -> Iterator[None]:
+    """A process group of this one process on NCCL (for CUDA tests), destroyed afterwards.
+
+    Rendezvous through a file store (no port to find); one all-reduce proves that NCCL
+    runs before the test relies on it.
+    """
+    import torch
+    import torch.distributed as dist
+
+    assert dist.is_available() and dist.is_nccl_available(), "this torch build has no NCCL"
+    dist.init_process_group(
+        "nccl", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1
+    )
+    try:
+        probe = torch.ones(1, device="cuda")
+        dist.all_reduce(probe)
+        assert probe.item() == 1.0
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.fixture
+def fp32_exact() -> Iterator[None]:
+    """cuDNN in true float32 (no TF32) with deterministic kernels, for tight comparisons."""
+    import torch
+
+    with torch.backends.cudnn.flags(enabled=True, deterministic=True, allow_tf32=False):
+        yield
