@@ -32,6 +32,7 @@ from invertible_train.config import (
     ExperimentConfig,
     apply_overrides,
     apply_values,
+    check_run_name,
     config_from_dict,
     config_to_dict,
     dump_toml,
@@ -182,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 def _named_options(args: argparse.Namespace) -> dict[str, Any]:
     values: dict[str, Any] = {"data.dataset": args.dataset}
     if args.name is not None:
-        values["name"] = args.name
+        values["name"] = check_run_name(args.name)
     if args.data_dir is not None:
         values["data.data_dir"] = args.data_dir
     if args.epochs is not None:
