@@ -193,6 +193,8 @@ def test_a_step_on_the_callers_batch_and_loss_is_measured_like_any_other(
     )
     assert default == memory
     bf16 = measure_step_memory(
-        TrainingStep(create_model("tinyrev8"), images=images, labels=labels, amp_dtype=torch.bfloat16)
+        TrainingStep(
+            create_model("tinyrev8"), images=images, labels=labels, amp_dtype=torch.bfloat16
+        )
     )
     assert bf16.activation_bytes < memory.activation_bytes  # half-size activations under autocast

@@ -73,7 +73,9 @@ def test_test_images_get_the_same_noise_whatever_the_batching() -> None:
     task = DensityEstimation(BatchTransform([0.5], [0.25], torch.device("cpu")), 4)
     images = torch.randint(0, 256, (6, 1, 2, 2), dtype=torch.uint8)
     whole = task.test_view(images, range(6))
-    halves = torch.cat([task.test_view(images[:3], [0, 1, 2]), task.test_view(images[3:], [3, 4, 5])])
+    halves = torch.cat(
+        [task.test_view(images[:3], [0, 1, 2]), task.test_view(images[3:], [3, 4, 5])]
+    )
     assert torch.equal(whole, halves)
     assert not torch.equal(task.test_view(images[:1], [0]), task.test_view(images[:1], [1]))
 

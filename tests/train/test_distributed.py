@@ -481,15 +481,22 @@ def tiny_command(results: Path) -> list[str]:
     )  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers through /proc")
-def test_killed_torchrun_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
-    killed = tmp_path / "killed"
-    last = killed / "tiny-synthetic" / "checkpoints" / "last.pt"
+@pytest.fixture(scope="module")
+def uninterrupted_job(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The last checkpoint of the 2-process tiny job that nothing stopped."""
+    whole = tmp_path_factory.mktemp("whole")
+    once = subprocess.run(
+        tiny_command(whole), env=environment(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert once.returncode == 0, once.stdout + once.stderr
+    return load_checkpoint(whole / "tiny-synthetic" / "checkpoints" / "last.pt")
+
+
+def start_job_and_wait_for_a_checkpoint(results: Path) -> tuple[subprocess.Popen, list[int]]:
+    last = results / "tiny-synthetic" / "checkpoints" / "last.pt"
     agent = subprocess.Popen(
-        tiny_command(killed), env=environment(), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        tiny_command(results), env=environment(), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -499,27 +506,59 @@ def test_killed_torchrun_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path
             time.sleep(0.005)
         time.sleep(0.05)  # somewhere after the first checkpoint, possibly mid-write
         workers = worker_pids(agent.pid)
-    finally:
+    except BaseException:
         kill_job(agent)
-    assert len(workers) == WORLD_SIZE, f"torchrun's workers, as found in /proc: {workers}"
-    interrupted_at = load_checkpoint(last)["iteration"]
-    assert 0 < interrupted_at < ITERATIONS, interrupted_at
+        raise
+    return agent, workers
 
+
+def resume_and_compare(results: Path, stopped_at: int, uninterrupted: dict) -> None:
     again = subprocess.run(
-        tiny_command(killed), env=environment(), capture_output=True, text=True, timeout=TIMEOUT
+        tiny_command(results), env=environment(), capture_output=True, text=True, timeout=TIMEOUT
     )
     assert again.returncode == 0, again.stdout + again.stderr
-    resumed = [r["iteration"] for r in records(killed / "tiny-synthetic", "resumed")]
-    assert resumed == [interrupted_at]
-    whole = tmp_path / "whole"
-    once = subprocess.run(
-        tiny_command(whole), env=environment(), capture_output=True, text=True, timeout=TIMEOUT
-    )
-    assert once.returncode == 0, once.stdout + once.stderr
-
-    ended = load_checkpoint(last)
-    uninterrupted = load_checkpoint(whole / "tiny-synthetic" / "checkpoints" / "last.pt")
+    resumed = [r["iteration"] for r in records(results / "tiny-synthetic", "resumed")]
+    assert resumed == [stopped_at]
+    ended = load_checkpoint(results / "tiny-synthetic" / "checkpoints" / "last.pt")
     assert ended["iteration"] == uninterrupted["iteration"] == ITERATIONS
     for name, tensor in uninterrupted["model"].items():
         assert torch.equal(tensor, ended["model"][name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers through /proc")
+def test_killed_torchrun_job_resumes_and_ends_like_an_uninterrupted_one(
+    tmp_path: Path, uninterrupted_job: dict
+) -> None:
+    killed = tmp_path / "killed"
+    agent, workers = start_job_and_wait_for_a_checkpoint(killed)
+    kill_job(agent)
+    assert len(workers) == WORLD_SIZE, f"torchrun's workers, as found in /proc: {workers}"
+    interrupted_at = load_checkpoint(killed / "tiny-synthetic/checkpoints/last.pt")["iteration"]
+    assert 0 < interrupted_at < ITERATIONS, interrupted_at
+    resume_and_compare(killed, interrupted_at, uninterrupted_job)
     print(f"killed after iteration {interrupted_at} was checkpointed; resumed bit-exact")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers through /proc")
+def test_a_sigterm_to_torchrun_stops_every_rank_at_one_iteration_with_a_checkpoint(
+    tmp_path: Path, uninterrupted_job: dict
+) -> None:
+    """torchrun passes SIGTERM on to its workers; they agree on where to stop, rank 0 saves."""
+    stopped = tmp_path / "stopped"
+    agent, workers = start_job_and_wait_for_a_checkpoint(stopped)
+    try:
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=TIMEOUT)
+    finally:
+        kill_job(agent)
+    assert len(workers) == WORLD_SIZE
+    assert err.count("invertible-train: stopped by SIGTERM at iteration") == 1, err  # rank 0
+    saved = load_checkpoint(stopped / "tiny-synthetic" / "checkpoints" / "last.pt")
+    stopped_at = saved["iteration"]
+    assert 0 < stopped_at < ITERATIONS and f"iteration {stopped_at} of" in err
+    assert records(stopped / "tiny-synthetic", "stopped")[-1]["iteration"] == stopped_at
+    resume_and_compare(stopped, stopped_at, uninterrupted_job)

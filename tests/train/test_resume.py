@@ -73,7 +73,9 @@ def assert_same_weights(resumed: dict, uninterrupted: dict) -> None:
 
 
 @pytest.mark.skipif(not hasattr(signal, "SIGKILL"), reason="needs SIGKILL (POSIX)")
-def test_sigkill_then_rerun_matches_an_uninterrupted_run(tmp_path: Path, uninterrupted: dict) -> None:
+def test_sigkill_then_rerun_matches_an_uninterrupted_run(
+    tmp_path: Path, uninterrupted: dict
+) -> None:
     killed_dir = tmp_path / "killed"
     last = killed_dir / "tiny-synthetic" / "checkpoints" / "last.pt"
     victim = start_and_wait_for_a_checkpoint(killed_dir)

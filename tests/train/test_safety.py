@@ -124,10 +124,16 @@ def test_a_folder_of_results_without_checkpoints_is_never_started_over_silently(
 @pytest.mark.parametrize(
     ("args", "says"),
     [
-        (["--set", "model.options.bogus=1"], "model.options.bogus is not an option of tiny; its options: "),
+        (
+            ["--set", "model.options.bogus=1"],
+            "model.options.bogus is not an option of tiny; its options: ",
+        ),
         (["--set", "optimizer.lr=-0.1"], "optimizer.lr must be a positive number; got -0.1"),
         (["--lr", "0"], "optimizer.lr must be a positive number; got 0"),
-        (["--set", "model.options.num_classes=3"], "model.options.num_classes is set by the harness"),
+        (
+            ["--set", "model.options.num_classes=3"],
+            "model.options.num_classes is set by the harness",
+        ),
         (["--set", "scheduler.milestones=[40000]"], "scheduler.milestones[0] is 40000.0"),
         (["--set", "optimizer.name=lion"], "optimizer.name must be one of adam, adamw, sgd"),
         (["--set", "train.device=tpu"], "train.device must be auto, cpu, cuda or cuda:N"),
