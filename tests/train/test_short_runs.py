@@ -120,7 +120,7 @@ def test_the_summary_memory_is_the_profilers_measurement(tmp_path: Path) -> None
     )  # fmt: skip
     trainer = Trainer(cfg, tmp_path / "run")
     summary = trainer.fit()
-    images, labels = next(iter(trainer.test_loader))
+    images, labels = next(iter(trainer.evaluator.loader))
     step = TrainingStep(
         copy.deepcopy(trainer.model),
         images=trainer.transform.test(images[:16]),

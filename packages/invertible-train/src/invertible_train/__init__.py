@@ -7,10 +7,10 @@ likelihood. Most users need only the command line (``invertible-train``,
 ``invertible-eval``, ``invertible-demo``, ``invertible-plot``); the names below are for
 scripts.
 
-The house: ``cli`` -> ``config`` (the schema) -> ``data``, ``model``, ``optim``, ``tasks``
--> ``trainer`` (the loop and evaluation) with ``checkpoint`` and ``results`` (saving,
-resuming, the results folder) -> ``strategy`` and ``distributed`` (one process or a
-torchrun job) and ``sync_batchnorm``.
+The house: ``cli`` reads an experiment (``config``, the schema) and runs a ``trainer`` (the
+loop), which builds ``data``, ``model``, ``optim`` and is given a ``tasks`` task and a
+``strategy`` (one process, or a ``distributed`` torchrun rank, with ``sync_batchnorm``);
+around the loop: ``evaluation``, ``checkpoint``, ``resume``, ``interrupts``, ``results``.
 """
 
 from invertible_train._version import __version__

@@ -111,7 +111,7 @@ def _demo(args: argparse.Namespace) -> int:
             f"(chance {1 / trainer.data.num_classes:.3f}), "
             f"{summary['images_per_second']:.0f} images/s"
         )
-        images, labels = next(iter(trainer.test_loader))
+        images, labels = next(iter(trainer.evaluator.loader))
         x = trainer.transform.test(images[: args.batch_size])
         y = labels[: args.batch_size]
 

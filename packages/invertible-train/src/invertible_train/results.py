@@ -20,9 +20,9 @@ Layout (written by the main process only)::
 is a :class:`~invertible_train.config.ConfigError` naming ``--results-dir``).
 :class:`RunLog` writes the logs, the summary and TensorBoard; on resumption it drops what
 the interrupted run logged after the checkpoint it resumes from, so the logs read as one
-uninterrupted run. :func:`config_differences` decides whether a folder's run may be resumed
-by the current experiment, :func:`holds_results` whether a folder without a checkpoint may
-be started over, and :func:`remove_results` implements ``--fresh``.
+uninterrupted run. :func:`holds_results` says what of value a folder holds (what a restart
+would overwrite), and :func:`remove_results` implements ``--fresh``; when a run may resume
+is :mod:`invertible_train.resume`'s business.
 """
 
 from __future__ import annotations
@@ -38,49 +38,19 @@ from typing import IO, Any
 
 import torch
 
-from invertible_train.config import (
-    ConfigError,
-    ExperimentConfig,
-    check_run_name,
-    config_to_dict,
-    dump_toml,
-)
+from invertible_train.config import ConfigError, ExperimentConfig, check_run_name, dump_toml
 
 __all__ = [
     "MARKER",
-    "RESUMABLE_CHANGES",
     "ResultsDirError",
     "RunLog",
     "Throughput",
-    "config_differences",
     "holds_results",
     "package_versions",
     "prepare_results",
     "remove_results",
     "results_path",
 ]
-
-#: config keys that may change between a run and its resumption (they do not change what
-#: is computed, or they only extend it); any other difference refuses to resume.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "data.workers",
-        "data.data_dir",
-        "data.download",
-        "data.eval_batch_size",
-        "train.iterations",
-        "train.epochs",
-        "train.device",
-        "train.log_every",
-        "train.eval_every",
-        "train.checkpoint_every",
-        "train.tensorboard",
-        "train.measure_memory",
-        "train.threads",
-        # checkpoints hold the same parameters and state with saving on or off
-        "model.memory_saving",
-    }
-)
 
 #: the file that marks a folder as this harness's results (written when the folder is made).
 MARKER = ".invertible-train"
@@ -154,27 +124,6 @@ def remove_results(path: Path) -> None:
             "yourself, or choose another --name or --results-dir"
         )
     shutil.rmtree(path)
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "options":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``"key: old -> new"`` for each difference that forbids resuming (nested config dicts).
-
-    A key the saved config lacks (written before the key existed) counts as its default.
-    """
-    defaults = _flatten(config_to_dict(ExperimentConfig()))
-    old, new = {**defaults, **_flatten(saved)}, _flatten(now)
-    keys = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def package_versions() -> dict[str, str]:

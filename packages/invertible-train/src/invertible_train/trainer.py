@@ -1,5 +1,6 @@
-"""The training loop and evaluation: one :class:`Trainer` that trains, evaluates, logs and
-checkpoints one experiment into one results folder.
+"""The training loop: one :class:`Trainer` that trains, evaluates (through its
+:class:`~invertible_train.evaluation.Evaluator`), logs and checkpoints one experiment into
+one results folder.
 
 A trainer is given two collaborators and holds no branch on either: a
 :class:`~invertible_train.tasks.Task` (what is learned: classification, or density
@@ -14,41 +15,33 @@ Rerunning the same command resumes from the newest usable checkpoint (``last.pt`
 ``previous.pt``): same iteration, same position in the epoch's data order, same random
 states, so on the CPU the resumed run ends with bit-for-bit the weights of an uninterrupted
 one. A folder that holds results but no usable checkpoint is never started over silently
-(see :meth:`Trainer.resume`). SIGINT (Ctrl-C) and SIGTERM are caught while training: the
-step in progress finishes, a checkpoint is written, the run records where it stopped and
-:class:`Interrupted` is raised (the CLI exits 130 or 143). A non-finite loss stops the run
+(the policy: :mod:`invertible_train.resume`). SIGINT (Ctrl-C) and SIGTERM are caught while
+training (:mod:`invertible_train.interrupts`): the step in progress finishes, a checkpoint
+is written, the run records where it stopped and :class:`Interrupted` is raised (the CLI
+exits 130 or 143). A non-finite loss stops the run
 with :class:`NonFiniteLossError` before anything is saved over the last good checkpoint.
 """
 
 from __future__ import annotations
 
 import contextlib
-import copy
-import signal
 import sys
-import threading
 import time
 import warnings
-from collections.abc import Callable, Generator, Iterator
+from collections.abc import Callable, Generator
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from invertible_models.profiler import TrainingStep, measure_step_memory
 from invertible_train.checkpoint import (
     CheckpointError,
     CheckpointStore,
     capture_rng_state,
     restore_rng_state,
 )
-from invertible_train.config import (
-    ConfigError,
-    ExperimentConfig,
-    config_to_dict,
-    resolve_intervals,
-)
+from invertible_train.config import ConfigError, ExperimentConfig, config_to_dict, resolve_intervals
 from invertible_train.data import (
     BatchTransform,
     ImageData,
@@ -56,17 +49,12 @@ from invertible_train.data import (
     build_data,
     make_loader,
 )
+from invertible_train.evaluation import Evaluator
+from invertible_train.interrupts import Interrupted, StopSignals
 from invertible_train.model import build_model, has_memory_saving
 from invertible_train.optim import build_optimizer, build_scheduler, check_optim_config
-from invertible_train.results import (
-    ResultsDirError,
-    RunLog,
-    Throughput,
-    config_differences,
-    holds_results,
-    package_versions,
-    prepare_results,
-)
+from invertible_train.results import RunLog, Throughput, package_versions
+from invertible_train.resume import find_resume_point
 from invertible_train.strategy import Distribution, SingleProcess
 from invertible_train.tasks import Task, task_for
 
@@ -79,9 +67,6 @@ __all__ = [
 ]
 
 _AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-_STOP_SIGNALS = tuple(
-    s for s in (getattr(signal, "SIGINT", None), getattr(signal, "SIGTERM", None)) if s
-)
 
 #: builds the task of a run from its model, batch transform and image shape ``(C, H, W)``.
 TaskFactory = Callable[[nn.Module, BatchTransform, tuple[int, ...]], Task]
@@ -91,53 +76,8 @@ class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last good checkpoint was kept."""
 
 
-class Interrupted(RuntimeError):
-    """Training stopped on SIGINT or SIGTERM after saving a checkpoint to resume from."""
-
-    def __init__(self, signum: int, iteration: int, total: int, checkpoint: Path) -> None:
-        self.signum = signum
-        self.iteration = iteration
-        self.checkpoint = checkpoint
-        super().__init__(
-            f"stopped by {signal.Signals(signum).name} at iteration {iteration} of {total}; "
-            f"saved {checkpoint}; rerun the same command to resume"
-        )
-
-
 class TrainingWarning(UserWarning):
     """Something the user should know that does not stop the run."""
-
-
-class _StopSignals:
-    """Remembers SIGINT/SIGTERM while installed; the loop acts on it between steps.
-
-    Later signals are remembered as the first one was (not acted on), so that the SIGTERM
-    torchrun sends after a Ctrl-C cannot cut the checkpoint short.
-    """
-
-    def __init__(self) -> None:
-        self.received: int | None = None
-
-    @contextlib.contextmanager
-    def installed(self) -> Iterator[None]:
-        if threading.current_thread() is not threading.main_thread():
-            yield  # signals reach the main thread only; nothing to install
-            return
-
-        def remember(signum: int, frame: Any) -> None:
-            if self.received is None:
-                self.received = signum
-
-        previous = {s: signal.signal(s, remember) for s in _STOP_SIGNALS}
-        try:
-            yield
-        finally:
-            for s, handler in previous.items():
-                signal.signal(s, handler)
-
-
-def _default_task(model: nn.Module, transform: BatchTransform, shape: tuple[int, ...]) -> Task:
-    return task_for(model, transform, shape)
 
 
 class Trainer:
@@ -166,7 +106,7 @@ class Trainer:
         quiet: bool = False,
         data: ImageData | None = None,
         distribution: Distribution | None = None,
-        task: TaskFactory = _default_task,
+        task: TaskFactory = task_for,
     ) -> None:
         self.cfg = cfg
         self.results_dir = Path(results_dir)
@@ -251,14 +191,13 @@ class Trainer:
             pin_memory=cuda,
             drop_last=True,
         )
-        rank = self.distribution.rank
-        self.test_indices = list(range(rank, len(self.data.test), world_size))  # type: ignore[arg-type]
-        self.test_loader = make_loader(
+        self.evaluator = Evaluator(
             self.data.test,
             cfg.data.eval_batch_size,
-            sampler=self.test_indices,  # type: ignore[arg-type]
+            self.task,
+            self.distribution,
+            self._autocast,
             workers=cfg.data.workers,
-            pin_memory=cuda,
         )
         self.iteration = 0
         self.epoch = 0
@@ -269,7 +208,7 @@ class Trainer:
         self.log = RunLog(
             self.results_dir, self.distribution.is_main_process, cfg.train.tensorboard
         )
-        self._stop = _StopSignals()
+        self._stop = StopSignals()
         self._resumed_from: Path | None = None
         self.distribution.track(self)
 
@@ -311,15 +250,10 @@ class Trainer:
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
-        """Restore :meth:`state_dict`; another experiment raises :class:`ResultsDirError`,
-        contents that do not fit this model :class:`CheckpointError`."""
-        differ = config_differences(state.get("config", {}), config_to_dict(self.cfg))
-        if differ:
-            raise ResultsDirError(
-                f"{self.results_dir} holds a run of a different experiment "
-                f"({'; '.join(differ)}), saved in {source}. Rerun with --fresh to discard it, "
-                "or choose another --results-dir or experiment name"
-            )
+        """Restore :meth:`state_dict`; contents that do not fit raise :class:`CheckpointError`.
+
+        Whether the checkpoint belongs to this experiment is :meth:`resume`'s question.
+        """
         try:
             self.model.load_state_dict(state["model"])
             self.optimizer.load_state_dict(state["optimizer"])
@@ -338,52 +272,18 @@ class Trainer:
                 "use another --results-dir"
             ) from None
 
-    def _resume_point(self) -> tuple[dict[str, Any], Path, str | None] | None:
-        """The newest usable checkpoint, or None to start over (main process only).
-
-        Starting over is refused in a folder that holds what a restart would overwrite.
-        """
-        found = self.checkpoints.load_latest()
-        if found is None:
-            valuable = holds_results(self.results_dir)
-            if valuable:
-                raise ResultsDirError(
-                    f"{self.results_dir} holds results of an earlier run "
-                    f"({', '.join(valuable)}) but no checkpoint to resume from; rerun with "
-                    "--fresh to start over (deleting them), or choose another --name or "
-                    "--results-dir"
-                )
-        return found
-
     def resume(self) -> bool:
-        """Load the newest usable checkpoint when there is one; True when a run was resumed.
+        """Continue from the newest usable checkpoint when there is one; True when it did.
 
-        ``last.pt`` first, then ``previous.pt`` (the checkpoint before it) when ``last.pt``
-        is unusable, with a warning. With neither, the run starts from iteration 0, unless
-        the folder holds checkpoints, evaluations or a summary: then
-        :class:`ResultsDirError` (``--fresh`` starts over). The run must have as many
-        processes as the one that wrote the checkpoint (the data order of each rank depends
-        on their number); evaluating a checkpoint has no such limit.
+        The policy (``last.pt``, else ``previous.pt``; never starting over on results
+        unless ``--fresh``; same experiment, same number of processes) is
+        :func:`~invertible_train.resume.find_resume_point`'s.
         """
-        self.distribution.run_on_main(lambda: prepare_results(self.results_dir))
-        found = self.distribution.run_on_main(self._resume_point)
-        if found is None:
+        point = find_resume_point(self.results_dir, self.checkpoints, self.cfg, self.distribution)
+        if point is None:
             return False
-        state, source, skipped = found
-        saved = state.get("sampler", {}).get("num_replicas", 1)
-        if saved != self.distribution.world_size:
-            raise ResultsDirError(
-                f"{source} was written by {saved} processes; resume with the same number "
-                f"(now {self.distribution.world_size}) or rerun with --fresh"
-            )
-        self.load_state_dict(state, source)
-        self._resumed_from = source
-        if skipped is not None and self.distribution.is_main_process:
-            warnings.warn(
-                f"{skipped}; resuming from {source} (iteration {self.iteration})",
-                TrainingWarning,
-                stacklevel=2,
-            )
+        self.load_state_dict(point.state, point.source)
+        self._resumed_from = point.source
         return True
 
     # -- evaluation -------------------------------------------------------------------
@@ -392,62 +292,10 @@ class Trainer:
             return contextlib.nullcontext()
         return torch.autocast(self.device.type, dtype=self.amp_dtype)
 
-    def _test_batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
-        """This process's test batches on the device, with the test-set index of each image."""
-        size = self.cfg.data.eval_batch_size
-        for number, (images, labels) in enumerate(self.test_loader):
-            indices = self.test_indices[number * size : number * size + labels.shape[0]]
-            images = images.to(self.device, non_blocking=True)
-            yield images, labels.to(self.device, non_blocking=True), indices
-
-    @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """The task's test figures (``test_loss`` and ``test_accuracy`` or
-        ``test_bits_per_dim``) of the current model on the untouched test set.
-
-        Sums are reduced over processes before dividing, so the result is the same for
-        any number of processes; the main process's buffers are broadcast first, so the
-        model evaluated is the one it checkpoints.
-        """
-        self.distribution.broadcast_buffers(self.model)
-        # the bare model: DDP's forward may broadcast buffers, a collective that ranks with
-        # different numbers of test batches would not all join
-        forward = self.task.forward_module(self.model)
-        was_training = self.model.training
-        self.model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for images, labels, indices in self._test_batches():
-            with self._autocast():
-                output = forward(self.task.test_view(images, indices))
-            output = output.float()
-            sums += self.task.sums(output, labels, self.task.loss(output, labels))
-        self.model.train(was_training)
-        return self.task.figures(self.distribution.reduce(sums), prefix="test_")
-
-    def measure_activation_memory(self) -> dict[str, int]:
-        """Memory of one training step of this run's model on one of its batches.
-
-        The measurement of ``invertible-profile``
-        (:func:`~invertible_models.profiler.measure_step_memory`), on a copy of the model
-        with the random state forked, so nothing a run depends on changes.
-        """
-        images, labels, indices = next(self._test_batches())
-        n = min(self.local_batch_size, labels.shape[0])
-        x = self.task.test_view(images[:n], indices[:n])
-        devices = [self.device.index or 0] if self.device.type == "cuda" else []
-        with torch.random.fork_rng(devices=devices):
-            step = TrainingStep(
-                self.task.forward_module(copy.deepcopy(self.model)),
-                images=x,
-                labels=labels[:n],
-                loss=self.task.loss,
-                amp_dtype=self.amp_dtype,
-            )
-            memory = measure_step_memory(step)
-        return {
-            "activation_bytes": memory.activation_bytes,
-            "step_peak_bytes": memory.step_peak_bytes,
-        }
+        """The task's test figures of the current model (``test_loss`` and ``test_accuracy``
+        or ``test_bits_per_dim``), the same for any number of processes."""
+        return self.evaluator.evaluate(self.model)
 
     # -- training -------------------------------------------------------------------
     def _progress(self) -> Any:
@@ -541,7 +389,6 @@ class Trainer:
 
     def _interrupt(self) -> None:
         """Save a checkpoint at this iteration, record the stop, raise :class:`Interrupted`."""
-        signum = self._stop.received or int(signal.SIGTERM)
         if self.distribution.is_main_process:
             self.checkpoints.save_last(self.state_dict())
         self.log.log(
@@ -549,11 +396,13 @@ class Trainer:
                 "kind": "stopped",
                 "iteration": self.iteration,
                 "epoch": self.epoch,
-                "reason": f"interrupted by {signal.Signals(signum).name}",
+                "reason": f"interrupted by {self._stop.name}",
                 "checkpoint": str(self.checkpoints.last.relative_to(self.results_dir)),
             }
         )
-        raise Interrupted(signum, self.iteration, self.total_iterations, self.checkpoints.last)
+        raise Interrupted(
+            self._stop.number, self.iteration, self.total_iterations, self.checkpoints.last
+        )
 
     def _fit(self, resumed: bool) -> dict[str, Any]:
         every = self.intervals
@@ -662,7 +511,9 @@ class Trainer:
     def _summarize(self, last_eval: dict[str, float], clock: Throughput) -> dict[str, Any]:
         memory: dict[str, int | None] = {"activation_bytes": None, "step_peak_bytes": None}
         if self.cfg.train.measure_memory:
-            memory.update(self.measure_activation_memory())
+            memory.update(
+                self.evaluator.step_memory(self.model, self.local_batch_size, self.amp_dtype)
+            )
         # images/s of the whole job: every rank's images over the main process's time
         images = torch.tensor(float(clock.total_images), device=self.device)
         clock.total_images = int(self.distribution.reduce(images))
