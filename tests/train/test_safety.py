@@ -137,12 +137,17 @@ def test_a_folder_of_results_without_checkpoints_is_never_started_over_silently(
         (["--set", "scheduler.milestones=[40000]"], "scheduler.milestones[0] is 40000.0"),
         (["--set", "optimizer.name=lion"], "optimizer.name must be one of adam, adamw, sgd"),
         (["--set", "train.device=tpu"], "train.device must be auto, cpu, cuda or cuda:N"),
+        (["--epochs", "0"], "--epochs must be at least 1; got 0"),
+        (["--iterations", "-3"], "--iterations must be at least 1; got -3"),
+        (["--batch-size", "0"], "--batch-size must be at least 1; got 0"),
+        (["--threads", "0"], "--threads must be at least 1; got 0"),
     ],
 )
 def test_an_invalid_experiment_is_one_line_and_exit_2(
     run_cli: Run, capsys: pytest.CaptureFixture[str], args: list[str], says: str
 ) -> None:
-    assert run_cli("tiny", "synthetic", "--iterations", "2", *args) == 2
+    length = [] if {"--epochs", "--iterations"} & set(args) else ["--iterations", "2"]
+    assert run_cli("tiny", "synthetic", *length, *args) == 2
     err = capsys.readouterr().err
     assert err.startswith("invertible-train: error: ") and says in err, err
     assert len(err.splitlines()) == 1 and "Traceback" not in err

@@ -212,9 +212,8 @@ def test_evaluate_command_reports_best_and_errors(
     assert "best.pt (iteration 10): test accuracy" in capsys.readouterr().out
     assert evaluate_main([str(tmp_path / "nowhere")]) == 1
     assert "does not exist" in capsys.readouterr().err
-    with pytest.raises(SystemExit) as usage:
-        evaluate_main([str(results), "--batch-size", "0"])
-    assert usage.value.code == 2 and "must be at least 1, got 0" in capsys.readouterr().err
+    assert evaluate_main([str(results), "--batch-size", "0"]) == 2
+    assert "data.eval_batch_size must be a positive number; got 0" in capsys.readouterr().err
     (results / "checkpoints" / "best.pt").unlink()
     assert evaluate_main([str(results), "--data-dir", str(tmp_path)]) == 0
     assert "last.pt" in capsys.readouterr().out

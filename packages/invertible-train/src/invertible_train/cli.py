@@ -20,7 +20,7 @@ import contextlib
 import json
 import sys
 import warnings
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -49,21 +49,6 @@ from invertible_train.trainer import Interrupted, NonFiniteLossError, Trainer
 __all__ = ["build_eval_parser", "build_parser", "check_experiment", "evaluate_main", "main"]
 
 EXIT_USAGE, EXIT_UNUSABLE, EXIT_NONFINITE = 2, 1, 3
-
-
-def _at_least(minimum: int) -> Callable[[str], int]:
-    """An argparse type: an integer no smaller than ``minimum`` (else a usage error, exit 2)."""
-
-    def parse(text: str) -> int:
-        try:
-            value = int(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
-        if value < minimum:
-            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
-        return value
-
-    return parse
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -115,13 +100,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="experiment name = results subfolder, one folder name (default MODEL-DATASET)",
     )
     length = parser.add_mutually_exclusive_group()
-    length.add_argument("--epochs", type=_at_least(1), help="train this many epochs (train.epochs)")
+    length.add_argument("--epochs", type=int, help="train this many epochs (train.epochs)")
     length.add_argument(
-        "--iterations", type=_at_least(1), help="train this many iterations (train.iterations)"
+        "--iterations", type=int, help="train this many iterations (train.iterations)"
     )
     parser.add_argument(
         "--batch-size",
-        type=_at_least(1),
+        type=int,
         help="global batch size (data.batch_size; recipe: 100)",
     )
     parser.add_argument(
@@ -130,12 +115,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--seed", type=int, help="seed for initialisation, data order, augmentation"
     )
-    parser.add_argument(
-        "--workers", type=_at_least(0), help="DataLoader worker processes (data.workers)"
-    )
+    parser.add_argument("--workers", type=int, help="DataLoader worker processes (data.workers)")
     parser.add_argument(
         "--threads",
-        type=_at_least(1),
+        type=int,
         help="torch's CPU threads per process (train.threads; default: torch's choice)",
     )
     parser.add_argument(
@@ -180,7 +163,16 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the smallest value of each numeric option (0 would mean "the default" in the config).
+_MINIMA = {"epochs": 1, "iterations": 1, "batch_size": 1, "workers": 0, "threads": 1}
+
+
 def _named_options(args: argparse.Namespace) -> dict[str, Any]:
+    for option, minimum in _MINIMA.items():
+        value = getattr(args, option)
+        if value is not None and value < minimum:
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"{flag} must be at least {minimum}; got {value}")
     values: dict[str, Any] = {"data.dataset": args.dataset}
     if args.name is not None:
         values["name"] = check_run_name(args.name)
@@ -222,8 +214,7 @@ def _one_line_warnings(prog: str, report: bool = True) -> Iterator[None]:
         if report:
             print(f"{prog}: warning: {message}", file=sys.stderr)
 
-    with warnings.catch_warnings():
-        warnings.simplefilter("default")
+    with warnings.catch_warnings():  # the filters stay the caller's; only the display changes
         warnings.showwarning = show
         yield
 
@@ -318,7 +309,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
         help="'best', 'last', 'previous', or a checkpoint file path (default: best, else last)",
     )
     parser.add_argument("--data-dir", help="where the dataset lives, if it moved since training")
-    parser.add_argument("--batch-size", type=_at_least(1), help="evaluation batch size")
+    parser.add_argument("--batch-size", type=int, help="evaluation batch size")
     parser.add_argument("--no-cuda", action="store_true", help="evaluate on the CPU")
     parser.add_argument("--json", action="store_true", help="print the result as one JSON object")
     return parser
