@@ -17,10 +17,11 @@ from invertible_train._version import __version__
 from invertible_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from invertible_train.config import ConfigError, ExperimentConfig, load_experiment
 from invertible_train.data import DatasetUnavailableError, build_data
+from invertible_train.interrupts import Interrupted
 from invertible_train.results import ResultsDirError
 from invertible_train.strategy import SingleProcess
 from invertible_train.tasks import Classification, DensityEstimation, Task
-from invertible_train.trainer import Interrupted, NonFiniteLossError, Trainer
+from invertible_train.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "CheckpointError",

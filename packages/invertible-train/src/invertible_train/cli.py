@@ -40,11 +40,12 @@ from invertible_train.config import (
 )
 from invertible_train.data import DatasetUnavailableError, check_dataset_name
 from invertible_train.distributed import BACKENDS, DistributedContext, process_group
+from invertible_train.interrupts import Interrupted
 from invertible_train.model import check_model_config
 from invertible_train.optim import check_optim_config
 from invertible_train.results import ResultsDirError, remove_results, results_path
 from invertible_train.strategy import Distribution, SingleProcess, select_device
-from invertible_train.trainer import Interrupted, NonFiniteLossError, Trainer
+from invertible_train.trainer import NonFiniteLossError, Trainer
 
 __all__ = ["build_eval_parser", "build_parser", "check_experiment", "evaluate_main", "main"]
 
@@ -225,7 +226,7 @@ def check_experiment(cfg: ExperimentConfig) -> None:
     check_model_config(cfg.model)
     check_dataset_name(cfg.data.dataset)
     check_optim_config(cfg.optimizer, cfg.scheduler)
-    results_path(".", cfg)
+    check_run_name(cfg.run_name(), "--name (the experiment name)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:

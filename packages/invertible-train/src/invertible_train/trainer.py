@@ -59,7 +59,6 @@ from invertible_train.strategy import Distribution, SingleProcess
 from invertible_train.tasks import Task, task_for
 
 __all__ = [
-    "Interrupted",
     "NonFiniteLossError",
     "TaskFactory",
     "Trainer",
