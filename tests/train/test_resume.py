@@ -15,6 +15,9 @@ import pytest
 import torch
 
 from invertible_train.checkpoint import load_checkpoint
+from invertible_train.config import ExperimentConfig, apply_values, load_experiment
+from invertible_train.interrupts import Interrupted
+from invertible_train.trainer import Trainer
 
 from .conftest import FAST
 
@@ -121,3 +124,60 @@ def test_an_interrupt_saves_records_and_resumes_bit_exact(
     kinds = [(r["kind"], r["iteration"]) for r in lines]
     assert ("stopped", stopped_at) in kinds and ("resumed", stopped_at) in kinds
     assert_same_weights(load_checkpoint(run / "checkpoints" / "last.pt"), uninterrupted)
+
+
+def tiny_experiment(**options: object) -> ExperimentConfig:
+    return apply_values(
+        load_experiment("tiny"),
+        {
+            "data.dataset": "synthetic", "data.image_size": 8, "data.synthetic_train_size": 64,
+            "data.synthetic_test_size": 16, "data.batch_size": 16, "train.iterations": 40,
+            "train.tensorboard": False, "train.measure_memory": False, "model.options": options,
+        },
+    )  # fmt: skip
+
+
+@pytest.mark.skipif(not hasattr(signal, "raise_signal"), reason="needs signal.raise_signal")
+def test_in_a_script_an_interrupt_raises_interrupted_after_saving(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_experiment(signal_at=5), tmp_path / "run")
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(Interrupted) as stop:
+        trainer.fit()
+    assert (stop.value.signum, stop.value.iteration) == (signal.SIGINT, 5)
+    assert signal.getsignal(signal.SIGINT) is before  # the caller's handler is back
+    assert load_checkpoint(stop.value.checkpoint)["iteration"] == 5
+
+
+class FailingLoader:
+    """Yields ``batches`` batches of ``real``, then fails as a loader whose workers died,
+    after ``before_failing()``."""
+
+    def __init__(self, real: object, batches: int, before_failing: object) -> None:
+        self.real, self.batches, self.before_failing = real, batches, before_failing
+
+    def __iter__(self):
+        for number, batch in enumerate(self.real):
+            if number == self.batches:
+                self.before_failing()
+                raise RuntimeError("DataLoader worker (pid 1234) exited unexpectedly")
+            yield batch
+
+
+def test_a_loader_that_the_interrupt_ended_still_leaves_a_checkpoint(tmp_path: Path) -> None:
+    """Ctrl-C in a terminal reaches DataLoader workers too; their loader then fails."""
+    trainer = Trainer(tiny_experiment(), tmp_path / "run")
+
+    def ctrl_c() -> None:
+        trainer._stop.received = signal.SIGINT
+
+    trainer.loader = FailingLoader(trainer.loader, 3, ctrl_c)  # type: ignore[assignment]
+    with pytest.raises(Interrupted, match="stopped by SIGINT at iteration 3 of 40"):
+        trainer.fit()
+    assert load_checkpoint(tmp_path / "run/checkpoints/last.pt")["iteration"] == 3
+
+
+def test_a_loader_failure_without_an_interrupt_is_raised(tmp_path: Path) -> None:
+    trainer = Trainer(tiny_experiment(), tmp_path / "run")
+    trainer.loader = FailingLoader(trainer.loader, 3, lambda: None)  # type: ignore[assignment]
+    with pytest.raises(RuntimeError, match="exited unexpectedly"):
+        trainer.fit()

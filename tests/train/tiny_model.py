@@ -1,8 +1,8 @@
 """Tiny networks registered in the zoo's public registry for the harness tests.
 
-``tiny`` trains on 8x8 synthetic images in well under a second; ``tiny_nan`` is the same
-network producing NaN logits from its sixth training forward on, to test the non-finite
-stop; ``tiny_flow`` is a density model (``log_prob`` and ``sample``): an elementwise affine
+``tiny`` trains on 8x8 synthetic images in well under a second (``signal_at=N`` makes it
+send itself SIGINT during its N-th training forward); ``tiny_nan`` is the same network
+producing NaN logits from its sixth training forward on, to test the non-finite stop; ``tiny_flow`` is a density model (``log_prob`` and ``sample``): an elementwise affine
 flow onto a standard normal, whose exact log-likelihood is known in closed form.
 Registered in-process by ``conftest.py`` and in subprocesses by ``launch.py``.
 """
@@ -10,6 +10,7 @@ Registered in-process by ``conftest.py`` and in subprocesses by ``launch.py``.
 from __future__ import annotations
 
 import math
+import signal
 from typing import Any
 
 import torch
@@ -27,6 +28,7 @@ class TinyNet(nn.Module):
         width: int = 8,
         nan_after: int | None = None,
         in_channels: int = 3,
+        signal_at: int | None = None,
     ):
         super().__init__()
         self.body = nn.Sequential(
@@ -41,6 +43,7 @@ class TinyNet(nn.Module):
         )
         self.head = nn.Linear(width, num_classes)
         self.nan_after = nan_after
+        self.signal_at = signal_at
         self.training_forwards = 0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -49,6 +52,8 @@ class TinyNet(nn.Module):
             self.training_forwards += 1
             if self.nan_after is not None and self.training_forwards > self.nan_after:
                 logits = logits * float("nan")
+            if self.training_forwards == self.signal_at:
+                signal.raise_signal(signal.SIGINT)
         return logits
 
 
