@@ -36,12 +36,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from invertible_train import engine, results
+from invertible_train import results
+from invertible_train import trainer as loop
 from invertible_train.config import apply_values, load_experiment
 from invertible_train.data import InMemoryImages, augment_batch, channel_stats, synthetic_images
-from invertible_train.engine import Trainer, build_model, select_device
+from invertible_train.model import build_model
 from invertible_train.optim import build_optimizer, build_scheduler
 from invertible_train.results import package_versions
+from invertible_train.strategy import select_device
+from invertible_train.trainer import Trainer
 
 AMP = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -74,11 +77,11 @@ def harness(args: argparse.Namespace, device: torch.device) -> float:
     with tempfile.TemporaryDirectory() as folder:
         trainer = Trainer(experiment(args), Path(folder) / "run", device=device, quiet=True)
         if args.clock == "cpu":
-            engine.time = results.time = _CpuClock  # type: ignore[assignment]
+            loop.time = results.time = _CpuClock  # type: ignore[assignment]
         try:
             summary = trainer.fit()
         finally:
-            engine.time = results.time = time
+            loop.time = results.time = time
     return float(summary["images_per_second"])
 
 
@@ -94,7 +97,7 @@ def hand_loop(args: argparse.Namespace, device: torch.device) -> float:
     if device.type == "cuda":
         images, labels = images.pin_memory(), labels.pin_memory()
     torch.manual_seed(cfg.train.seed)
-    model = build_model(cfg, 10).to(device).train()
+    model = build_model(cfg.model, 10).to(device).train()
     optimizer = build_optimizer(model.parameters(), cfg.optimizer)
     scheduler = build_scheduler(optimizer, cfg.scheduler, args.iterations)
     scaler = torch.amp.GradScaler(device.type, enabled=args.amp == "fp16")

@@ -111,7 +111,9 @@ def test_models_requires_core_and_torch(built):
     assert set(extra) <= {"matplotlib"}
 
 
-def test_train_requires_models_torchvision_tqdm_tensorboard_and_plots_only_as_extra(built):
+def test_train_requires_models_torchvision_tqdm_tensorboard_plots_and_digits_only_as_extras(
+    built,
+):
     meta = built["invertible-train"].wheel_metadata()
     always, extra = requirements(meta)
     assert {"invertible-models", "torchvision", "tqdm", "tensorboard"} <= set(always)
@@ -123,9 +125,9 @@ def test_train_requires_models_torchvision_tqdm_tensorboard_and_plots_only_as_ex
     }
     if "tomli" in always:
         assert "python_version" in str(always["tomli"].marker)
-    assert "matplotlib" not in always
-    assert set(extra) == {"matplotlib"}
-    assert "plot" in (meta.get_all("Provides-Extra") or [])
+    assert "matplotlib" not in always and "scikit-learn" not in always
+    assert set(extra) == {"matplotlib", "scikit-learn"}
+    assert {"plot", "digits"} <= set(meta.get_all("Provides-Extra") or [])
 
 
 @pytest.mark.parametrize(

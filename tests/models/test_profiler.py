@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,12 +12,14 @@ import pytest
 import torch
 from torch import nn
 
-from invertible_models import ResNet, RevNet, create_model, register_model, registry
+from invertible_models import ResNet, RevNet, create_model, list_models, register_model, registry
 from invertible_models.profiler import (
     ModelProfile,
     TrainingStep,
+    build_parser,
     format_table,
     main,
+    measure_step_memory,
     median_step_seconds,
     plot_profiles,
     profile_model,
@@ -134,3 +137,64 @@ def test_step_times_are_interleaved_medians_on_either_clock(tiny_models: list[st
     for clock in ("wall", "cpu"):
         times = median_step_seconds([step, step], repeats=2, clock=clock)
         assert len(times) == 2 and all(t >= 0 for t in times)
+
+
+def test_cli_lists_the_models(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["--list"]) == 0
+    assert capsys.readouterr().out.split() == list_models()
+
+
+@pytest.mark.parametrize("option", ["--batch-size", "--steps", "--image-size", "--num-classes"])
+def test_cli_refuses_zero_with_a_usage_error(
+    capsys: pytest.CaptureFixture[str], option: str
+) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main(["resnet32", option, "0"])
+    assert exit_.value.code == 2
+    assert f"argument {option}: must be at least 1, got 0" in capsys.readouterr().err
+
+
+def test_cli_without_a_model_says_how_to_list_them(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_:
+        main([])
+    assert exit_.value.code == 2 and "--list" in capsys.readouterr().err
+
+
+def test_help_names_only_options_that_exist() -> None:
+    parser = build_parser()
+    named = set(re.findall(r"--[a-z][a-z-]+", parser.format_help()))
+    existing = {option for action in parser._actions for option in action.option_strings}
+    assert named <= existing and "--list" in existing
+
+
+def test_a_step_on_the_callers_batch_and_loss_is_measured_like_any_other(
+    tiny_models: list[str],
+) -> None:
+    """The one measurement the harness and the demo use: any batch, any loss."""
+    torch.manual_seed(0)
+    model = create_model("tinyrev8")
+    images = torch.randn(4, 3, 8, 8)
+    labels = torch.randint(0, 10, (4,))
+    calls = []
+
+    def loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        calls.append(logits.shape)
+        return nn.functional.cross_entropy(logits, target)
+
+    step = TrainingStep(model, images=images, labels=labels, loss=loss)
+    memory = measure_step_memory(step)
+    assert calls and all(shape == (4, 10) for shape in calls)
+    assert memory.activation_bytes > 0 and memory.step_peak_bytes > memory.activation_bytes
+    assert memory.state_bytes == step.state_bytes
+    # the default synthetic batch of the same size measures the same: memory depends on shapes
+    torch.manual_seed(0)
+    default = measure_step_memory(
+        TrainingStep(create_model("tinyrev8"), batch_size=4, image_size=8, num_classes=10)
+    )
+    assert default == memory
+    bf16 = measure_step_memory(
+        TrainingStep(
+            create_model("tinyrev8"), images=images, labels=labels, amp_dtype=torch.bfloat16
+        )
+    )
+    assert bf16.activation_bytes < memory.activation_bytes  # half-size activations under autocast

@@ -13,6 +13,7 @@ import torch
 from invertible_train import checkpoint as ckpt
 from invertible_train.checkpoint import (
     CheckpointError,
+    CheckpointStore,
     capture_rng_state,
     load_checkpoint,
     restore_rng_state,
@@ -69,11 +70,17 @@ def test_truncated_real_checkpoint_is_reported(tmp_path: Path) -> None:
         load_checkpoint(path)
 
 
-def test_code_in_a_checkpoint_is_refused(tmp_path: Path) -> None:
+def test_code_in_a_checkpoint_is_refused_without_advice_to_load_it_unsafely(
+    tmp_path: Path,
+) -> None:
     path = tmp_path / "evil.pt"
     torch.save({"format_version": ckpt.FORMAT_VERSION, "x": NotData()}, path)
-    with pytest.raises(CheckpointError, match="evil.pt"):
+    with pytest.raises(CheckpointError, match="evil.pt") as err:
         load_checkpoint(path)
+    message = str(err.value)
+    assert "holds Python objects" in message and "NotData" in message
+    assert "weights_only" not in message and "\x1b" not in message
+    assert "\n" not in message
 
 
 def test_foreign_and_future_checkpoints_are_refused(tmp_path: Path) -> None:
@@ -100,3 +107,52 @@ def test_every_rng_state_survives_a_weights_only_round_trip(tmp_path: Path) -> N
     assert random.random() == expected[0]
     assert torch.equal(torch.rand(3), expected[1])
     assert np.array_equal(np.random.rand(3), expected[2])
+
+
+def test_each_new_last_checkpoint_keeps_the_one_before_as_previous(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save_last({"iteration": 1})
+    assert not store.previous.exists()
+    store.save_last({"iteration": 2})
+    store.save_last({"iteration": 3})
+    assert load_checkpoint(store.last)["iteration"] == 3
+    assert load_checkpoint(store.previous)["iteration"] == 2
+    assert sorted(os.listdir(store.folder)) == ["last.pt", "previous.pt"]
+
+
+def test_an_unusable_last_checkpoint_falls_back_to_the_previous_one(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    assert store.load_latest() is None
+    store.save_last({"iteration": 5})
+    store.save_last({"iteration": 9})
+    state, path, skipped = store.load_latest()
+    assert (state["iteration"], path, skipped) == (9, store.last, None)
+    store.last.write_bytes(store.last.read_bytes()[:-200])  # truncated
+    state, path, skipped = store.load_latest()
+    assert state["iteration"] == 5 and path == store.previous
+    assert skipped is not None and "last.pt is corrupt" in skipped
+    # the unusable file is kept aside, out of the rotation's way
+    assert (store.folder / "last.pt.unusable").exists() and not store.last.exists()
+    store.save_last({"iteration": 6})
+    assert load_checkpoint(store.previous)["iteration"] == 5
+
+
+def test_a_kill_between_the_two_renames_leaves_the_previous_checkpoint(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.save_last({"iteration": 4})
+    store.last.rename(store.previous)  # the old last moved, the new one not yet in place
+    (store.folder / ".last.pt.x1.tmp").write_bytes(b"half")
+    state, path, skipped = store.load_latest()
+    assert state["iteration"] == 4 and path == store.previous and skipped is None
+    assert not list(store.folder.glob(".*.tmp"))
+
+
+def test_when_no_checkpoint_is_usable_the_error_names_both(tmp_path: Path) -> None:
+    store = CheckpointStore(tmp_path / "checkpoints")
+    store.folder.mkdir()
+    store.last.write_bytes(b"garbage")
+    store.previous.write_bytes(b"")
+    with pytest.raises(CheckpointError) as err:
+        store.load_latest()
+    message = str(err.value)
+    assert "last.pt" in message and "previous.pt" in message and "--fresh" in message

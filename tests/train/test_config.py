@@ -9,13 +9,17 @@ import pytest
 from invertible_train.config import (
     ConfigError,
     ExperimentConfig,
+    TrainConfig,
     apply_overrides,
+    check_run_name,
     config_from_dict,
     config_to_dict,
     dump_toml,
     list_experiments,
     load_experiment,
+    resolve_intervals,
 )
+from invertible_train.optim import schedule_positions
 
 PAPER_MODELS = ("resnet32", "resnet110", "resnet164", "revnet38", "revnet110", "revnet164")
 
@@ -29,11 +33,17 @@ def test_each_paper_model_defaults_to_the_paper_recipe(model: str) -> None:
     assert cfg.optimizer.weight_decay == 2e-4
     assert cfg.data.batch_size == 100
     assert cfg.train.iterations == 80000
-    assert (cfg.scheduler.name, cfg.scheduler.milestones, cfg.scheduler.gamma) == (
+    assert (cfg.scheduler.name, cfg.scheduler.unit, cfg.scheduler.gamma) == (
         "multistep",
-        [40000, 60000],
+        "fraction",
         0.1,
     )
+    # halfway and at three quarters: the paper's 40,000 and 60,000 of 80,000 iterations
+    milestones = schedule_positions(cfg.scheduler.milestones, cfg.scheduler.unit, 80000)
+    assert milestones == [40000, 60000]
+    assert resolve_intervals(cfg.train, 80000) == {
+        "log_every": 100, "eval_every": 2000, "checkpoint_every": 1000
+    }  # fmt: skip
     assert cfg.data.augment and cfg.data.crop_padding == 4 and cfg.data.horizontal_flip
 
 
@@ -85,15 +95,33 @@ def test_wrong_type_names_key_and_expected_type(tmp_path: Path) -> None:
     ("raw", "match"),
     [
         ({"train": {"iterations": True}}, "train.iterations expects int"),
-        ({"scheduler": {"milestones": [1, "x"]}}, r"scheduler.milestones\[1\] expects int"),
+        ({"scheduler": {"milestones": [1, "x"]}}, r"scheduler.milestones\[1\] expects float"),
         ({"scheduler": {"milestones": 5}}, "scheduler.milestones expects list"),
         ({"model": {"options": 3}}, "model.options expects dict"),
         ({"data": 3}, r"\[data\] must be a table"),
         ({"train": {"amp": "fp8"}}, "train.amp must be one of bf16, fp16, off"),
-        ({"optimizer": {"name": "lion"}}, "optimizer.name must be one of adam, adamw, sgd"),
-        ({"data": {"batch_size": 0}}, "data.batch_size must be positive"),
-        ({"data": {"workers": -1}}, "data.workers must be >= 0"),
+        ({"data": {"batch_size": 0}}, "data.batch_size must be a positive number; got 0"),
+        ({"data": {"workers": -1}}, "data.workers must be a number >= 0"),
         ({"train": {"iterations": 0}}, "set train.iterations or train.epochs"),
+        ({"optimizer": {"lr": -0.1}}, "optimizer.lr must be a positive number; got -0.1"),
+        ({"optimizer": {"lr": float("nan")}}, "optimizer.lr must be a positive number"),
+        ({"optimizer": {"momentum": 1.0}}, r"optimizer.momentum must be in \[0, 1\)"),
+        ({"optimizer": {"weight_decay": -1}}, "optimizer.weight_decay must be a number >= 0"),
+        ({"scheduler": {"gamma": 0}}, "scheduler.gamma must be a positive number"),
+        ({"scheduler": {"unit": "epoch"}}, "scheduler.unit must be one of fraction, iteration"),
+        (
+            {"scheduler": {"milestones": [40000]}},
+            r"scheduler.milestones\[0\] is 40000.0, but with scheduler.unit = 'fraction'",
+        ),
+        (
+            {"scheduler": {"unit": "iteration", "milestones": [0.5]}},
+            "whole iteration numbers from 1",
+        ),
+        ({"scheduler": {"warmup": 1.5}}, "scheduler.warmup is 1.5, but with scheduler.unit"),
+        ({"train": {"log_every": -1}}, "train.log_every must be a number >= 0"),
+        ({"train": {"threads": -2}}, "train.threads must be a number >= 0"),
+        ({"name": ".."}, "name '..' is not a folder name"),
+        ({"name": "a/b"}, "name 'a/b' is not a folder name"),
     ],
 )
 def test_invalid_values_are_rejected(raw: dict, match: str) -> None:
@@ -112,13 +140,14 @@ def test_set_overrides_are_parsed_as_toml_and_type_checked() -> None:
         [
             "optimizer.lr=0.05",
             "scheduler.milestones=[10, 20]",
+            "scheduler.unit=iteration",
             "model.name=revnet38",
             "train.tensorboard=false",
             "model.options.width=8",
         ],
     )
     assert cfg.optimizer.lr == 0.05
-    assert cfg.scheduler.milestones == [10, 20]
+    assert cfg.scheduler.milestones == [10, 20] and cfg.scheduler.unit == "iteration"
     assert cfg.model.name == "revnet38"
     assert cfg.train.tensorboard is False
     assert cfg.model.options == {"width": 8}
@@ -178,3 +207,41 @@ def test_run_name_defaults_to_model_and_dataset() -> None:
     )
     assert cfg.run_name() == "revnet38-imagefolder-pets"
     assert config_from_dict({"model": {"name": "m"}}).run_name() == "m-cifar10"
+
+
+@pytest.mark.parametrize("name", [".", "..", "", "a/b", "../x", "a\\b", "/abs", "nul\0"])
+def test_a_run_name_is_one_folder_name(name: str) -> None:
+    with pytest.raises(ConfigError, match="is not a folder name"):
+        check_run_name(name)
+
+
+def test_ordinary_run_names_pass() -> None:
+    for name in ("revnet38-cifar10", "run.2", "a_b", "..x", "x.."):
+        assert check_run_name(name) == name
+
+
+@pytest.mark.parametrize(
+    ("total", "expected"),
+    [
+        (80000, (100, 2000, 1000)),
+        (84, (1, 4, 4)),  # digits, 6 epochs of batch 100
+        (400, (4, 20, 20)),
+        (5, (1, 1, 1)),
+    ],
+)
+def test_intervals_fit_the_length_of_the_run(total: int, expected: tuple[int, ...]) -> None:
+    got = resolve_intervals(TrainConfig(), total)
+    assert (got["log_every"], got["eval_every"], got["checkpoint_every"]) == expected
+
+
+def test_intervals_that_are_set_are_kept() -> None:
+    got = resolve_intervals(TrainConfig(log_every=7, eval_every=0, checkpoint_every=9), 84)
+    assert got == {"log_every": 7, "eval_every": 4, "checkpoint_every": 9}
+
+
+def test_iteration_milestones_stay_possible() -> None:
+    cfg = apply_overrides(
+        ExperimentConfig(),
+        ["scheduler.unit=iteration", "scheduler.milestones=[40000, 60000]", "scheduler.warmup=5"],
+    )
+    assert schedule_positions(cfg.scheduler.milestones, cfg.scheduler.unit, 100) == [40000, 60000]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 import urllib.error
 from pathlib import Path
 
@@ -9,8 +10,9 @@ import pytest
 import torch
 from torch.utils.data import DistributedSampler
 
-from invertible_train.config import DataConfig
+from invertible_train.config import ConfigError, DataConfig
 from invertible_train.data import (
+    DIGITS_TEST_SIZE,
     BatchTransform,
     DatasetUnavailableError,
     InMemoryImages,
@@ -18,6 +20,8 @@ from invertible_train.data import (
     augment_batch,
     build_data,
     channel_stats,
+    check_dataset_name,
+    digits_images,
     make_loader,
     synthetic_images,
 )
@@ -163,6 +167,36 @@ def test_image_folder_errors_name_the_missing_parts(tmp_path: Path) -> None:
         build_data(DataConfig(dataset=f"imagefolder:{tmp_path / 'mixed'}"))
 
 
-def test_unknown_dataset_lists_the_known_ones() -> None:
-    with pytest.raises(DatasetUnavailableError, match="cifar10, cifar100, synthetic"):
+def test_unknown_dataset_is_a_config_error_listing_the_known_ones() -> None:
+    with pytest.raises(ConfigError, match="data.dataset must be one of cifar10, cifar100, digits"):
         build_data(DataConfig(dataset="mnist"))
+    with pytest.raises(ConfigError, match="imagefolder:PATH; got 'imagefolder:'"):
+        check_dataset_name("imagefolder:")
+    check_dataset_name("imagefolder:/some/where")
+
+
+def test_digits_are_real_8x8_scans_split_once_for_all_runs() -> None:
+    pytest.importorskip("sklearn")
+    data = build_data(DataConfig(dataset="digits"))
+    assert len(data.train) == 1437 and len(data.test) == DIGITS_TEST_SIZE == 360
+    assert data.num_classes == 10 and data.channels == 1
+    image, label = data.train[0]
+    assert image.shape == (1, 8, 8) and image.dtype == torch.uint8 and 0 <= label < 10
+    train, test = digits_images()
+    assert torch.equal(train.images, data.train.images)  # type: ignore[attr-defined]
+    assert int(train.images.max()) == 255 and int(train.images.min()) == 0
+    # every scan once: the two splits are disjoint and make up the whole dataset
+    from sklearn.datasets import load_digits
+
+    everything = {bytes(x.numpy()) for x in torch.cat([train.images, test.images])}
+    assert len(everything) == len({bytes(row) for row in load_digits().data.astype("uint8")})
+    assert set(test.labels.tolist()) == set(range(10))
+    # normalisation from the training scans only
+    assert data.mean == pytest.approx((float(train.images.double().mean()) / 255,), rel=1e-6)
+
+
+def test_digits_without_scikit_learn_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setitem(sys.modules, "sklearn", None)
+    monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
+    with pytest.raises(DatasetUnavailableError, match=r"pip install 'invertible-train\[digits\]'"):
+        build_data(DataConfig(dataset="digits"))

@@ -1,9 +1,9 @@
-"""Distributed training: the torchrun environment, SyncBatchNorm, the DistributedTrainer.
+"""Distributed training: the torchrun environment, SyncBatchNorm, a trainer given a job.
 
 What one process can check runs in-process. The gradient test spawns two ranks
-(``torch.multiprocessing``, FileStore rendezvous, gloo) that train through
-:class:`DistributedTrainer`; the job tests start ``torchrun`` itself, the README's command
-line, as a subprocess with two CPU processes.
+(``torch.multiprocessing``, FileStore rendezvous, gloo) that train through a
+:class:`Trainer` given the job's :class:`DistributedContext`; the job tests start
+``torchrun`` itself, the README's command line, as a subprocess with two CPU processes.
 """
 
 from __future__ import annotations
@@ -33,15 +33,11 @@ from invertible_train.checkpoint import load_checkpoint
 from invertible_train.cli import evaluate_main
 from invertible_train.config import ConfigError, ExperimentConfig, apply_values, load_experiment
 from invertible_train.data import ImageData, InMemoryImages, channel_stats, synthetic_images
-from invertible_train.distributed import (
-    DistributedTrainer,
-    SyncBatchNorm,
-    convert_sync_batchnorm,
-    process_group,
-    torchrun_ranks,
-)
-from invertible_train.engine import Trainer
+from invertible_train.distributed import process_group, torchrun_ranks
 from invertible_train.results import ResultsDirError
+from invertible_train.strategy import Distribution, SingleProcess
+from invertible_train.sync_batchnorm import SyncBatchNorm, convert_sync_batchnorm
+from invertible_train.trainer import Trainer
 
 from .conftest import FAST
 
@@ -141,7 +137,14 @@ def test_sync_batchnorm_leaves_detached_running_statistics_alone() -> None:
     assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), before, strict=True))
 
 
-def tiny_experiment(iterations: int) -> ExperimentConfig:
+def test_both_strategies_offer_what_a_trainer_asks_for(tmp_path: Path) -> None:
+    assert isinstance(SingleProcess(), Distribution)
+    env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
+    with process_group(torch.device("cpu"), init_method=f"file://{tmp_path / 's'}", env=env) as job:
+        assert isinstance(job, Distribution)
+
+
+def tiny_experiment(iterations: int, sync_bn: bool = False) -> ExperimentConfig:
     return apply_values(
         load_experiment("tiny"),
         {
@@ -158,22 +161,26 @@ def tiny_experiment(iterations: int) -> ExperimentConfig:
             "train.checkpoint_every": 6,
             "train.tensorboard": False,
             "train.measure_memory": False,
+            "train.sync_bn": sync_bn,
+            # a schedule independent of the length: the runs below resume with another one
+            "scheduler.name": "constant",
         },
     )
 
 
 def test_a_one_process_job_trains_like_a_plain_run(tmp_path: Path) -> None:
     """DDP, SyncBatchNorm, the reductions and the rank-0 resume change nothing for one rank."""
-    plain = Trainer(tiny_experiment(20), tmp_path / "plain", quiet=True)
+    plain = Trainer(tiny_experiment(20, sync_bn=True), tmp_path / "plain", quiet=True)
     expected = plain.fit()
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     store = f"file://{tmp_path / 'store'}"
     with process_group(torch.device("cpu"), init_method=store, env=env) as job:
         assert job is not None and job.backend == "gloo" and job.is_main_process
         for iterations in (12, 20):  # the second resumes from the first's checkpoint
-            trainer = DistributedTrainer(
-                tiny_experiment(iterations), tmp_path / "job", job, sync_bn=True, quiet=True
-            )
+            trainer = Trainer(
+                tiny_experiment(iterations, sync_bn=True), tmp_path / "job", quiet=True,
+                distribution=job,
+            )  # fmt: skip
             summary = trainer.fit()
     assert not dist.is_initialized()  # destroyed on leaving the block
     assert summary["test_accuracy"] == expected["test_accuracy"]
@@ -186,21 +193,23 @@ def test_a_one_process_job_trains_like_a_plain_run(tmp_path: Path) -> None:
 
 
 def test_a_run_resumes_only_with_the_sync_bn_it_was_trained_with(tmp_path: Path) -> None:
+    """``train.sync_bn`` is a config key: the resume check covers it like any other."""
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     for resume_with_sync_bn, trains in ((True, True), (False, False)):
         run = tmp_path / f"job-{resume_with_sync_bn}"
         with process_group(torch.device("cpu"), init_method=f"file://{run}-s1", env=env) as job:
             assert job is not None
-            DistributedTrainer(tiny_experiment(6), run, job, sync_bn=True, quiet=True).fit()
+            Trainer(tiny_experiment(6, sync_bn=True), run, quiet=True, distribution=job).fit()
         with process_group(torch.device("cpu"), init_method=f"file://{run}-s2", env=env) as job:
             assert job is not None
-            again = DistributedTrainer(
-                tiny_experiment(12), run, job, sync_bn=resume_with_sync_bn, quiet=True
-            )
+            again = Trainer(
+                tiny_experiment(12, sync_bn=resume_with_sync_bn), run, quiet=True,
+                distribution=job,
+            )  # fmt: skip
             if trains:
                 assert again.fit()["iterations"] == 12
             else:
-                with pytest.raises(ResultsDirError, match="trained with --sync-bn"):
+                with pytest.raises(ResultsDirError, match="train.sync_bn: True -> False"):
                     again.fit()
 
 
@@ -224,14 +233,15 @@ def test_leaving_the_job_frees_ddp_before_the_group(
     env = {"RANK": "0", "WORLD_SIZE": "1", "LOCAL_RANK": "0"}
     with process_group(torch.device("cpu"), init_method=f"file://{tmp_path / 's'}", env=env) as job:
         assert job is not None
-        trainer = DistributedTrainer(tiny_experiment(2), tmp_path / "job", job, quiet=True)
-        wrapper = weakref.ref(trainer.model)
-        assert isinstance(trainer.model, nn.parallel.DistributedDataParallel)
+        trainer = Trainer(tiny_experiment(2), tmp_path / "job", quiet=True, distribution=job)
+        wrapper = weakref.ref(trainer.wrapped_model)
+        assert isinstance(trainer.wrapped_model, nn.parallel.DistributedDataParallel)
+        assert trainer.wrapped_model.module is trainer.model  # the bare net, as DDP names it
         trainer.fit()
     assert alive_at_destroy == [False]
-    assert trainer.closed and trainer.model is trainer.module
+    assert trainer.closed and trainer.wrapped_model is trainer.model
     images, labels = next(iter(trainer.loader))
-    with pytest.raises(RuntimeError, match="closed when its process group ended"):
+    with pytest.raises(RuntimeError, match="closed .its process group ended"):
         trainer.train_step(images, labels)
 
 
@@ -254,7 +264,8 @@ def test_the_cli_joins_a_torchrun_job_and_leaves_it(
 
 
 def revnet_experiment() -> ExperimentConfig:
-    """revnet38 on 8x8 images, memory saving on, no augmentation (the ranks' views match)."""
+    """revnet38 on 8x8 images, memory saving on, SyncBatchNorm, no augmentation (the ranks'
+    views match)."""
     return apply_values(
         load_experiment("revnet38"),
         {
@@ -266,6 +277,7 @@ def revnet_experiment() -> ExperimentConfig:
             "data.augment": False,
             "model.memory_saving": True,
             "train.tensorboard": False,
+            "train.sync_bn": True,
         },
     )
 
@@ -279,12 +291,12 @@ def revnet_data() -> ImageData:
 
 def one_step(trainer: Trainer, images: torch.Tensor, labels: torch.Tensor) -> dict:
     """Gradients, updated weights and BatchNorm statistics after one training step."""
-    trainer.model.train()
+    trainer.wrapped_model.train()
     trainer.train_step(images, labels)
     return {
-        "grads": {n: p.grad.clone() for n, p in trainer.module.named_parameters()},
-        "state": {n: t.clone() for n, t in trainer.module.state_dict().items()},
-        "sync_layers": sum(isinstance(m, SyncBatchNorm) for m in trainer.module.modules()),
+        "grads": {n: p.grad.clone() for n, p in trainer.model.named_parameters()},
+        "state": {n: t.clone() for n, t in trainer.model.state_dict().items()},
+        "sync_layers": sum(isinstance(m, SyncBatchNorm) for m in trainer.model.modules()),
     }
 
 
@@ -293,8 +305,8 @@ def _rank_step(rank: int, store: str, out: str) -> None:
     env = {"RANK": str(rank), "WORLD_SIZE": str(WORLD_SIZE), "LOCAL_RANK": str(rank)}
     with process_group(torch.device("cpu"), "gloo", init_method=f"file://{store}", env=env) as ctx:
         assert ctx is not None
-        trainer = DistributedTrainer(
-            revnet_experiment(), Path(out) / "results", ctx, sync_bn=True, data=revnet_data()
+        trainer = Trainer(
+            revnet_experiment(), Path(out) / "results", data=revnet_data(), distribution=ctx
         )
         images, labels = revnet_data().train.__getitems__(range(8))
         share = slice(rank * 4, rank * 4 + 4)  # this rank's half of the global batch
@@ -384,9 +396,11 @@ def test_torchrun_job_writes_one_set_of_results_from_rank0(revnet_job: Path) -> 
     written = sorted(str(p.relative_to(revnet_job)) for p in revnet_job.rglob("*"))
     assert written == [
         "revnet38-synthetic",
+        "revnet38-synthetic/.invertible-train",
         "revnet38-synthetic/checkpoints",
         "revnet38-synthetic/checkpoints/best.pt",
         "revnet38-synthetic/checkpoints/last.pt",
+        "revnet38-synthetic/checkpoints/previous.pt",
         "revnet38-synthetic/config.toml",
         "revnet38-synthetic/metrics.jsonl",
         "revnet38-synthetic/summary.json",
@@ -467,15 +481,22 @@ def tiny_command(results: Path) -> list[str]:
     )  # fmt: skip
 
 
-@pytest.mark.slow
-@pytest.mark.distributed
-@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers through /proc")
-def test_killed_torchrun_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path: Path) -> None:
-    killed = tmp_path / "killed"
-    last = killed / "tiny-synthetic" / "checkpoints" / "last.pt"
+@pytest.fixture(scope="module")
+def uninterrupted_job(tmp_path_factory: pytest.TempPathFactory) -> dict:
+    """The last checkpoint of the 2-process tiny job that nothing stopped."""
+    whole = tmp_path_factory.mktemp("whole")
+    once = subprocess.run(
+        tiny_command(whole), env=environment(), capture_output=True, text=True, timeout=TIMEOUT
+    )
+    assert once.returncode == 0, once.stdout + once.stderr
+    return load_checkpoint(whole / "tiny-synthetic" / "checkpoints" / "last.pt")
+
+
+def start_job_and_wait_for_a_checkpoint(results: Path) -> tuple[subprocess.Popen, list[int]]:
+    last = results / "tiny-synthetic" / "checkpoints" / "last.pt"
     agent = subprocess.Popen(
-        tiny_command(killed), env=environment(), start_new_session=True,
-        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        tiny_command(results), env=environment(), start_new_session=True,
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
         deadline = time.monotonic() + TIMEOUT
@@ -485,27 +506,59 @@ def test_killed_torchrun_job_resumes_and_ends_like_an_uninterrupted_one(tmp_path
             time.sleep(0.005)
         time.sleep(0.05)  # somewhere after the first checkpoint, possibly mid-write
         workers = worker_pids(agent.pid)
-    finally:
+    except BaseException:
         kill_job(agent)
-    assert len(workers) == WORLD_SIZE, f"torchrun's workers, as found in /proc: {workers}"
-    interrupted_at = load_checkpoint(last)["iteration"]
-    assert 0 < interrupted_at < ITERATIONS, interrupted_at
+        raise
+    return agent, workers
 
+
+def resume_and_compare(results: Path, stopped_at: int, uninterrupted: dict) -> None:
     again = subprocess.run(
-        tiny_command(killed), env=environment(), capture_output=True, text=True, timeout=TIMEOUT
+        tiny_command(results), env=environment(), capture_output=True, text=True, timeout=TIMEOUT
     )
     assert again.returncode == 0, again.stdout + again.stderr
-    resumed = [r["iteration"] for r in records(killed / "tiny-synthetic", "resumed")]
-    assert resumed == [interrupted_at]
-    whole = tmp_path / "whole"
-    once = subprocess.run(
-        tiny_command(whole), env=environment(), capture_output=True, text=True, timeout=TIMEOUT
-    )
-    assert once.returncode == 0, once.stdout + once.stderr
-
-    ended = load_checkpoint(last)
-    uninterrupted = load_checkpoint(whole / "tiny-synthetic" / "checkpoints" / "last.pt")
+    resumed = [r["iteration"] for r in records(results / "tiny-synthetic", "resumed")]
+    assert resumed == [stopped_at]
+    ended = load_checkpoint(results / "tiny-synthetic" / "checkpoints" / "last.pt")
     assert ended["iteration"] == uninterrupted["iteration"] == ITERATIONS
     for name, tensor in uninterrupted["model"].items():
         assert torch.equal(tensor, ended["model"][name]), name
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers through /proc")
+def test_killed_torchrun_job_resumes_and_ends_like_an_uninterrupted_one(
+    tmp_path: Path, uninterrupted_job: dict
+) -> None:
+    killed = tmp_path / "killed"
+    agent, workers = start_job_and_wait_for_a_checkpoint(killed)
+    kill_job(agent)
+    assert len(workers) == WORLD_SIZE, f"torchrun's workers, as found in /proc: {workers}"
+    interrupted_at = load_checkpoint(killed / "tiny-synthetic/checkpoints/last.pt")["iteration"]
+    assert 0 < interrupted_at < ITERATIONS, interrupted_at
+    resume_and_compare(killed, interrupted_at, uninterrupted_job)
     print(f"killed after iteration {interrupted_at} was checkpointed; resumed bit-exact")
+
+
+@pytest.mark.slow
+@pytest.mark.distributed
+@pytest.mark.skipif(not Path("/proc/self/stat").exists(), reason="finds workers through /proc")
+def test_a_sigterm_to_torchrun_stops_every_rank_at_one_iteration_with_a_checkpoint(
+    tmp_path: Path, uninterrupted_job: dict
+) -> None:
+    """torchrun passes SIGTERM on to its workers; they agree on where to stop, rank 0 saves."""
+    stopped = tmp_path / "stopped"
+    agent, workers = start_job_and_wait_for_a_checkpoint(stopped)
+    try:
+        agent.send_signal(signal.SIGTERM)
+        _, err = agent.communicate(timeout=TIMEOUT)
+    finally:
+        kill_job(agent)
+    assert len(workers) == WORLD_SIZE
+    assert err.count("invertible-train: stopped by SIGTERM at iteration") == 1, err  # rank 0
+    saved = load_checkpoint(stopped / "tiny-synthetic" / "checkpoints" / "last.pt")
+    stopped_at = saved["iteration"]
+    assert 0 < stopped_at < ITERATIONS and f"iteration {stopped_at} of" in err
+    assert records(stopped / "tiny-synthetic", "stopped")[-1]["iteration"] == stopped_at
+    resume_and_compare(stopped, stopped_at, uninterrupted_job)

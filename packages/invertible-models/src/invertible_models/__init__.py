@@ -23,6 +23,8 @@ from invertible_models.blocks import (
     reversible_block,
 )
 from invertible_models.registry import create_model, list_models, register_model
+
+# The model files register their constructors on import (the registry imports none of them).
 from invertible_models.resnet import ResNet
 from invertible_models.revnet import RevNet, RevNetStage
 from invertible_models.revvit import ReversibleVisionTransformer

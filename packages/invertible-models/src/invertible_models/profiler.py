@@ -13,7 +13,10 @@ CUDA ``torch.cuda.max_memory_allocated`` (both through
 runs, because the CPU profiler slows the work it records. ``--plot FILE`` draws memory
 against depth per model family (needs matplotlib: ``pip install invertible-models[plot]``).
 
-The same functions (:func:`profile_model`) drive ``benchmarks/bench_models.py``.
+The same functions drive ``benchmarks/bench_models.py``, and :func:`measure_step_memory`
+is the one memory measurement of the project: ``invertible-train`` (``summary.json``) and
+``invertible-demo`` measure their models' training steps with it, on their own batches and
+losses, so every figure means the same thing wherever it is printed.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ import re
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from typing import Any, Literal
 
@@ -36,9 +39,11 @@ from invertible_models.registry import create_model, list_models
 
 __all__ = [
     "ModelProfile",
+    "StepMemory",
     "TrainingStep",
     "format_table",
     "main",
+    "measure_step_memory",
     "median_step_seconds",
     "plot_profiles",
     "profile_model",
@@ -83,39 +88,64 @@ class ModelProfile:
 
 
 class TrainingStep:
-    """One SGD training step of a model on a fixed synthetic batch, callable repeatedly.
+    """One SGD training step of a model on a fixed batch, callable repeatedly.
 
-    The step is forward, cross-entropy, backward, SGD (momentum 0.9). Gradients are zeroed
-    in place, not freed, so that after the first call the model state (parameters,
-    gradients, momentum buffers) stays allocated between steps, as in a training loop, and
-    a step's peak memory counts only what the step itself adds: activations and
-    temporaries. That state is reported separately (:attr:`state_bytes`).
+    The step is forward, loss, backward, SGD (momentum 0.9). Gradients are zeroed in place,
+    not freed, so that after the first call the model state (parameters, gradients,
+    momentum buffers) stays allocated between steps, as in a training loop, and a step's
+    peak memory counts only what the step itself adds: activations and temporaries. That
+    state is reported separately (:attr:`state_bytes`).
+
+    By default the batch is synthetic (``batch_size`` random ``3 x image_size x image_size``
+    images, random labels) and the loss is cross-entropy. A caller with a batch and a loss
+    of its own (a training harness, a density model trained by likelihood) passes
+    ``images``, ``labels`` and ``loss(output, labels)``; ``amp_dtype`` runs the forward
+    under ``torch.autocast``.
     """
 
     def __init__(
         self,
         model: nn.Module,
         *,
-        batch_size: int,
-        image_size: int,
-        num_classes: int,
+        batch_size: int = 32,
+        image_size: int = 32,
+        num_classes: int = 10,
         device: str | torch.device = "cpu",
+        images: torch.Tensor | None = None,
+        labels: torch.Tensor | None = None,
+        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+        amp_dtype: torch.dtype | None = None,
     ) -> None:
-        self.device = torch.device(device)
+        self.device = torch.device(device) if images is None else images.device
         self.model = model.to(self.device).train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.images = torch.randn(batch_size, 3, image_size, image_size, device=self.device)
-        self.labels = torch.randint(0, num_classes, (batch_size,), device=self.device)
-        self.loss_fn = nn.CrossEntropyLoss()
+        if images is None:
+            images = torch.randn(batch_size, 3, image_size, image_size, device=self.device)
+        if labels is None:
+            labels = torch.randint(0, num_classes, (images.shape[0],), device=self.device)
+        self.images = images
+        self.labels = labels
+        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+            loss if loss is not None else nn.CrossEntropyLoss()
+        )
+        self.amp_dtype = amp_dtype
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=False)
-        self.loss_fn(self.model(self.images), self.labels).backward()
+        with self._autocast():
+            loss = self.loss_fn(self.model(self.images), self.labels)
+        loss.backward()
         self.optimizer.step()
 
     def forward(self) -> torch.Tensor:
         """The training-mode forward pass alone (its result holds what backward needs)."""
-        return self.model(self.images)
+        with self._autocast():
+            return self.model(self.images)  # type: ignore[no-any-return]
+
+    def _autocast(self) -> torch.autocast:
+        return torch.autocast(
+            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
+        )
 
     @property
     def state_bytes(self) -> int:
@@ -138,6 +168,43 @@ class TrainingStep:
         self()
         _synchronize(self.device)
         return timer() - start
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    """What one steady-state training step of a model costs in memory, in bytes.
+
+    Attributes:
+        activation_bytes: what a training-mode forward pass keeps alive for backward (what
+            memory saving reduces).
+        step_peak_bytes: the peak of a whole step (forward, loss, backward, optimizer step)
+            beyond the model state.
+        state_bytes: the model state: parameters, gradients and momentum buffers.
+    """
+
+    activation_bytes: int
+    step_peak_bytes: int
+    state_bytes: int
+
+
+def measure_step_memory(step: TrainingStep, warmup: int = 2) -> StepMemory:
+    """Measure a training step with :func:`invertible_core.memory.measure_memory`.
+
+    ``warmup`` steps run first, so that gradients and momentum buffers exist and the
+    measured step is a steady-state one (lazily created kernels settle too). Exact on the
+    CPU (the profiler's allocation events), ``max_memory_allocated`` on CUDA. The steps
+    update the step's model: measure a copy when the model must stay as it was.
+    """
+    for _ in range(warmup):
+        step()
+    _, step_stats = measure_memory(step, device=step.device)
+    output, forward_stats = measure_memory(step.forward, device=step.device)
+    del output
+    return StepMemory(
+        activation_bytes=forward_stats.retained_bytes,
+        step_peak_bytes=step_stats.peak_bytes,
+        state_bytes=step.state_bytes,
+    )
 
 
 def _synchronize(device: torch.device) -> None:
@@ -195,13 +262,7 @@ def profile_model(
         num_classes=num_classes,
         device=device,
     )
-    # Warm-up: allocates gradients and momentum buffers, so the measured step is a
-    # steady-state one, and lets lazily created kernels settle.
-    step()
-    step()
-    _, step_stats = measure_memory(step, device=step.device)
-    logits, forward_stats = measure_memory(step.forward, device=step.device)
-    del logits
+    memory = measure_step_memory(step)
     seconds = median_step_seconds([step], steps)[0] if steps else float("nan")
     parameters = sum(p.numel() for p in step.model.parameters())
     parameter_bytes = sum(p.numel() * p.element_size() for p in step.model.parameters())
@@ -210,9 +271,9 @@ def profile_model(
         label=label or name,
         parameters=parameters,
         parameter_mib=parameter_bytes / MIB,
-        state_mib=step.state_bytes / MIB,
-        peak_step_mib=step_stats.peak_bytes / MIB,
-        activation_mib=forward_stats.retained_bytes / MIB,
+        state_mib=memory.state_bytes / MIB,
+        peak_step_mib=memory.step_peak_bytes / MIB,
+        activation_mib=memory.activation_bytes / MIB,
         step_seconds=seconds,
         batch_size=batch_size,
         image_size=image_size,
@@ -287,6 +348,21 @@ def plot_profiles(profiles: Sequence[ModelProfile], path: str) -> None:
     plt.close(fig)
 
 
+def _at_least(minimum: int) -> Callable[[str], int]:
+    """An argparse type: an integer no smaller than ``minimum`` (else a usage error, exit 2)."""
+
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, got {value}")
+        return value
+
+    return parse
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``invertible-profile``."""
     parser = argparse.ArgumentParser(
@@ -294,12 +370,17 @@ def build_parser() -> argparse.ArgumentParser:
         description="Parameters, peak training memory, stored activations and step time "
         "of models from the invertible-models zoo.",
     )
-    parser.add_argument("models", nargs="+", metavar="MODEL", help="model names (see --list)")
-    parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--image-size", type=int, default=32)
-    parser.add_argument("--num-classes", type=int, default=10)
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
-    parser.add_argument("--steps", type=int, default=3, help="timed steps (median reported)")
+    parser.add_argument(
+        "models", nargs="*", metavar="MODEL", help="model names (--list shows them)"
+    )
+    parser.add_argument("--list", action="store_true", help="print the model names and exit")
+    parser.add_argument("--batch-size", type=_at_least(1), default=32, help="images per step")
+    parser.add_argument("--image-size", type=_at_least(1), default=32, help="image side")
+    parser.add_argument("--num-classes", type=_at_least(1), default=10, help="classes")
+    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
+    parser.add_argument(
+        "--steps", type=_at_least(1), default=3, help="timed steps (median reported)"
+    )
     parser.add_argument(
         "--no-memory-saving",
         action="store_true",
@@ -313,8 +394,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of ``invertible-profile``; returns the exit status."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     known = list_models()
+    if args.list:
+        print("\n".join(known))
+        return 0
+    if not args.models:
+        parser.error("name at least one MODEL (invertible-profile --list shows them)")
     unknown = [m for m in args.models if m not in known]
     if unknown:
         print(

@@ -4,6 +4,11 @@ Model files register their constructors with :func:`register_model`; users build
 with :func:`create_model` by name (``"revnet110"``), so configuration files and command
 lines hold names, never import paths (loading classes from dotted paths in a config runs
 arbitrary code). :func:`list_models` tells what exists.
+
+This module is a leaf, as timm's ``_registry.py`` is: it imports no model file. The model
+files import it and register themselves, and ``invertible_models/__init__.py`` imports the
+model files, so any import of the package (``import invertible_models.registry`` included,
+which runs the package's ``__init__`` first) fills the registry.
 """
 
 from __future__ import annotations
@@ -37,7 +42,6 @@ def register_model(fn: ModelFn) -> ModelFn:
 
 def list_models() -> list[str]:
     """The registered model names, by family and then by depth (resnet32 before resnet110)."""
-    _load_zoo()
     return sorted(_MODELS, key=_natural_key)
 
 
@@ -62,7 +66,6 @@ def create_model(
     Raises:
         ValueError: unknown ``name``; the message lists the known names.
     """
-    _load_zoo()
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     fn = _MODELS[name]
@@ -77,8 +80,3 @@ def _natural_key(name: str) -> tuple[str, int, str]:
     if match is None:
         return name, -1, ""
     return match.group(1), int(match.group(2)), match.group(3)
-
-
-def _load_zoo() -> None:
-    """Import the model files so that their constructors are registered."""
-    from invertible_models import resnet, revnet  # noqa: F401

@@ -1,25 +1,40 @@
-"""invertible-train: the CIFAR training harness of the invertible model zoo.
+"""invertible-train: the training harness of the invertible model zoo.
 
-Train any ``invertible_models`` network on CIFAR-10/100, your own images or synthetic data,
-reproducing the RevNet paper's recipe, with atomic checkpoints and bit-exact resumption.
-Most users need only the command line (``invertible-train``, ``invertible-eval``,
-``invertible-demo``, ``invertible-plot``); the names below are for scripts.
+Train any ``invertible_models`` network on CIFAR-10/100, handwritten digits, your own images
+or synthetic data, reproducing the RevNet paper's recipe, with atomic rotating checkpoints,
+bit-exact resumption (after a kill, a Ctrl-C or a SIGTERM) and density models trained by
+likelihood. Most users need only the command line (``invertible-train``,
+``invertible-eval``, ``invertible-demo``, ``invertible-plot``); the names below are for
+scripts.
+
+The house: ``cli`` reads an experiment (``config``, the schema) and runs a ``trainer`` (the
+loop), which builds ``data``, ``model``, ``optim`` and is given a ``tasks`` task and a
+``strategy`` (one process, or a ``distributed`` torchrun rank, with ``sync_batchnorm``);
+around the loop: ``evaluation``, ``checkpoint``, ``resume``, ``interrupts``, ``results``.
 """
 
 from invertible_train._version import __version__
 from invertible_train.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
 from invertible_train.config import ConfigError, ExperimentConfig, load_experiment
 from invertible_train.data import DatasetUnavailableError, build_data
-from invertible_train.engine import NonFiniteLossError, Trainer
+from invertible_train.interrupts import Interrupted
 from invertible_train.results import ResultsDirError
+from invertible_train.strategy import SingleProcess
+from invertible_train.tasks import Classification, DensityEstimation, Task
+from invertible_train.trainer import NonFiniteLossError, Trainer
 
 __all__ = [
     "CheckpointError",
+    "Classification",
     "ConfigError",
     "DatasetUnavailableError",
+    "DensityEstimation",
     "ExperimentConfig",
+    "Interrupted",
     "NonFiniteLossError",
     "ResultsDirError",
+    "SingleProcess",
+    "Task",
     "Trainer",
     "__version__",
     "build_data",

@@ -10,13 +10,20 @@ NumPy's global generator).
 
 Loading uses ``weights_only=True`` only: a checkpoint is data, never code. A file that is
 not a readable checkpoint raises :class:`CheckpointError` naming the file and the fix,
-instead of a traceback from the unpickler.
+instead of a traceback from the unpickler (and never torch's advice to load it with
+``weights_only=False``, which would run whatever code the file holds).
+
+:class:`CheckpointStore` keeps a run's ``checkpoints/`` folder: each new ``last.pt`` first
+moves the one before it to ``previous.pt`` (rotation), so when ``last.pt`` turns out to be
+unusable (a disk that lost its tail, a copy cut short) the run resumes from
+``previous.pt`` instead of starting over; ``best.pt`` is the best evaluated model.
 """
 
 from __future__ import annotations
 
 import os
 import random
+import re
 import tempfile
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +34,7 @@ import torch
 __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
+    "CheckpointStore",
     "capture_rng_state",
     "load_checkpoint",
     "restore_rng_state",
@@ -41,8 +49,14 @@ class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the file and what to do."""
 
 
-def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
-    """Write ``state`` to ``path`` atomically (temp file, flush, fsync, rename)."""
+def save_checkpoint(
+    state: Mapping[str, Any], path: str | Path, keep_previous: str | Path | None = None
+) -> Path:
+    """Write ``state`` to ``path`` atomically (temp file, flush, fsync, rename).
+
+    With ``keep_previous``, an existing ``path`` is moved there once the new file is
+    complete, just before the new one takes its place.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {"format_version": FORMAT_VERSION, **state}
@@ -52,6 +66,8 @@ def save_checkpoint(state: Mapping[str, Any], path: str | Path) -> Path:
             torch.save(payload, handle)
             handle.flush()
             os.fsync(handle.fileno())
+        if keep_previous is not None and path.exists():
+            os.replace(path, keep_previous)
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
@@ -74,6 +90,21 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+#: the way out of an unusable checkpoint, for every message about one.
+_FIX = "rerun with --fresh to start the experiment over, or use another --results-dir"
+
+
+def _reason(exc: Exception) -> str:
+    """Why torch could not load a file, in one line, without torch's advice on unsafe loading."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(exc)).strip()
+    if "weights only load failed" in text.lower():
+        found = re.search(r"Unsupported global: GLOBAL [\w.]+", text)
+        what = f" ({found.group(0)})" if found else ""
+        return f"it holds Python objects, not only tensors and plain data{what}"
+    first = text.splitlines()[0] if text else type(exc).__name__
+    return f"{type(exc).__name__}: {first.split('. ')[0][:200]}"
+
+
 def load_checkpoint(path: str | Path) -> dict[str, Any]:
     """Read a checkpoint written by :func:`save_checkpoint` onto the CPU.
 
@@ -82,28 +113,84 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     incompatible version of this package.
     """
     path = Path(path)
-    fix = (
-        "delete it (the run restarts from the previous checkpoint if there is one), "
-        "rerun with --fresh to start the experiment over, or use another --results-dir"
-    )
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist")
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # the unpickler raises many types; all mean "unusable"
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a checkpoint of this package "
-            f"({type(exc).__name__}: {reason[:200]}); {fix}"
+            f"({_reason(exc)}); {_FIX}"
         ) from None
     if not isinstance(state, dict) or "format_version" not in state:
-        raise CheckpointError(f"{path} is not an invertible-train checkpoint; {fix}")
+        raise CheckpointError(f"{path} is not an invertible-train checkpoint; {_FIX}")
     if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {state['format_version']}, this version of "
-            f"invertible-train reads version {FORMAT_VERSION}; {fix}"
+            f"invertible-train reads version {FORMAT_VERSION}; {_FIX}"
         )
     return state
+
+
+class CheckpointStore:
+    """The ``checkpoints/`` folder of a run: ``last.pt``, ``previous.pt`` and ``best.pt``.
+
+    :meth:`save_last` rotates (the old ``last.pt`` becomes ``previous.pt`` once the new one
+    is complete); :meth:`load_latest` reads the newest usable one of the two. Only the main
+    process of a job uses it.
+    """
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.last = self.folder / "last.pt"
+        self.previous = self.folder / "previous.pt"
+        self.best = self.folder / "best.pt"
+
+    def save_last(self, state: Mapping[str, Any]) -> Path:
+        """Write ``last.pt`` atomically, keeping the one it replaces as ``previous.pt``."""
+        return save_checkpoint(state, self.last, keep_previous=self.previous)
+
+    def save_best(self, state: Mapping[str, Any]) -> Path:
+        """Write ``best.pt`` atomically."""
+        return save_checkpoint(state, self.best)
+
+    def remove_stale(self) -> None:
+        """Delete temporary files a kill left behind mid-write (never a finished checkpoint)."""
+        for stale in self.folder.glob(".*.tmp"):
+            stale.unlink(missing_ok=True)
+
+    def exists(self) -> bool:
+        """Whether a checkpoint to resume from (``last.pt`` or ``previous.pt``) exists."""
+        return self.last.exists() or self.previous.exists()
+
+    def load_latest(self) -> tuple[dict[str, Any], Path, str | None] | None:
+        """``(state, path, skipped)`` of the newest usable checkpoint, or None when none exists.
+
+        ``last.pt`` first; when it is unusable, it is moved aside to ``last.pt.unusable``
+        (kept for inspection, out of the rotation's way) and ``previous.pt`` is read, and
+        ``skipped`` says why ``last.pt`` was passed over. When neither is usable the
+        :class:`CheckpointError` names both.
+        """
+        self.remove_stale()
+        errors: list[str] = []
+        for path in (self.last, self.previous):
+            if not path.exists():
+                continue
+            try:
+                state = load_checkpoint(path)
+            except CheckpointError as exc:
+                errors.append(str(exc).split(f"; {_FIX}")[0])
+                continue
+            skipped = None
+            if path == self.previous and errors:
+                aside = self.last.with_name(self.last.name + ".unusable")
+                if self.last.exists():
+                    os.replace(self.last, aside)
+                skipped = f"{errors[0]}; moved it to {aside.name}"
+            return state, path, skipped
+        if errors:
+            raise CheckpointError("; and ".join(errors) + f"; {_FIX}")
+        return None
 
 
 def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:

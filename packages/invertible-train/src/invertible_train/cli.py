@@ -5,21 +5,24 @@ the experiment (the model's shipped recipe, or ``--config FILE``) in this order:
 experiment file, then the named options (``--lr``, ``--batch-size``...), then every
 ``--set key=value`` in the order given.
 
-Exit status: 0 on success, 2 for an invalid command line or experiment, 1 when data, a
-checkpoint or the results directory is unusable, 3 when training stopped on a non-finite
-loss (the last good checkpoint is kept).
+Exit status: 0 on success, 2 for an invalid command line or experiment (a results folder
+that cannot be written included), 1 when data, a checkpoint or the results directory is
+unusable, 3 when training stopped on a non-finite loss (the last good checkpoint is kept),
+130 and 143 when SIGINT (Ctrl-C) or SIGTERM stopped it (after saving a checkpoint: rerun
+the same command to resume). Every error is one line on stderr, never a traceback; warnings
+too (``invertible-train: warning: ...``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import sys
-from collections.abc import Sequence
+import warnings
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
-
-import torch
 
 from invertible_train import __version__
 from invertible_train.checkpoint import CheckpointError, load_checkpoint
@@ -29,23 +32,22 @@ from invertible_train.config import (
     ExperimentConfig,
     apply_overrides,
     apply_values,
+    check_run_name,
     config_from_dict,
     config_to_dict,
     dump_toml,
     load_experiment,
 )
-from invertible_train.data import DatasetUnavailableError
-from invertible_train.distributed import (
-    BACKENDS,
-    DistributedContext,
-    DistributedTrainer,
-    process_group,
-    run_on_main,
-)
-from invertible_train.engine import NonFiniteLossError, Trainer, select_device
-from invertible_train.results import ResultsDirError, remove_results
+from invertible_train.data import DatasetUnavailableError, check_dataset_name
+from invertible_train.distributed import BACKENDS, DistributedContext, process_group
+from invertible_train.interrupts import Interrupted
+from invertible_train.model import check_model_config
+from invertible_train.optim import check_optim_config
+from invertible_train.results import ResultsDirError, remove_results, results_path
+from invertible_train.strategy import Distribution, SingleProcess, select_device
+from invertible_train.trainer import NonFiniteLossError, Trainer
 
-__all__ = ["build_eval_parser", "build_parser", "evaluate_main", "main"]
+__all__ = ["build_eval_parser", "build_parser", "check_experiment", "evaluate_main", "main"]
 
 EXIT_USAGE, EXIT_UNUSABLE, EXIT_NONFINITE = 2, 1, 3
 
@@ -55,8 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="invertible-train",
         description=(
-            "Train a model of the invertible zoo on CIFAR-10/100, your own images or synthetic "
-            "data. Rerunning the same command resumes from the last checkpoint."
+            "Train a model of the invertible zoo on CIFAR-10/100, handwritten digits, your own "
+            "images or synthetic data. Rerunning the same command resumes from the last "
+            "checkpoint; Ctrl-C saves one first."
         ),
         epilog=(
             "Example: invertible-train revnet38 cifar10 --data-dir ~/data. "
@@ -69,7 +72,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "dataset",
-        help="cifar10, cifar100, synthetic, or imagefolder:PATH (PATH/train, PATH/test)",
+        help="cifar10, cifar100, digits (needs scikit-learn), synthetic, or imagefolder:PATH "
+        "(PATH/train, PATH/test)",
     )
     parser.add_argument(
         "--config",
@@ -93,7 +97,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="parent folder of the experiment's results folder (default: ./results)",
     )
     parser.add_argument(
-        "--name", help="experiment name = results subfolder (default MODEL-DATASET)"
+        "--name",
+        help="experiment name = results subfolder, one folder name (default MODEL-DATASET)",
     )
     length = parser.add_mutually_exclusive_group()
     length.add_argument("--epochs", type=int, help="train this many epochs (train.epochs)")
@@ -113,6 +118,17 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--workers", type=int, help="DataLoader worker processes (data.workers)")
     parser.add_argument(
+        "--threads",
+        type=int,
+        help="torch's CPU threads per process (train.threads; default: torch's choice)",
+    )
+    parser.add_argument(
+        "--no-memory-saving",
+        action="store_true",
+        help="train reversible models without memory saving (model.memory_saving = false); "
+        "a resumed run may switch it either way",
+    )
+    parser.add_argument(
         "--amp",
         choices=AMP_MODES,
         help="mixed precision: off, bf16 (GPU or CPU), fp16 (with a gradient scaler)",
@@ -129,12 +145,14 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--sync-bn",
         action="store_true",
-        help="under torchrun: BatchNorm normalises with the statistics of the global batch",
+        help="under torchrun: BatchNorm normalises with the statistics of the global batch "
+        "(train.sync_bn)",
     )
     parser.add_argument(
         "--fresh",
         action="store_true",
-        help="delete this experiment's earlier results and start over instead of resuming",
+        help="delete this experiment's earlier results (a folder this harness wrote) and "
+        "start over instead of resuming",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     parser.add_argument(
@@ -146,10 +164,19 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+#: the smallest value of each numeric option (0 would mean "the default" in the config).
+_MINIMA = {"epochs": 1, "iterations": 1, "batch_size": 1, "workers": 0, "threads": 1}
+
+
 def _named_options(args: argparse.Namespace) -> dict[str, Any]:
+    for option, minimum in _MINIMA.items():
+        value = getattr(args, option)
+        if value is not None and value < minimum:
+            flag = "--" + option.replace("_", "-")
+            raise ConfigError(f"{flag} must be at least {minimum}; got {value}")
     values: dict[str, Any] = {"data.dataset": args.dataset}
     if args.name is not None:
-        values["name"] = args.name
+        values["name"] = check_run_name(args.name)
     if args.data_dir is not None:
         values["data.data_dir"] = args.data_dir
     if args.epochs is not None:
@@ -163,9 +190,14 @@ def _named_options(args: argparse.Namespace) -> dict[str, Any]:
         ("seed", "train.seed"),
         ("workers", "data.workers"),
         ("amp", "train.amp"),
+        ("threads", "train.threads"),
     ):
         if getattr(args, option) is not None:
             values[key] = getattr(args, option)
+    if args.no_memory_saving:
+        values["model.memory_saving"] = False
+    if args.sync_bn:
+        values["train.sync_bn"] = True
     return values
 
 
@@ -173,6 +205,28 @@ def _error(prog: str, message: str, status: int, report: bool = True) -> int:
     if report:
         print(f"{prog}: error: {message}", file=sys.stderr)
     return status
+
+
+@contextlib.contextmanager
+def _one_line_warnings(prog: str, report: bool = True) -> Iterator[None]:
+    """Warnings as ``prog: warning: message`` lines (none where ``report`` is False)."""
+
+    def show(message: Any, category: Any, *args: Any, **kwargs: Any) -> None:
+        if report:
+            print(f"{prog}: warning: {message}", file=sys.stderr)
+
+    with warnings.catch_warnings():  # the filters stay the caller's; only the display changes
+        warnings.showwarning = show
+        yield
+
+
+def check_experiment(cfg: ExperimentConfig) -> None:
+    """The names an experiment refers to exist (model, dataset, optimizer, schedule), and its
+    name is one folder name; else :class:`ConfigError` naming the key and the choices."""
+    check_model_config(cfg.model)
+    check_dataset_name(cfg.data.dataset)
+    check_optim_config(cfg.optimizer, cfg.scheduler)
+    check_run_name(cfg.run_name(), "--name (the experiment name)")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -186,20 +240,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         cfg = load_experiment(args.model, args.config)
         cfg = apply_values(cfg, _named_options(args), source="command line")
         cfg = apply_overrides(cfg, args.overrides)
+        check_experiment(cfg)
         if args.print_config:
             print(dump_toml(config_to_dict(cfg)), end="")
             return 0
         device = select_device(cfg.train.device, no_cuda=args.no_cuda)
         with process_group(device, args.backend) as job:
-            return _train(args, cfg, device, job)
+            return _train(args, cfg, job if job is not None else SingleProcess(device), job)
     except ConfigError as exc:
         return _error(prog, str(exc), EXIT_USAGE)
+    except KeyboardInterrupt:  # before training began: nothing to save
+        return _error(prog, "interrupted before training began; nothing was saved", 130)
 
 
 def _train(
     args: argparse.Namespace,
     cfg: ExperimentConfig,
-    device: torch.device,
+    distribution: Distribution,
     job: DistributedContext | None,
 ) -> int:
     """Train one experiment; under torchrun (``job``) only rank 0 reports and writes.
@@ -208,28 +265,33 @@ def _train(
     prints it.
     """
     prog = "invertible-train"
-    main_process = job is None or job.is_main_process
-    results = Path(args.results_dir) / cfg.run_name()
+    main_process = distribution.is_main_process
+    results = results_path(args.results_dir, cfg)
     try:
-        if args.fresh:
-            # one process deletes, every process waits for it
-            run_on_main(lambda: remove_results(results))
-        trainer = (
-            Trainer(cfg, results, device=device, quiet=args.quiet)
-            if job is None
-            else DistributedTrainer(cfg, results, job, sync_bn=args.sync_bn, quiet=args.quiet)
-        )
-        summary = trainer.fit()
+        with _one_line_warnings(prog, main_process):
+            if args.fresh:
+                # one process deletes, every process waits for it
+                distribution.run_on_main(lambda: remove_results(results))
+            trainer = Trainer(cfg, results, quiet=args.quiet, distribution=distribution)
+            summary = trainer.fit()
     except ConfigError as exc:
         return _error(prog, str(exc), EXIT_USAGE, main_process)
     except NonFiniteLossError as exc:
         return _error(prog, str(exc), EXIT_NONFINITE, main_process)
     except (DatasetUnavailableError, CheckpointError, ResultsDirError) as exc:
         return _error(prog, str(exc), EXIT_UNUSABLE, main_process)
+    except Interrupted as exc:
+        if main_process:
+            print(f"{prog}: {exc}", file=sys.stderr)
+        return 128 + exc.signum
     if not args.quiet and main_process:
+        figures = ", ".join(
+            f"{key.replace('_', ' ')} {value:.4f}"
+            for key, value in summary.items()
+            if key.startswith("test_")
+        )
         print(
-            f"{cfg.run_name()}: test accuracy {summary['test_accuracy']:.4f}, "
-            f"test loss {summary['test_loss']:.4f} after {summary['iterations']} iterations; "
+            f"{cfg.run_name()}: {figures} after {summary['iterations']} iterations; "
             f"results in {results}"
         )
     return 0
@@ -245,7 +307,7 @@ def build_eval_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--checkpoint",
         default="best",
-        help="'best', 'last', or a checkpoint file path (default: best, else last)",
+        help="'best', 'last', 'previous', or a checkpoint file path (default: best, else last)",
     )
     parser.add_argument("--data-dir", help="where the dataset lives, if it moved since training")
     parser.add_argument("--batch-size", type=int, help="evaluation batch size")
@@ -255,44 +317,38 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``invertible-eval``: prints test accuracy and loss of a checkpoint."""
+    """Entry point of ``invertible-eval``: prints the test figures of a checkpoint."""
     args = build_eval_parser().parse_args(argv)
     prog = "invertible-eval"
     results = Path(args.results)
-    if args.checkpoint in ("best", "last"):
+    if args.checkpoint in ("best", "last", "previous"):
         path = results / "checkpoints" / f"{args.checkpoint}.pt"
         if args.checkpoint == "best" and not path.exists():
             path = results / "checkpoints" / "last.pt"
     else:
         path = Path(args.checkpoint)
     try:
-        state = load_checkpoint(path)
-        cfg = config_from_dict(state["config"], source=str(path))
-        values: dict[str, Any] = {}
-        if args.data_dir is not None:
-            values["data.data_dir"] = args.data_dir
-        if args.batch_size is not None:
-            values["data.eval_batch_size"] = args.batch_size
-        cfg = apply_values(cfg, values, source="command line")
-        device = select_device(cfg.train.device, no_cuda=args.no_cuda)
-        trainer = Trainer(cfg, results, device=device, quiet=True)
-        trainer.load_state_dict(state, path)
-        test_loss, test_accuracy = trainer.evaluate()
+        with _one_line_warnings(prog):
+            state = load_checkpoint(path)
+            cfg = config_from_dict(state["config"], source=str(path))
+            values: dict[str, Any] = {}
+            if args.data_dir is not None:
+                values["data.data_dir"] = args.data_dir
+            if args.batch_size is not None:
+                values["data.eval_batch_size"] = args.batch_size
+            cfg = apply_values(cfg, values, source="command line")
+            device = select_device(cfg.train.device, no_cuda=args.no_cuda)
+            trainer = Trainer(cfg, results, device=device, quiet=True)
+            trainer.load_state_dict(state, path)
+            figures = trainer.evaluate()
     except ConfigError as exc:
         return _error(prog, str(exc), EXIT_USAGE)
     except (DatasetUnavailableError, CheckpointError, ResultsDirError) as exc:
         return _error(prog, str(exc), EXIT_UNUSABLE)
-    result = {
-        "checkpoint": str(path),
-        "iteration": int(state["iteration"]),
-        "test_accuracy": test_accuracy,
-        "test_loss": test_loss,
-    }
+    result = {"checkpoint": str(path), "iteration": int(state["iteration"]), **figures}
     if args.json:
         print(json.dumps(result))
     else:
-        print(
-            f"{path} (iteration {result['iteration']}): test accuracy {test_accuracy:.4f}, "
-            f"test loss {test_loss:.4f}"
-        )
+        shown = ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in figures.items())
+        print(f"{path} (iteration {result['iteration']}): {shown}")
     return 0

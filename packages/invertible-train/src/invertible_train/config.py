@@ -8,6 +8,11 @@ unknown key is an error that lists the valid keys of its table, a value of the w
 is an error that names the key and the expected type. Nothing in a file is ever imported
 or executed: models, optimizers and schedules are names looked up in registries.
 
+Registry names (models, datasets, optimizers, schedules) are checked by the modules that
+own the registries (``invertible_train.optim``, ``invertible_train.data``,
+``invertible_train.model``), not here: this module is the schema every other module
+imports, and imports none of them.
+
 Why a dataclass schema and not free dicts: a typo in a config file (``lr_milestones`` for
 ``milestones``) would otherwise be ignored silently and the run would train with the
 default, which is exactly the failure that costs a week of GPU time.
@@ -16,6 +21,7 @@ default, which is exactly the failure that costs a week of GPU time.
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import typing
 from collections.abc import Iterable, Mapping
@@ -31,6 +37,7 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 __all__ = [
     "AMP_MODES",
+    "SCHEDULE_UNITS",
     "ConfigError",
     "DataConfig",
     "ExperimentConfig",
@@ -40,14 +47,19 @@ __all__ = [
     "TrainConfig",
     "apply_overrides",
     "apply_values",
+    "check_run_name",
     "config_from_dict",
     "config_to_dict",
     "dump_toml",
     "list_experiments",
     "load_experiment",
+    "resolve_intervals",
 ]
 
 AMP_MODES = ("off", "bf16", "fp16")
+#: how ``scheduler.milestones`` and ``scheduler.warmup`` count: fractions of the run's
+#: iterations, or iteration numbers.
+SCHEDULE_UNITS = ("fraction", "iteration")
 
 
 class ConfigError(ValueError):
@@ -59,6 +71,9 @@ class ModelConfig:
     """Which network to build: a name from ``invertible_models.list_models()``."""
 
     name: str = ""
+    #: for models with a ``memory_saving`` switch (RevNets): recompute instead of storing
+    #: activations. May change when a run resumes: it changes what is stored, not what is
+    #: computed.
     memory_saving: bool = True
     #: extra keyword arguments for ``create_model`` (e.g. a width), passed through as-is.
     options: dict[str, Any] = field(default_factory=dict)
@@ -68,7 +83,7 @@ class ModelConfig:
 class DataConfig:
     """Dataset, batching and augmentation (augmentation touches training data only)."""
 
-    #: ``cifar10``, ``cifar100``, ``synthetic`` or ``imagefolder:PATH``.
+    #: ``cifar10``, ``cifar100``, ``digits``, ``synthetic`` or ``imagefolder:PATH``.
     dataset: str = "cifar10"
     data_dir: str = "data"
     download: bool = True
@@ -99,12 +114,21 @@ class OptimizerConfig:
 
 @dataclass
 class SchedulerConfig:
-    """Learning-rate schedule by registry name; stepped once per iteration."""
+    """Learning-rate schedule by registry name; stepped once per iteration.
+
+    Positions in the schedule (``milestones``, ``warmup``) count in ``unit``: fractions of
+    the run's iterations (the default, so a shorter run keeps the shape of the schedule) or
+    iteration numbers.
+    """
 
     name: str = "multistep"
-    #: iterations at which the lr is multiplied by ``gamma`` (``multistep``).
-    milestones: list[int] = field(default_factory=lambda: [40000, 60000])
+    #: where the lr is multiplied by ``gamma`` (``multistep``): halfway and at three quarters.
+    milestones: list[float] = field(default_factory=lambda: [0.5, 0.75])
     gamma: float = 0.1
+    #: ``fraction`` (of the run's iterations) or ``iteration``.
+    unit: str = "fraction"
+    #: length of the linear warmup of ``warmup_cosine``, in ``unit``.
+    warmup: float = 0.0
 
 
 @dataclass
@@ -118,12 +142,17 @@ class TrainConfig:
     amp: str = "off"
     #: ``auto`` (CUDA when present), ``cpu``, ``cuda`` or ``cuda:N``.
     device: str = "auto"
-    log_every: int = 100
-    eval_every: int = 2000
-    checkpoint_every: int = 1000
+    #: intervals in iterations; 0 sizes them to the run (see :func:`resolve_intervals`).
+    log_every: int = 0
+    eval_every: int = 0
+    checkpoint_every: int = 0
     tensorboard: bool = True
     #: measure activation memory of one training step at the end (profiler on the CPU).
     measure_memory: bool = True
+    #: torch's intra-op CPU threads (``torch.set_num_threads``); 0 leaves torch's default.
+    threads: int = 0
+    #: under torchrun, BatchNorm layers normalise with the statistics of the global batch.
+    sync_bn: bool = False
 
 
 @dataclass
@@ -145,6 +174,48 @@ class ExperimentConfig:
         if dataset.startswith("imagefolder:"):
             dataset = "imagefolder-" + (Path(dataset.split(":", 1)[1]).name or "images")
         return f"{self.model.name}-{dataset}"
+
+
+def check_run_name(name: str, key: str = "name") -> str:
+    """``name`` when it can name a folder inside the results folder, else a ConfigError.
+
+    One path component: not empty, not ``.`` or ``..``, no path separator, no NUL. A name
+    that is a path would put results (and what ``--fresh`` deletes) outside the results
+    folder.
+    """
+    separators = {"/", "\\"}
+    bad = (
+        not name
+        or name in (".", "..")
+        or any(sep in name for sep in separators)
+        or "\0" in name
+        or Path(name).is_absolute()
+    )
+    if bad:
+        raise ConfigError(
+            f"{key} {name!r} is not a folder name: use one path component (letters, digits, "
+            "'-', '_', '.'), not '.', '..' or a path; results always go inside --results-dir"
+        )
+    return name
+
+
+#: the recipe's intervals: an 80,000-iteration run logs every 100 iterations, evaluates
+#: every 2,000 and checkpoints every 1,000 (800, 40 and 80 times); shorter runs scale down.
+_INTERVALS = {"log_every": (100, 100), "eval_every": (20, 2000), "checkpoint_every": (20, 1000)}
+
+
+def resolve_intervals(train: TrainConfig, total_iterations: int) -> dict[str, int]:
+    """``log_every``, ``eval_every``, ``checkpoint_every`` in iterations for a run's length.
+
+    A key set to a positive value keeps it; 0 means "fit the run": about 100 logged points
+    (at most every 100 iterations), about 20 evaluations (at most every 2,000) and 20
+    checkpoints (at most every 1,000), at least every iteration.
+    """
+    out = {}
+    for key, (times, cap) in _INTERVALS.items():
+        value = getattr(train, key)
+        out[key] = value if value > 0 else max(1, min(cap, total_iterations // times))
+    return out
 
 
 _INHERIT_KEY = "extends"
@@ -298,43 +369,77 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
 
 
 def _check_values(cfg: ExperimentConfig) -> None:
-    """Checks a type cannot express: registry names, ranges, choices."""
-    from invertible_train.optim import OPTIMIZERS, SCHEDULERS
+    """Checks a type cannot express: ranges, choices, names (registry names: elsewhere)."""
 
     def choose(key: str, value: str, choices: Iterable[str]) -> None:
         choices = sorted(choices)
         if value not in choices:
             raise ConfigError(f"{key} must be one of {', '.join(choices)}; got {value!r}")
 
+    if cfg.name:
+        check_run_name(cfg.name)
     choose("train.amp", cfg.train.amp, AMP_MODES)
-    choose("optimizer.name", cfg.optimizer.name, OPTIMIZERS)
-    choose("scheduler.name", cfg.scheduler.name, SCHEDULERS)
-    positive = {
+    choose("scheduler.unit", cfg.scheduler.unit, SCHEDULE_UNITS)
+    positive: dict[str, float] = {
         "data.batch_size": cfg.data.batch_size,
         "data.eval_batch_size": cfg.data.eval_batch_size,
         "data.image_size": cfg.data.image_size,
         "data.synthetic_classes": cfg.data.synthetic_classes,
         "data.synthetic_train_size": cfg.data.synthetic_train_size,
         "data.synthetic_test_size": cfg.data.synthetic_test_size,
-        "train.log_every": cfg.train.log_every,
-        "train.eval_every": cfg.train.eval_every,
-        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "optimizer.lr": cfg.optimizer.lr,
+        "scheduler.gamma": cfg.scheduler.gamma,
     }
     for key, value in positive.items():
-        if value <= 0:
-            raise ConfigError(f"{key} must be positive; got {value}")
+        if not value > 0 or not math.isfinite(value):
+            raise ConfigError(f"{key} must be a positive number; got {value}")
     non_negative: dict[str, float] = {
         "train.iterations": cfg.train.iterations,
         "train.epochs": cfg.train.epochs,
+        "train.log_every": cfg.train.log_every,
+        "train.eval_every": cfg.train.eval_every,
+        "train.checkpoint_every": cfg.train.checkpoint_every,
+        "train.threads": cfg.train.threads,
         "data.workers": cfg.data.workers,
         "data.crop_padding": cfg.data.crop_padding,
         "optimizer.weight_decay": cfg.optimizer.weight_decay,
+        "scheduler.warmup": cfg.scheduler.warmup,
     }
     for key, amount in non_negative.items():
-        if amount < 0:
-            raise ConfigError(f"{key} must be >= 0; got {amount}")
+        if not amount >= 0 or not math.isfinite(amount):
+            raise ConfigError(f"{key} must be a number >= 0; got {amount}")
+    if not 0 <= cfg.optimizer.momentum < 1:
+        raise ConfigError(f"optimizer.momentum must be in [0, 1); got {cfg.optimizer.momentum}")
     if cfg.train.iterations == 0 and cfg.train.epochs == 0:
         raise ConfigError("set train.iterations or train.epochs (--iterations / --epochs)")
+    _check_schedule(cfg.scheduler)
+
+
+def _check_schedule(cfg: SchedulerConfig) -> None:
+    fraction = cfg.unit == "fraction"
+    for i, value in enumerate(cfg.milestones):
+        key = f"scheduler.milestones[{i}]"
+        if fraction and not 0 < value <= 1:
+            raise ConfigError(
+                f"{key} is {value}, but with scheduler.unit = 'fraction' milestones are "
+                "fractions of the run in (0, 1] (0.5: halfway); for iteration numbers set "
+                "scheduler.unit = 'iteration'"
+            )
+        if not fraction and not (math.isfinite(value) and value >= 1 and value == int(value)):
+            raise ConfigError(
+                f"{key} is {value}, but with scheduler.unit = 'iteration' milestones are "
+                "whole iteration numbers from 1"
+            )
+    if fraction and cfg.warmup >= 1:
+        raise ConfigError(
+            f"scheduler.warmup is {cfg.warmup}, but with scheduler.unit = 'fraction' it is a "
+            "fraction of the run in [0, 1); for iterations set scheduler.unit = 'iteration'"
+        )
+    if not fraction and cfg.warmup != int(cfg.warmup):
+        raise ConfigError(
+            f"scheduler.warmup is {cfg.warmup}, but with scheduler.unit = 'iteration' it is a "
+            "whole number of iterations"
+        )
 
 
 def apply_overrides(cfg: ExperimentConfig, overrides: Iterable[str]) -> ExperimentConfig:

@@ -14,8 +14,10 @@ Training hygiene (the defects of MemCNN's harness this module exists to avoid):
 * the test set is never augmented and never contributes to any statistic.
 
 Datasets: ``cifar10`` and ``cifar100`` through torchvision (downloaded when absent),
-``imagefolder:PATH`` (torchvision ``ImageFolder`` over ``PATH/train`` and ``PATH/test``),
-and ``synthetic`` (generated, learnable, offline; CIFAR-shaped by default).
+``digits`` (scikit-learn's 1,797 handwritten 8x8 scans, shipped inside scikit-learn, so
+offline; the optional extra ``invertible-train[digits]``), ``imagefolder:PATH``
+(torchvision ``ImageFolder`` over ``PATH/train`` and ``PATH/test``), and ``synthetic``
+(generated, learnable, offline; CIFAR-shaped by default).
 """
 
 from __future__ import annotations
@@ -29,9 +31,11 @@ import torch
 import torch.nn.functional as F
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
 
-from invertible_train.config import DataConfig
+from invertible_train.config import ConfigError, DataConfig
 
 __all__ = [
+    "DATASETS",
+    "DIGITS_TEST_SIZE",
     "BatchTransform",
     "DatasetUnavailableError",
     "FolderImages",
@@ -41,9 +45,19 @@ __all__ = [
     "augment_batch",
     "build_data",
     "channel_stats",
+    "check_dataset_name",
+    "digits_images",
     "make_loader",
     "synthetic_images",
 ]
+
+#: the names ``data.dataset`` accepts (``imagefolder:`` takes a path after the colon).
+DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "imagefolder:PATH")
+
+#: scans of ``digits`` held out as its test set (20%, the same ones in every run).
+DIGITS_TEST_SIZE = 360
+#: the seed of the permutation that splits ``digits`` into training and test scans.
+_DIGITS_SPLIT_SEED = 20180406
 
 #: at most this many training images (a seeded random subset) enter the normalisation
 #: statistics of a folder dataset, which must be decoded from disk to be measured.
@@ -129,6 +143,11 @@ class ImageData:
     mean: tuple[float, ...]
     std: tuple[float, ...]
 
+    @property
+    def channels(self) -> int:
+        """Channels of the images (3 for colour, 1 for ``digits``)."""
+        return len(self.mean)
+
 
 def synthetic_images(
     n: int, classes: int, size: int, seed: int, channels: int = 3
@@ -205,6 +224,29 @@ def _cifar(cfg: DataConfig, name: str) -> tuple[InMemoryImages, InMemoryImages, 
     return out[0], out[1], classes
 
 
+def digits_images() -> tuple[InMemoryImages, InMemoryImages]:
+    """scikit-learn's handwritten digits as ``uint8`` 1x8x8 images: (train, test).
+
+    1,797 real scans (``sklearn.datasets.load_digits``, 17 grey levels scaled to 0..255),
+    split once by a fixed permutation into 1,437 training and :data:`DIGITS_TEST_SIZE` test
+    scans, the same in every run and on every machine.
+    """
+    try:
+        from sklearn.datasets import load_digits
+    except ImportError:
+        raise DatasetUnavailableError(
+            "dataset 'digits' needs scikit-learn, which is not installed: "
+            "pip install 'invertible-train[digits]' (or pip install scikit-learn)"
+        ) from None
+    bunch = load_digits()
+    scans = torch.as_tensor(bunch.images, dtype=torch.float64)  # (1797, 8, 8), 0..16
+    images = (scans * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
+    labels = torch.as_tensor(bunch.target, dtype=torch.int64)
+    order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
+    test, train = order[:DIGITS_TEST_SIZE], order[DIGITS_TEST_SIZE:]
+    return InMemoryImages(images[train], labels[train]), InMemoryImages(images[test], labels[test])
+
+
 def _imagefolder(cfg: DataConfig, path: str) -> tuple[FolderImages, FolderImages, int]:
     root = Path(path).expanduser()
     missing = [sub for sub in ("train", "test") if not (root / sub).is_dir()]
@@ -221,24 +263,31 @@ def _imagefolder(cfg: DataConfig, path: str) -> tuple[FolderImages, FolderImages
     return train, test, len(train.classes)
 
 
+def check_dataset_name(name: str) -> None:
+    """Raise :class:`ConfigError` (naming the choices) when ``name`` is no dataset."""
+    known = name in DATASETS or (name.startswith("imagefolder:") and len(name) > 12)
+    if not known:
+        raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+
+
 def build_data(cfg: DataConfig, seed: int = 0) -> ImageData:
     """Load the dataset named in ``cfg`` and compute normalisation from its training split."""
     name = cfg.dataset
+    check_dataset_name(name)
     train: Dataset[Any]
     test: Dataset[Any]
     if name in ("cifar10", "cifar100"):
         train, test, classes = _cifar(cfg, name)
     elif name.startswith("imagefolder:"):
         train, test, classes = _imagefolder(cfg, name.split(":", 1)[1])
-    elif name == "synthetic":
+    elif name == "digits":
+        train, test = digits_images()
+        classes = 10
+    else:  # synthetic
         classes = cfg.synthetic_classes
         size = cfg.image_size
         train = InMemoryImages(*synthetic_images(cfg.synthetic_train_size, classes, size, 1))
         test = InMemoryImages(*synthetic_images(cfg.synthetic_test_size, classes, size, 2))
-    else:
-        raise DatasetUnavailableError(
-            f"unknown dataset {name!r}; use cifar10, cifar100, synthetic or imagefolder:PATH"
-        )
     mean, std = channel_stats(train, seed)
     return ImageData(train=train, test=test, num_classes=classes, mean=mean, std=std)
 
@@ -375,13 +424,21 @@ class BatchTransform:
         """Scale to [0, 1] and standardise with the training statistics."""
         return (images.to(torch.float32) / 255.0 - self.mean) / self.std
 
+    def generator(self, iteration: int, rank: int = 0, stream: int = 0) -> torch.Generator:
+        """A CPU generator for batch ``iteration`` of ``rank``: one reproducible random stream
+        per (seed, iteration, rank, stream), whatever ran before (resumes stay bit-exact)."""
+        key = ((self.seed * 1_000_003 + iteration) * 4_099 + rank) * 7 + stream
+        return torch.Generator().manual_seed(key)
+
+    def augmented(self, images: torch.Tensor, iteration: int, rank: int = 0) -> torch.Tensor:
+        """Batch ``iteration``, augmented when augmentation is on, still ``uint8``."""
+        if not self.augment:
+            return images
+        return augment_batch(images, self.generator(iteration, rank), self.padding, self.flip)
+
     def train(self, images: torch.Tensor, iteration: int, rank: int = 0) -> torch.Tensor:
         """The training view of batch number ``iteration`` (deterministic in seed, iteration)."""
-        if self.augment:
-            # distinct, reproducible stream per (seed, iteration, rank)
-            g = torch.Generator().manual_seed((self.seed * 1_000_003 + iteration) * 4_099 + rank)
-            images = augment_batch(images, g, self.padding, self.flip)
-        return self.normalize(images)
+        return self.normalize(self.augmented(images, iteration, rank))
 
     def test(self, images: torch.Tensor) -> torch.Tensor:
         """The evaluation view: normalised, never augmented."""

@@ -1,7 +1,7 @@
 """``invertible-plot RESULTS_DIR``: the training curves of a run as a PNG.
 
-Reads ``metrics.jsonl`` and draws loss, accuracy (train and test) and the learning rate
-against the iteration. Needs matplotlib, the optional ``plot`` extra
+Reads ``metrics.jsonl`` and draws loss, the task's metric (accuracy, or bits per dimension
+for a density model; train and test) and the learning rate against the iteration. Needs matplotlib, the optional ``plot`` extra
 (``pip install 'invertible-train[plot]'``); it is imported only here, and drawn with the
 Agg canvas directly so that plotting never changes the caller's matplotlib backend.
 """
@@ -46,16 +46,22 @@ def plot_curves(results_dir: str | Path, output: str | Path | None = None) -> Pa
     if not train and not test:
         raise PlotUnavailableError(f"{results_dir} has no logged steps to plot yet")
 
+    density = any("bits_per_dim" in r or "test_bits_per_dim" in r for r in records)
+    metric = "bits_per_dim" if density else "accuracy"
+
     fig = Figure(figsize=(12, 3.6), layout="constrained")
     FigureCanvasAgg(fig)
-    ax_loss, ax_acc, ax_lr = fig.subplots(1, 3)
+    ax_loss, ax_metric, ax_lr = fig.subplots(1, 3)
     for ax, train_key, test_key, title in (
         (ax_loss, "loss", "test_loss", "loss"),
-        (ax_acc, "accuracy", "test_accuracy", "accuracy"),
+        (ax_metric, metric, f"test_{metric}", metric.replace("_", " ")),
     ):
-        ax.plot([r["iteration"] for r in train], [r[train_key] for r in train], label="train")
+        ax.plot([r["iteration"] for r in train], [r.get(train_key) for r in train], label="train")
         ax.plot(
-            [r["iteration"] for r in test], [r[test_key] for r in test], marker="o", label="test"
+            [r["iteration"] for r in test],
+            [r.get(test_key) for r in test],
+            marker="o",
+            label="test",
         )
         ax.set_title(title)
         ax.set_xlabel("iteration")

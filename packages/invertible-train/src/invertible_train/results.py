@@ -2,19 +2,27 @@
 
 Layout (written by the main process only)::
 
+    .invertible-train      the marker: this folder holds this harness's results (--fresh
+                           deletes nothing else)
     config.toml            the resolved experiment (reusable with --config)
     metrics.jsonl          one JSON object per line: "train" steps, "eval"uations,
                            "resumed" and "stopped" events
-    summary.json           final test_accuracy (a fraction), test_loss, parameters,
-                           activation memory, images/s, versions of our packages and torch
-    checkpoints/last.pt    written every train.checkpoint_every iterations and at the end
-    checkpoints/best.pt    the evaluated model with the highest test accuracy so far
-    tensorboard/           event files: loss, accuracy, lr, throughput, memory
+    summary.json           final test metrics, parameters, activation memory, images/s,
+                           versions of our packages and torch
+    checkpoints/last.pt    written every train.checkpoint_every iterations, at the end, and
+                           when the run is interrupted (SIGINT, SIGTERM)
+    checkpoints/previous.pt  the last.pt before it (resumed from when last.pt is unusable)
+    checkpoints/best.pt    the evaluated model with the best test metric so far
+    samples/               density models: a PNG grid of samples at each evaluation
+    tensorboard/           event files: loss, metrics, lr, throughput, memory, samples
 
-:class:`RunLog` writes the first three and TensorBoard; on resumption it drops what the
-interrupted run logged after its last checkpoint, so the logs read as one uninterrupted
-run. :func:`config_differences` decides whether a folder's run may be resumed by the
-current experiment; :func:`remove_results` implements ``--fresh``.
+:func:`prepare_results` creates the folder and its marker (a folder that cannot be written
+is a :class:`~invertible_train.config.ConfigError` naming ``--results-dir``).
+:class:`RunLog` writes the logs, the summary and TensorBoard; on resumption it drops what
+the interrupted run logged after the checkpoint it resumes from, so the logs read as one
+uninterrupted run. :func:`holds_results` says what of value a folder holds (what a restart
+would overwrite), and :func:`remove_results` implements ``--fresh``; when a run may resume
+is :mod:`invertible_train.resume`'s business.
 """
 
 from __future__ import annotations
@@ -30,71 +38,92 @@ from typing import IO, Any
 
 import torch
 
-from invertible_train.config import dump_toml
+from invertible_train.config import ConfigError, ExperimentConfig, check_run_name, dump_toml
 
 __all__ = [
-    "RESUMABLE_CHANGES",
+    "MARKER",
     "ResultsDirError",
     "RunLog",
     "Throughput",
-    "config_differences",
+    "holds_results",
     "package_versions",
+    "prepare_results",
     "remove_results",
+    "results_path",
 ]
 
-#: config keys that may change between a run and its resumption (they do not change what
-#: is computed, or they only extend it); any other difference refuses to resume.
-RESUMABLE_CHANGES = frozenset(
-    {
-        "data.workers",
-        "data.data_dir",
-        "data.download",
-        "data.eval_batch_size",
-        "train.iterations",
-        "train.epochs",
-        "train.device",
-        "train.log_every",
-        "train.eval_every",
-        "train.checkpoint_every",
-        "train.tensorboard",
-        "train.measure_memory",
-    }
-)
-
-_RESULT_MARKERS = ("config.toml", "checkpoints", "metrics.jsonl", "summary.json")
+#: the file that marks a folder as this harness's results (written when the folder is made).
+MARKER = ".invertible-train"
 
 
 class ResultsDirError(RuntimeError):
     """The results directory holds something this run must not overwrite or resume."""
 
 
+def results_path(results_dir: str | Path, cfg: ExperimentConfig) -> Path:
+    """``results_dir / run name``, the run name checked to be a single folder name."""
+    return Path(results_dir) / check_run_name(cfg.run_name(), "--name (the experiment name)")
+
+
+def prepare_results(path: Path) -> None:
+    """Create the results folder ``path`` and its :data:`MARKER` (main process only).
+
+    A folder that cannot be created or written (a file in the way, no permission) raises
+    :class:`ConfigError` naming ``--results-dir``: nothing has been trained yet.
+    """
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        marker = path / MARKER
+        if not marker.exists():
+            marker.write_text(
+                "This folder holds results of invertible-train; "
+                "`invertible-train ... --fresh` may delete it.\n",
+                encoding="utf-8",
+            )
+    except OSError as exc:
+        reason = exc.strerror or type(exc).__name__
+        where = exc.filename if exc.filename is not None else path
+        raise ConfigError(
+            f"--results-dir: cannot write the results folder {path} ({reason}: {where}); "
+            "choose a folder you can write to"
+        ) from None
+
+
+def holds_results(path: Path) -> list[str]:
+    """What of value ``path`` holds (checkpoints, evaluations, a summary), as relative paths.
+
+    A run with nothing in this list may start over from iteration 0: it lost at most the
+    training-loss lines of the iterations before its first checkpoint, which it repeats
+    exactly. Anything here would be overwritten by a restart.
+    """
+    found = [str(f.relative_to(path)) for f in sorted((path / "checkpoints").glob("*.pt*"))]
+    if (path / "summary.json").exists():
+        found.append("summary.json")
+    metrics = path / "metrics.jsonl"
+    if metrics.exists():
+        lines = metrics.read_text(encoding="utf-8").splitlines()
+        if any(line.strip() and json.loads(line).get("kind") == "eval" for line in lines):
+            found.append("metrics.jsonl (evaluations)")
+    return found
+
+
 def remove_results(path: Path) -> None:
-    """Delete an experiment's results (``--fresh``), refusing folders that are not results."""
-    if not path.exists():
+    """Delete an experiment's results (``--fresh``); anything but results is refused.
+
+    Deleted only when ``path`` is a real folder (not a link), directly inside its results
+    folder, holding the harness's :data:`MARKER`.
+    """
+    if not path.exists() and not path.is_symlink():
         return
-    if not path.is_dir() or not any((path / m).exists() for m in _RESULT_MARKERS):
+    parent = path.parent.resolve()
+    inside = path.resolve().parent == parent and path.name not in ("", ".", "..")
+    if path.is_symlink() or not path.is_dir() or not inside or not (path / MARKER).is_file():
         raise ResultsDirError(
-            f"--fresh would delete {path}, which does not look like a results directory "
-            f"(none of {', '.join(_RESULT_MARKERS)}); remove it yourself or pick another one"
+            f"--fresh would delete {path}, which is not a results folder of invertible-train "
+            f"(no {MARKER} file in it, or not a folder inside {path.parent}); delete it "
+            "yourself, or choose another --name or --results-dir"
         )
     shutil.rmtree(path)
-
-
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
-    flat: dict[str, Any] = {}
-    for key, value in tree.items():
-        if isinstance(value, dict) and key != "options":
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[prefix + key] = value
-    return flat
-
-
-def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list[str]:
-    """``"key: old -> new"`` for each difference that forbids resuming (nested config dicts)."""
-    old, new = _flatten(saved), _flatten(now)
-    keys = sorted(k for k in set(old) | set(new) if k not in RESUMABLE_CHANGES)
-    return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
 def package_versions() -> dict[str, str]:
@@ -128,7 +157,11 @@ class RunLog:
         self._writer: Any = None
 
     def open(self, config: Mapping[str, Any], resumed_at: int | None) -> None:
-        """Write the resolved config and open the logs; ``resumed_at``: resumed iteration."""
+        """Write the resolved config and open the logs; ``resumed_at``: resumed iteration.
+
+        Starting over (``resumed_at`` None) clears ``metrics.jsonl`` and makes TensorBoard
+        ignore earlier events; resuming keeps only what was logged up to ``resumed_at``.
+        """
         if not self.enabled:
             return
         self.results_dir.mkdir(parents=True, exist_ok=True)
@@ -149,7 +182,8 @@ class RunLog:
             from torch.utils.tensorboard import SummaryWriter
 
             self._writer = SummaryWriter(
-                str(self.results_dir / "tensorboard"), purge_step=resumed_at
+                str(self.results_dir / "tensorboard"),
+                purge_step=resumed_at if resumed_at is not None else 0,
             )
 
     def log(self, record: Mapping[str, Any]) -> None:
@@ -164,6 +198,11 @@ class RunLog:
                     value, (int, float)
                 ):
                     self._writer.add_scalar(f"{kind}/{key}", value, record["iteration"])
+
+    def log_image(self, tag: str, image: torch.Tensor, iteration: int) -> None:
+        """A ``(C, H, W)`` image in [0, 1] to TensorBoard (e.g. a grid of samples)."""
+        if self._writer is not None:
+            self._writer.add_image(tag, image, iteration)
 
     def write_summary(self, summary: Mapping[str, Any]) -> None:
         """Write summary.json; its memory figures also go to TensorBoard."""

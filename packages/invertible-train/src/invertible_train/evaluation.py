@@ -1,0 +1,114 @@
+"""Evaluation: a model's test figures on the untouched test set, summed over processes.
+
+:class:`Evaluator` holds this process's share of the test set (images ``rank``,
+``rank + world_size``, ... under torchrun) and the :class:`~invertible_train.tasks.Task`
+that turns a batch into sums (loss, accuracy or bits per dimension, count). The sums are
+reduced over processes before dividing, so the figures are those of the whole test set for
+any number of processes; the main process's buffers (BatchNorm statistics) are broadcast
+first, so the model evaluated is the one it checkpoints. Test images are never augmented
+and never enter a statistic.
+
+It also measures one training step of a model on a test batch
+(:meth:`Evaluator.step_memory`), with the measurement of ``invertible-profile``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from invertible_models.profiler import TrainingStep, measure_step_memory
+from invertible_train.data import make_loader
+from invertible_train.strategy import Distribution
+from invertible_train.tasks import Task
+
+__all__ = ["Evaluator"]
+
+
+class Evaluator:
+    """The test figures of a model (see the module docstring).
+
+    ``autocast`` returns the context the forward pass runs in (mixed precision or none).
+    """
+
+    def __init__(
+        self,
+        test: Dataset[Any],
+        batch_size: int,
+        task: Task,
+        distribution: Distribution,
+        autocast: Callable[[], contextlib.AbstractContextManager[Any]],
+        workers: int = 0,
+    ) -> None:
+        self.task = task
+        self.distribution = distribution
+        self.device = distribution.device
+        self.batch_size = batch_size
+        self.autocast = autocast
+        rank, world_size = distribution.rank, distribution.world_size
+        #: this process's test images, as positions in the test set.
+        self.indices = list(range(rank, len(test), world_size))  # type: ignore[arg-type]
+        self.loader = make_loader(
+            test,
+            batch_size,
+            sampler=self.indices,  # type: ignore[arg-type]
+            workers=workers,
+            pin_memory=self.device.type == "cuda",
+        )
+
+    def batches(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, list[int]]]:
+        """This process's test batches on the device, with the test-set index of each image."""
+        for number, (images, labels) in enumerate(self.loader):
+            start = number * self.batch_size
+            indices = self.indices[start : start + labels.shape[0]]
+            images = images.to(self.device, non_blocking=True)
+            yield images, labels.to(self.device, non_blocking=True), indices
+
+    @torch.no_grad()
+    def evaluate(self, model: nn.Module) -> dict[str, float]:
+        """``test_loss`` and the task's figure (``test_accuracy``, ``test_bits_per_dim``)."""
+        self.distribution.broadcast_buffers(model)
+        # the bare model: DDP's forward may broadcast buffers, a collective that ranks with
+        # different numbers of test batches would not all join
+        forward = self.task.forward_module(model)
+        was_training = model.training
+        model.eval()
+        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        for images, labels, indices in self.batches():
+            with self.autocast():
+                output = forward(self.task.test_view(images, indices))
+            output = output.float()
+            sums += self.task.sums(output, labels, self.task.loss(output, labels))
+        model.train(was_training)
+        return self.task.figures(self.distribution.reduce(sums), prefix="test_")
+
+    def step_memory(
+        self, model: nn.Module, batch_size: int, amp_dtype: torch.dtype | None = None
+    ) -> dict[str, int]:
+        """``activation_bytes`` and ``step_peak_bytes`` of one training step of ``model`` on
+        ``batch_size`` test images: :func:`~invertible_models.profiler.measure_step_memory`,
+        on a copy of the model with the random state forked, so nothing a run depends on
+        changes."""
+        images, labels, indices = next(self.batches())
+        n = min(batch_size, labels.shape[0])
+        x = self.task.test_view(images[:n], indices[:n])
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices):
+            step = TrainingStep(
+                self.task.forward_module(copy.deepcopy(model)),
+                images=x,
+                labels=labels[:n],
+                loss=self.task.loss,
+                amp_dtype=amp_dtype,
+            )
+            memory = measure_step_memory(step)
+        return {
+            "activation_bytes": memory.activation_bytes,
+            "step_peak_bytes": memory.step_peak_bytes,
+        }
