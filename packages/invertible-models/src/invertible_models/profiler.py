@@ -42,6 +42,7 @@ __all__ = [
     "median_step_seconds",
     "plot_profiles",
     "profile_model",
+    "profile_step",
 ]
 
 MIB = 2**20
@@ -195,13 +196,32 @@ def profile_model(
         num_classes=num_classes,
         device=device,
     )
+    return profile_step(step, name=name, label=label, steps=steps, options=options)
+
+
+def profile_step(
+    step: TrainingStep,
+    *,
+    name: str,
+    label: str | None = None,
+    steps: int = 3,
+    options: dict[str, Any] | None = None,
+) -> ModelProfile:
+    """Measure a prepared training step: parameters, memory, step time.
+
+    The measurement of :func:`profile_model`, for a step built by hand (another loss, real
+    data: a subclass of :class:`TrainingStep` that overrides ``__call__`` and ``forward``).
+    The batch size and image size are read from ``step.images``.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be at least 0, got {steps}")
     # Warm-up: allocates gradients and momentum buffers, so the measured step is a
     # steady-state one, and lets lazily created kernels settle.
     step()
     step()
     _, step_stats = measure_memory(step, device=step.device)
-    logits, forward_stats = measure_memory(step.forward, device=step.device)
-    del logits
+    output, forward_stats = measure_memory(step.forward, device=step.device)
+    del output
     seconds = median_step_seconds([step], steps)[0] if steps else float("nan")
     parameters = sum(p.numel() for p in step.model.parameters())
     parameter_bytes = sum(p.numel() * p.element_size() for p in step.model.parameters())
@@ -214,10 +234,10 @@ def profile_model(
         peak_step_mib=step_stats.peak_bytes / MIB,
         activation_mib=forward_stats.retained_bytes / MIB,
         step_seconds=seconds,
-        batch_size=batch_size,
-        image_size=image_size,
+        batch_size=step.images.shape[0],
+        image_size=step.images.shape[-1],
         device=str(step.device),
-        options=dict(options),
+        options=dict(options or {}),
     )
 
 

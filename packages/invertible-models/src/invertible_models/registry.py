@@ -81,4 +81,4 @@ def _natural_key(name: str) -> tuple[str, int, str]:
 
 def _load_zoo() -> None:
     """Import the model files so that their constructors are registered."""
-    from invertible_models import resnet, revnet  # noqa: F401
+    from invertible_models import glow, irevnet, resnet, revnet  # noqa: F401
