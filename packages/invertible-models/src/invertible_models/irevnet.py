@@ -32,9 +32,12 @@ returns that rounded input bit for bit (and memory saving changes no gradient). 
 ``fixed_point_bits=None`` the reconstruction is exact up to float rounding, amplified by
 the inverse's conditioning, with one trap that zero padding sets: a padded half is exactly
 zero in the forward pass but rebuilt only up to rounding, and BatchNorm with batch
-statistics (train mode) scales a channel of pure rounding noise to unit variance. In float
-arithmetic, reconstruct in eval mode, or use ``stem_padding="repeat"``, whose stem gives
-every channel real data (measured in the package README).
+statistics (train mode) scales a channel of pure rounding noise to unit variance: the
+reconstruction in train mode goes wrong, and with it the memory-saving gradients (the core's
+drift check warns). In float arithmetic use ``stem_padding="repeat"``, whose stem gives
+every channel real data (measured in the package README). The chain re-rounds its state
+after each downsampling (a no-op on values already on the grid) until the core's
+``InvertibleDownsampling`` declares ``preserves_grid``.
 """
 
 from __future__ import annotations
