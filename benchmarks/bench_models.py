@@ -15,6 +15,16 @@ width 192, 3 heads, 4x4 patches of 32x32 images) at depth 6, 12 and 24, plus vit
 * the same for the activations a forward pass stores              (target <= 1.10)
 * vit_tiny's peak against depth (growing), RevViT against ViT in memory and step time
 
+Invertible networks (issue 11): ``irevnet`` (batch 32, 32x32) with 3 and 9 couplings per
+stage (saving on) and 9 without saving, and how exactly the input is rebuilt from the
+features (with and without fixed point); Glow on scikit-learn's 8x8 digits (batch 64, 2
+levels, 64 hidden channels) at 8 and 32 steps per level, with saving on and off, against
+FrEIA 0.2 running the same architecture (``flows.py``), and its held-out bits per dimension
+after a fixed budget of Adam steps:
+
+* irevnet peak with 9 couplings per stage / with 3, memory flat in depth (target <= 1.10)
+* glow peak with saving / without, 32 steps per level                  (target <= 0.25)
+
 Memory is exact (``invertible_core.memory.measure_memory``: profiler allocation events on
 the CPU, ``max_memory_allocated`` on CUDA), beyond the model state (parameters, gradients,
 momentum); time is the median of a few steps measured without the profiler (by default the
@@ -44,13 +54,21 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+from flows import (
+    LikelihoodStep,
+    digits,
+    format_reconstruction,
+    glow_bits_per_dim,
+    glow_model,
+    irevnet_reconstruction,
+)
 from invertible_models import create_model
 from invertible_models.profiler import (
     ModelProfile,
     TrainingStep,
     format_table,
     median_step_seconds,
-    profile_model,
+    profile_step,
 )
 
 RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
@@ -65,6 +83,9 @@ class Config:
     options: dict[str, Any]
     group: str
     transformer: bool = False
+    #: "classifier" (cross-entropy on random images), or a flow on the digits: "glow"
+    #: (ours) or "freia" (FrEIA's equivalent)
+    kind: str = "classifier"
 
 
 def _cnn(label: str, name: str, **options: Any) -> Config:
@@ -75,8 +96,17 @@ def _transformer(label: str, name: str, depth: int, **options: Any) -> Config:
     return Config(label, name, {"depth": depth, **options}, f"d{depth}", transformer=True)
 
 
+def _flow(label: str, kind: str, steps: int, saving: bool = True) -> Config:
+    options = {"steps": steps, "memory_saving": saving}
+    return Config(label, "glow" if kind == "glow" else "freia_glow", options, "glow", kind=kind)
+
+
 #: The depths of the transformer comparison (revvit_tiny and vit_tiny at each).
 DEPTHS = (6, 12, 24)
+
+#: Rows of the extra measurements, selectable with --only like the table's rows.
+RECONSTRUCTION = "irevnet reconstruction"
+BITS_PER_DIM = "glow bpd"
 
 #: The rows, in table order.
 CONFIGS: list[Config] = [
@@ -101,6 +131,14 @@ CONFIGS: list[Config] = [
         )
     ),
     _transformer("vit_tiny d24 +ckpt", "vit_tiny", 24, memory_saving=True),
+    _cnn("irevnet d3", "irevnet", stage_blocks=(3, 3, 3)),
+    _cnn("irevnet d9", "irevnet"),
+    _cnn("irevnet d9 nosave", "irevnet", memory_saving=False),
+    _flow("glow K8", "glow", 8),
+    _flow("glow K32", "glow", 32),
+    _flow("glow K32 nosave", "glow", 32, saving=False),
+    _flow("freia glow K8", "freia", 8),
+    _flow("freia glow K32", "freia", 32),
 ]
 
 #: (description, numerator label, denominator label, field, target upper bound)
@@ -168,6 +206,17 @@ RATIOS: list[tuple[str, str, str, str, float | None]] = [
         "step_seconds",
         None,
     ),
+    ("irevnet peak: d9 / d3", "irevnet d9", "irevnet d3", "peak_step_mib", 1.10),
+    ("irevnet activ.: d9 / d3", "irevnet d9", "irevnet d3", "activation_mib", 1.10),
+    ("irevnet peak: saving / nosave, d9", "irevnet d9", "irevnet d9 nosave", "peak_step_mib", None),
+    ("irevnet step: saving / nosave, d9", "irevnet d9", "irevnet d9 nosave", "step_seconds", None),
+    ("glow peak: saving / nosave, K32", "glow K32", "glow K32 nosave", "peak_step_mib", 0.25),
+    ("glow peak / freia peak, K32", "glow K32", "freia glow K32", "peak_step_mib", None),
+    ("glow nosave / freia peak, K32", "glow K32 nosave", "freia glow K32", "peak_step_mib", None),
+    ("glow peak: K32 / K8", "glow K32", "glow K8", "peak_step_mib", None),
+    ("freia peak: K32 / K8", "freia glow K32", "freia glow K8", "peak_step_mib", None),
+    ("glow step: saving / nosave, K32", "glow K32", "glow K32 nosave", "step_seconds", None),
+    ("glow step / freia step, K32", "glow K32", "freia glow K32", "step_seconds", None),
 ]
 
 
@@ -240,6 +289,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--vit-batch-size", type=int, default=None, help="transformers; default 64 (8 quick)"
     )
+    parser.add_argument(
+        "--glow-batch-size", type=int, default=None, help="Glow on digits; default 64 (8 quick)"
+    )
+    parser.add_argument(
+        "--glow-hidden", type=int, default=None, help="Glow's hidden channels; 64 (16 quick)"
+    )
+    parser.add_argument(
+        "--glow-budget",
+        type=int,
+        default=None,
+        help="Adam steps before Glow's bits per dim; 300 (2 quick)",
+    )
     parser.add_argument("--steps", type=int, default=None, help="timed rounds (default 7)")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu")
     parser.add_argument(
@@ -254,18 +315,44 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     batch_size = args.batch_size or (8 if args.quick else 32)
     vit_batch_size = args.vit_batch_size or (8 if args.quick else 64)
+    glow_batch_size = args.glow_batch_size or (8 if args.quick else 64)
+    glow_hidden = args.glow_hidden or (16 if args.quick else 64)
+    glow_budget = args.glow_budget if args.glow_budget is not None else (2 if args.quick else 300)
     steps = args.steps or (3 if args.quick else 7)
     clock = args.clock or ("wall" if args.device == "cuda" else "cpu")
 
     def batch_of(config: Config) -> int:
         return vit_batch_size if config.transformer else batch_size
 
-    configs = [c for c in CONFIGS if not args.only or c.label in args.only]
+    def selected(label: str) -> bool:
+        return not args.only or label in args.only
+
+    configs = [c for c in CONFIGS if selected(c.label)]
+    # the digits (scikit-learn) only when a flow row runs
+    flows_selected = any(c.kind != "classifier" for c in configs)
+    glow_images = digits()[0][:glow_batch_size] if flows_selected else None
+
+    def build_step(config: Config) -> TrainingStep:
+        torch.manual_seed(0)
+        if config.kind == "classifier":
+            return TrainingStep(
+                create_model(config.name, **config.options),
+                batch_size=batch_of(config),
+                image_size=32,
+                num_classes=10,
+                device=args.device,
+            )
+        model = glow_model(
+            config.kind, config.options["steps"], glow_hidden, config.options["memory_saving"]
+        )
+        assert glow_images is not None
+        return LikelihoodStep(model, glow_images, device=args.device)
+
     # Memory first, one configuration at a time, under the allocation profiler.
     memory = {}
     for c in configs:
-        memory[c.label] = profile_model(
-            c.name, batch_size=batch_of(c), device=args.device, steps=0, label=c.label, **c.options
+        memory[c.label] = profile_step(
+            build_step(c), name=c.name, label=c.label, steps=0, options=c.options
         )
         print(f"memory measured: {c.label}", flush=True)
     # Time separately, without the profiler, each group (a network and its twin) interleaved.
@@ -273,14 +360,7 @@ def main(argv: list[str] | None = None) -> int:
     for group in _pairs(configs):
         steps_of_group = []
         for c in group:
-            torch.manual_seed(0)
-            step = TrainingStep(
-                create_model(c.name, **c.options),
-                batch_size=batch_of(c),
-                image_size=32,
-                num_classes=10,
-                device=args.device,
-            )
+            step = build_step(c)
             step(), step(), step()  # warm-up: state allocated, kernels created
             steps_of_group.append(step)
         for c, value in zip(group, median_step_seconds(steps_of_group, steps, clock)):
@@ -289,8 +369,19 @@ def main(argv: list[str] | None = None) -> int:
     profiles = [replace(memory[c.label], step_seconds=seconds[c.label]) for c in configs]
     ratios = compute_ratios(profiles)
     growth = depth_growth(profiles)
+    reconstruction = (
+        irevnet_reconstruction((1, 1, 1) if args.quick else (9, 9, 9), 4 if args.quick else 32)
+        if selected(RECONSTRUCTION)
+        else []
+    )
+    bits_per_dim = (
+        glow_bits_per_dim(glow_budget, 8, glow_hidden, glow_batch_size)
+        if selected(BITS_PER_DIM)
+        else None
+    )
     header = (
-        f"batch {batch_size} (transformers {vit_batch_size}), 32x32, device {args.device}, "
+        f"batch {batch_size} (transformers {vit_batch_size}), 32x32 (Glow: batch "
+        f"{glow_batch_size}, 8x8 digits, {glow_hidden} hidden), device {args.device}, "
         f"torch {torch.__version__}, {torch.get_num_threads()} threads, median of {steps} "
         f"steps, {clock} clock"
     )
@@ -304,12 +395,25 @@ def main(argv: list[str] | None = None) -> int:
             f"{row['model']} from depth {row['depths'][0]} to {row['depths'][1]}: peak "
             f"+{row['peak_growth_mib']:.1f} MiB, parameters +{row['parameter_growth_mib']:.1f} MiB"
         )
+    if reconstruction:
+        print()
+        print("irevnet: the input rebuilt from the features (float32)")
+        print(format_reconstruction(reconstruction))
+    if bits_per_dim is not None:
+        print()
+        print(
+            f"glow on digits ({bits_per_dim['steps_per_level']} steps per level): held-out "
+            f"bits per dim {bits_per_dim['bits_per_dim_at_init']:.3f} at initialisation, "
+            f"{bits_per_dim['bits_per_dim']:.3f} after {bits_per_dim['adam_steps']} Adam steps"
+        )
 
     record = {
         "benchmark": "bench_models",
         "conditions": {
             "batch_size": batch_size,
             "transformer_batch_size": vit_batch_size,
+            "glow_batch_size": glow_batch_size,
+            "glow_hidden_channels": glow_hidden,
             "image_size": 32,
             "device": args.device,
             "steps": steps,
@@ -322,6 +426,8 @@ def main(argv: list[str] | None = None) -> int:
         "profiles": [asdict(p) for p in profiles],
         "ratios": ratios,
         "depth_growth": growth,
+        "irevnet_reconstruction": reconstruction,
+        "glow_bits_per_dim": bits_per_dim,
     }
     paths = [RESULTS] + ([Path(args.json)] if args.json else [])
     for path in paths:

@@ -10,6 +10,7 @@ from torch import nn
 
 from invertible_core.memory import measure_memory
 from invertible_models import (
+    IRevNet,
     ResNet,
     ReversibleVisionTransformer,
     RevNet,
@@ -18,6 +19,7 @@ from invertible_models import (
 )
 
 SMALL_MODELS: dict[str, Callable[[], nn.Module]] = {
+    "irevnet": lambda: IRevNet((2, 2, 2), width=16),
     "resnet": lambda: ResNet("basic", (2, 2, 2), (8, 8, 16, 32)),
     "revnet": lambda: RevNet("basic", (3, 3, 3), (16, 16, 32, 64)),
     "vit": lambda: VisionTransformer(16, 3, 2, image_size=16, drop_rate=0.1),

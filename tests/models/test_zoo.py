@@ -43,6 +43,8 @@ def test_parameter_count_matches_the_paper(name: str, num_classes: int) -> None:
 
 
 ZOO = [
+    "glow",
+    "irevnet",
     "resnet32",
     "resnet110",
     "resnet164",
@@ -69,7 +71,8 @@ def test_create_model_passes_memory_saving_to_every_zoo_model(name: str) -> None
 
 def test_unknown_model_name_lists_the_known_ones() -> None:
     with pytest.raises(
-        ValueError, match="unknown model 'revnet56'; known models: resnet32, resnet110"
+        ValueError,
+        match="unknown model 'revnet56'; known models: glow, irevnet, resnet32, resnet110",
     ):
         create_model("revnet56")
 

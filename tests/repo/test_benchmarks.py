@@ -18,7 +18,16 @@ BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 CASES = {
     "bench_core.py": (["--quick"], "--json", {"results", "ratios"}),
     "bench_models.py": (
-        ["--quick", "--only", "revnet38", "revnet38 nosave", "revvit_tiny d6", "vit_tiny d6"],
+        [
+            "--quick",
+            "--only",
+            "revnet38",
+            "revnet38 nosave",
+            "revvit_tiny d6",
+            "vit_tiny d6",
+            "irevnet d3",
+            "irevnet reconstruction",
+        ],
         "--json",
         {"profiles", "ratios"},
     ),

@@ -22,6 +22,8 @@ from invertible_models.blocks import (
     ResidualBlock,
     reversible_block,
 )
+from invertible_models.glow import Glow
+from invertible_models.irevnet import IRevNet
 from invertible_models.registry import create_model, list_models, register_model
 
 # The model files register their constructors on import (the registry imports none of them).
@@ -35,6 +37,8 @@ __all__ = [
     "BasicResidual",
     "Bottleneck",
     "BottleneckResidual",
+    "Glow",
+    "IRevNet",
     "ResNet",
     "ResidualBlock",
     "RevNet",

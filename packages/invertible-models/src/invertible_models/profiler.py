@@ -47,6 +47,7 @@ __all__ = [
     "median_step_seconds",
     "plot_profiles",
     "profile_model",
+    "profile_step",
 ]
 
 MIB = 2**20
@@ -262,6 +263,25 @@ def profile_model(
         num_classes=num_classes,
         device=device,
     )
+    return profile_step(step, name=name, label=label, steps=steps, options=options)
+
+
+def profile_step(
+    step: TrainingStep,
+    *,
+    name: str,
+    label: str | None = None,
+    steps: int = 3,
+    options: dict[str, Any] | None = None,
+) -> ModelProfile:
+    """Measure a prepared training step: parameters, memory, step time.
+
+    The measurement of :func:`profile_model`, for a step built by hand (another loss, real
+    data: a subclass of :class:`TrainingStep` that overrides ``__call__`` and ``forward``).
+    The batch size and image size are read from ``step.images``.
+    """
+    if steps < 0:
+        raise ValueError(f"steps must be at least 0, got {steps}")
     memory = measure_step_memory(step)
     seconds = median_step_seconds([step], steps)[0] if steps else float("nan")
     parameters = sum(p.numel() for p in step.model.parameters())
@@ -275,10 +295,10 @@ def profile_model(
         peak_step_mib=memory.step_peak_bytes / MIB,
         activation_mib=memory.activation_bytes / MIB,
         step_seconds=seconds,
-        batch_size=batch_size,
-        image_size=image_size,
+        batch_size=step.images.shape[0],
+        image_size=step.images.shape[-1],
         device=str(step.device),
-        options=dict(options),
+        options=dict(options or {}),
     )
 
 
