@@ -57,7 +57,6 @@ from invertible_core import AdditiveCoupling, InvertibleModuleWrapper, Reversibl
 from measure import (
     TrainingStep,
     describe,
-    fresh,
     gradients,
     peak_mib,
     relative_error,
@@ -117,8 +116,7 @@ def method_step(model: nn.Module, x: Tensor, keep_grads: bool = False) -> Traini
     that requires grad (their autograd functions do not take the parameters), and MemCNN's
     wrapper frees and refills its input's storage. The copy and its gradient count in
     every method's peak alike."""
-    loss = square_loss(model)
-    return TrainingStep(model.parameters(), lambda: loss(fresh(x)), keep_grads)
+    return TrainingStep(model.parameters(), square_loss(model), x, keep_grads)
 
 
 def build_models(
@@ -189,10 +187,10 @@ def bench_chain(
     chain64 = chain.in_float64()
     for name, result in gradient_errors(build_models(chain64, peers, rows), chain64).items():
         if name in models:
-            failed = isinstance(result, Exception)
-            rows[name]["grad_error_float64"] = None if failed else result[0]
-            if failed:
-                rows[name]["float64_error"] = describe(result)
+            if isinstance(result, Exception):
+                rows[name].update(grad_error_float64=None, float64_error=describe(result))
+            else:
+                rows[name]["grad_error_float64"] = result[0]
     del chain64
 
     steps = {name: method_step(m, chain.inputs) for name, m in models.items()}

@@ -18,14 +18,14 @@ aot_eager`` traces the same graphs without generating code (a quick check of the
 from __future__ import annotations
 
 import argparse
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
 
 from chains import Chain, transformer_chain
 from invertible_core import AdditiveCoupling, ReversibleSequence
-from measure import TrainingStep, fresh, gradients, relative_error, round_robin, timed
+from measure import TrainingStep, gradients, relative_error, round_robin, timed
 
 #: compiled and eager gradients must agree to this relative L2 error
 EQUAL = 1e-4
@@ -69,8 +69,12 @@ def bench_compile(args: argparse.Namespace, device: torch.device) -> dict[str, A
     chain = transformer_chain(args.tf_depth, c, args.tf_heads, b, t).to(device)
     _allow_recompiles(4 * args.tf_depth + 8)
     backend = CountingBackend(args.compile_backend)
+    # torch.compile(module) returns a module sharing the original's parameters
     compiled_pairs = [
-        (torch.compile(f, backend=backend), torch.compile(g, backend=backend))
+        (
+            cast(nn.Module, torch.compile(f, backend=backend)),
+            cast(nn.Module, torch.compile(g, backend=backend)),
+        )
         for f, g in chain.pairs
     ]
     models = {
@@ -100,7 +104,7 @@ def bench_compile(args: argparse.Namespace, device: torch.device) -> dict[str, A
         gradients(loss_of(models[name]), chain.inputs, params)
         calls[name] = backend.calls - before
     steps = {
-        name: TrainingStep(model.parameters(), lambda m=model: loss_of(m)(fresh(chain.inputs)))
+        name: TrainingStep(model.parameters(), loss_of(model), chain.inputs)
         for name, model in models.items()
     }
     medians, failed = round_robin(steps, device, args.warmup, args.repeats)

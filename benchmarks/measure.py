@@ -21,24 +21,22 @@ from __future__ import annotations
 import gc
 import statistics
 import time
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 
 import torch
 from torch import Tensor, nn
 
 from invertible_core import measure_memory
 
-Step = Callable[[], None]
-
 
 class TrainingStep:
     """Forward, loss, backward, SGD step: what one method's row times and measures.
 
-    ``loss()`` builds its own input (a fresh copy of the batch, requiring grad as the output
-    of a stem would), so that nothing allocated before the step is freed by it: a free of
-    memory allocated outside a profiling session is invisible to the profiler (or, worse,
-    booked with the size of whatever lived at that address before), so the only exact
-    measurement is of a step that frees none of it.
+    Each step computes ``loss(fresh(x))``: a fresh copy of the batch, requiring grad as the
+    output of a stem would, so that nothing allocated before the step is freed by it. A
+    free of memory allocated outside a profiling session is invisible to the profiler (or,
+    worse, booked with the size of whatever lived at that address before), so the only
+    exact measurement is of a step that frees none of it.
 
     ``keep_grads=False`` frees the gradients before each step (``zero_grad()``'s default),
     so a step's peak includes the gradients it creates; ``True`` zeroes them in place, so
@@ -47,15 +45,20 @@ class TrainingStep:
     """
 
     def __init__(
-        self, params: Iterable[nn.Parameter], loss: Callable[[], Tensor], keep_grads: bool = False
+        self,
+        params: Iterable[nn.Parameter],
+        loss: Callable[[Tensor], Tensor],
+        x: Tensor,
+        keep_grads: bool = False,
     ) -> None:
         self.optimizer = torch.optim.SGD(list(params), lr=1e-3)
         self.loss = loss
+        self.x = x
         self.keep_grads = keep_grads
 
     def __call__(self) -> None:
         self.optimizer.zero_grad(set_to_none=not self.keep_grads)
-        self.loss().backward()
+        self.loss(fresh(self.x)).backward()
         self.optimizer.step()
 
     def release_gradients(self) -> None:
@@ -93,7 +96,7 @@ def peak_mib(step: TrainingStep, device: torch.device) -> float:
 
 
 def round_robin(
-    steps: dict[str, Step], device: torch.device, warmup: int, repeats: int
+    steps: Mapping[str, Callable[[], object]], device: torch.device, warmup: int, repeats: int
 ) -> tuple[dict[str, float], dict[str, str]]:
     """Median seconds per step of each method, timed in turns; and the methods that raised
     (name -> error), which leave the rotation."""
