@@ -19,11 +19,13 @@ built around the same ``F``/``G`` modules (the same weights):
 - the peers (``peers.py``): ``memcnn``, ``revlib``, ``revtorch``, ``reformer``; one that is
   not installed or cannot run a chain is reported with the reason.
 
-Per method: peak memory (exact) and its ratio to the leanest peer's; step time (median of
-interleaved rounds) over plain's and over the fastest peer's with correct gradients
-(error <= 1e-4); the gradient error against plain autograd (relative L2 over the input's
-and every parameter's gradient; ``sequence_fixed16`` against plain autograd on the same
-fixed-point couplings, where it should be exactly 0).
+Per method (``measure.py`` says how): peak memory, exact, with the gradients freed before
+each step and with them kept allocated (the peak beyond the model state), each over the
+leanest peer's; step time (median of interleaved rounds) over plain's and over the fastest
+peer's with correct gradients; the gradient error against plain autograd (relative L2 over
+the input's and every parameter's gradient), in float32 and on a float64 copy of the chain,
+where rounding vanishes and an error above 1e-6 is a wrong gradient. ``sequence_fixed16``
+is compared with plain autograd on the same fixed-point couplings: exactly 0 expected.
 
 Then the flatness checks (``flatness.py``): peak memory at N=4 and N=32 of a conditioned
 transformer chain (timestep embedding from a learnable MLP and a boolean mask as side
@@ -61,6 +63,7 @@ from measure import (
     peak_mib,
     relative_error,
     round_robin,
+    square_loss,
 )
 from peers import Peer, load_peers
 
@@ -104,10 +107,6 @@ def build_ours(method: str, chain: Chain) -> nn.Module:
     if method == "checkpoint":
         return CheckpointChain(couplings(chain))
     raise ValueError(method)
-
-
-def square_loss(model: nn.Module) -> Any:
-    return lambda x: model(x).square().mean()
 
 
 def method_step(model: nn.Module, x: Tensor, keep_grads: bool = False) -> TrainingStep:

@@ -25,7 +25,7 @@ from torch import nn
 
 from chains import Chain, transformer_chain
 from invertible_core import AdditiveCoupling, ReversibleSequence
-from measure import TrainingStep, gradients, relative_error, round_robin, timed
+from measure import TrainingStep, gradients, relative_error, round_robin, square_loss, timed
 
 #: compiled and eager gradients must agree to this relative L2 error
 EQUAL = 1e-4
@@ -85,26 +85,23 @@ def bench_compile(args: argparse.Namespace, device: torch.device) -> dict[str, A
     }
     params = chain.parameters
 
-    def loss_of(model: nn.Module) -> Any:
-        return lambda x: model(x).square().mean()
-
-    eager = gradients(loss_of(models["sequence"]), chain.inputs, params)
+    eager = gradients(square_loss(models["sequence"]), chain.inputs, params)
     first_step_s = timed(
-        lambda: gradients(loss_of(models["sequence_compiled"]), chain.inputs, params), device
+        lambda: gradients(square_loss(models["sequence_compiled"]), chain.inputs, params), device
     )
-    compiled = gradients(loss_of(models["sequence_compiled"]), chain.inputs, params)
+    compiled = gradients(square_loss(models["sequence_compiled"]), chain.inputs, params)
     sequence_error = relative_error(compiled, eager)
     plain_error = relative_error(
-        gradients(loss_of(models["plain_compiled"]), chain.inputs, params),
-        gradients(loss_of(models["plain"]), chain.inputs, params),
+        gradients(square_loss(models["plain_compiled"]), chain.inputs, params),
+        gradients(square_loss(models["plain"]), chain.inputs, params),
     )
     calls = {}
     for name in ("sequence_compiled", "plain_compiled"):
         before = backend.calls
-        gradients(loss_of(models[name]), chain.inputs, params)
+        gradients(square_loss(models[name]), chain.inputs, params)
         calls[name] = backend.calls - before
     steps = {
-        name: TrainingStep(model.parameters(), loss_of(model), chain.inputs)
+        name: TrainingStep(model.parameters(), square_loss(model), chain.inputs)
         for name, model in models.items()
     }
     medians, failed = round_robin(steps, device, args.warmup, args.repeats)

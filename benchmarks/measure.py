@@ -67,6 +67,11 @@ class TrainingStep:
             self.optimizer.zero_grad(set_to_none=True)
 
 
+def square_loss(model: nn.Module) -> Callable[[Tensor], Tensor]:
+    """The loss every chain is trained with here: the mean square of its output."""
+    return lambda x: model(x).square().mean()
+
+
 def fresh(x: Tensor) -> Tensor:
     """A new leaf copy of ``x`` that requires grad: the input of one step."""
     return x.detach().clone().requires_grad_(True)
