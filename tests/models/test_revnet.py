@@ -6,10 +6,9 @@ import pytest
 import torch
 from torch import nn
 
-from invertible_core import ReversibleSequence
+from invertible_core import ReversibleSequence, round_to_grid
 from invertible_core.memory import measure_memory
 from invertible_models import ResNet, RevNet, create_model
-from invertible_models.fixed_point import round_to_grid
 
 
 def relative_l2(a: torch.Tensor, b: torch.Tensor) -> float:
@@ -202,3 +201,23 @@ def test_round_to_grid_is_exact_passes_gradients_and_skips_half_precision() -> N
     half = torch.randn(10).half()
     assert round_to_grid(half, 8) is half
     assert round_to_grid(x, None) is x
+
+
+def test_bf16_autocast_saving_changes_no_gradient() -> None:
+    # the chain's residual stream stays float32 under autocast and its sums on the
+    # fixed-point grid, so the bf16 blocks' recompute rebuilds every input bit for bit
+    from invertible_models import create_model
+
+    torch.manual_seed(0)
+    model = create_model("revnet38")
+    plain = create_model("revnet38", memory_saving=False)
+    plain.load_state_dict(model.state_dict())
+    x = torch.randn(4, 3, 16, 16)
+    y = torch.randint(0, 10, (4,))
+    grads = []
+    for m in (model, plain):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = torch.nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        grads.append(torch.cat([p.grad.flatten() for p in m.parameters()]))
+    torch.testing.assert_close(grads[0], grads[1], rtol=0, atol=0)

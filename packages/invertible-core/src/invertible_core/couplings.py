@@ -31,7 +31,7 @@ import torch
 from torch import Tensor, nn
 
 from invertible_core.contract import Partition, State
-from invertible_core.fixed_point import GridRange, round_to_grid
+from invertible_core.fixed_point import GridRange, round_term_to_grid, round_to_grid
 from invertible_core.recompute import RecomputeContext, SideInputs, direct_context
 
 __all__ = [
@@ -202,15 +202,15 @@ class Coupling(nn.Module):
         if bits is not None:
             # the same memory layout in the forward pass and in the recompute, so that
             # convolutions and norms sum in the same order: exactness needs every bit
-            cond = cond.contiguous()
+            cond = _dense(cond)
         h = ctx.call(slot, module, cond, side=_ROUTES[self.side_inputs][slot])
         self._check_term(h, half, "Fm" if slot == 0 else "Gm")
         if bits is not None:
-            h = (
-                tuple(round_to_grid(t, bits) for t in h)
-                if isinstance(h, tuple)
-                else round_to_grid(h, bits)
-            )
+            dtype = half.dtype
+            if isinstance(h, tuple):
+                h = tuple(round_term_to_grid(t, bits, dtype, (cond,)) for t in h)
+            else:
+                h = round_term_to_grid(h, bits, dtype, (cond,))
         return h
 
     def _coupled(self, ctx: RecomputeContext, x: Tensor, h: CouplingTerm, sign: int) -> Tensor:
@@ -413,6 +413,13 @@ class Coupling(nn.Module):
         if self.fixed_point_bits is not None:
             parts.append(f"fixed_point_bits={self.fixed_point_bits}")
         return ", ".join(parts)
+
+
+def _dense(x: Tensor) -> Tensor:
+    """``x`` densely laid out, keeping a channels-last layout channels-last."""
+    if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1:
+        return x.contiguous(memory_format=torch.channels_last)
+    return x.contiguous()
 
 
 def _autograd_law_backward(

@@ -22,7 +22,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-__all__ = ["GridRange", "exact_limit", "round_to_grid"]
+__all__ = ["GridRange", "exact_limit", "round_term_to_grid", "round_to_grid"]
 
 _MANTISSA_BITS = {torch.float32: 24, torch.float64: 53}
 
@@ -52,6 +52,55 @@ def round_to_grid(x: Tensor, bits: int | None) -> Tensor:
     out = _RoundToGrid.apply(x, bits)
     assert isinstance(out, Tensor)
     return out
+
+
+# Ops whose backward does not use their output: rounding their fresh output in place keeps
+# autograd's graph valid (what the op saved is untouched) and saves a buffer.
+_OUTPUT_FREE_NODES = frozenset(
+    {
+        "ConvolutionBackward0",
+        "MkldnnConvolutionBackward0",
+        "CudnnConvolutionBackward0",
+        "AddmmBackward0",
+        "MmBackward0",
+        "BmmBackward0",
+        "AddBackward0",
+        "SubBackward0",
+        "NativeBatchNormBackward0",
+        "CudnnBatchNormBackward0",
+    }
+)
+
+
+def round_term_to_grid(
+    h: Tensor, bits: int, dtype: torch.dtype, inputs: tuple[Tensor, ...]
+) -> Tensor:
+    """A coupling term ``h`` (a function's output) on the grid, in the coupling's ``dtype``.
+
+    A term computed in lower precision (autocast) is cast up first: the grid lives in the
+    dtype of the parts it is added to. In a recompute (with grad) a term that an op just made
+    and does not keep for its backward (convolutions, linear layers, sums, batch norm; not a
+    view, not sharing memory with ``inputs``) is rounded in place, which saves a buffer where
+    the step's memory peaks; anything else (a term without a graph might be a module's own
+    buffer) is rounded out of place. Either way the gradient passes straight through.
+    """
+    if h.dtype != dtype and dtype in _MANTISSA_BITS and h.is_floating_point():
+        h = h.to(dtype)
+    if h.dtype not in _MANTISSA_BITS:
+        return h
+    made_here = (
+        h.requires_grad
+        and h.grad_fn is not None
+        and type(h.grad_fn).__name__ in _OUTPUT_FREE_NODES
+        and h._base is None
+        and all(h.untyped_storage().data_ptr() != t.untyped_storage().data_ptr() for t in inputs)
+    )
+    if made_here:
+        scale = float(2**bits)
+        with torch.no_grad():
+            h.mul_(scale).round_().div_(scale)
+        return h
+    return round_to_grid(h, bits)
 
 
 def exact_limit(dtype: torch.dtype, bits: int) -> float:

@@ -41,12 +41,12 @@ from invertible_models.blocks import (
     ResidualBlock,
     Stem,
     StemType,
+    float32_stream,
     init_weights,
     residual_function,
     reversible_block,
     run_checkpointed,
 )
-from invertible_models.fixed_point import round_to_grid
 from invertible_models.registry import register_model
 from invertible_models.resnet import check_config, default_strides
 
@@ -116,8 +116,9 @@ class RevNetStage(nn.Module):
             else:
                 x = self.transition(x)
         if self.blocks is not None:
-            # The chain's input on the grid too: then every sum in the chain is exact.
-            x = self.blocks(round_to_grid(x, self.fixed_point_bits))
+            # a float32 residual stream (under autocast too), which the chain puts on the
+            # couplings' grid: every sum in it is exact
+            x = self.blocks(float32_stream(x))
         return x
 
 

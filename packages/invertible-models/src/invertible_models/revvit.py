@@ -33,6 +33,7 @@ import torch
 from torch import Tensor, nn
 
 from invertible_core import ReversibleSequence
+from invertible_models.blocks import float32_stream
 from invertible_models.registry import register_model
 from invertible_models.transformer import (
     PatchEmbedding,
@@ -107,7 +108,7 @@ class ReversibleVisionTransformer(nn.Module):
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The two streams averaged: tokens ``(batch, tokens, embed_dim)``, before the head."""
-        tokens = self.embed(x)
+        tokens = float32_stream(self.embed(x))  # residual sums in float32 under autocast too
         y1, y2 = self.blocks(torch.cat([tokens, tokens], dim=-1)).chunk(2, dim=-1)
         return (y1 + y2) / 2
 
