@@ -1,8 +1,9 @@
-"""The top-level README is executable documentation.
+"""The READMEs are executable documentation.
 
-Every ```python block runs, each in a fresh interpreter (a fresh namespace, nothing left
-over from the block before), on the CPU, within a time limit. The quick start holds exactly
-two commands, and the second is the one `.ci/run` runs.
+Every ```python block of the top README and of each package's README runs, each in a fresh
+interpreter (a fresh namespace, nothing left over from the block before), on the CPU,
+within a time limit. The quick start holds exactly two commands, and the second is the one
+`.ci/run` runs.
 """
 
 from __future__ import annotations
@@ -41,16 +42,30 @@ def section(text: str, title: str) -> str:
 
 
 PYTHON_BLOCKS = code_blocks(README.read_text(encoding="utf-8"), "python")
+PACKAGE_READMES = sorted((REPO_ROOT / "packages").glob("*/README.md"))
+ALL_BLOCKS = [
+    (path.relative_to(REPO_ROOT).as_posix(), line, body)
+    for path in (README, *PACKAGE_READMES)
+    for line, body in code_blocks(path.read_text(encoding="utf-8"), "python")
+]
 
 
 def test_readme_has_python_examples():
     assert len(PYTHON_BLOCKS) >= 3
 
 
+def test_the_package_readmes_are_collected():
+    assert [p.parent.name for p in PACKAGE_READMES] == [
+        "invertible-core",
+        "invertible-models",
+        "invertible-train",
+    ]
+
+
 @pytest.mark.parametrize(
     "source",
-    [body for _, body in PYTHON_BLOCKS],
-    ids=[f"README.md:{line}" for line, _ in PYTHON_BLOCKS],
+    [body for _, _, body in ALL_BLOCKS],
+    ids=[f"{name}:{line}" for name, line, _ in ALL_BLOCKS],
 )
 def test_readme_python_example_runs(source, tmp_path):
     env = dict(os.environ, CUDA_VISIBLE_DEVICES="", PYTHONWARNINGS="default")
