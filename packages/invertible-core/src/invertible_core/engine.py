@@ -456,7 +456,6 @@ class Chain:
         self._errors = errors
         self._side_leaves = self.side.differentiable()
         self._prefetched: dict[int, tuple[State, Any]] = {}
-        self._anchor_used: set[int] = set()
         self._events: dict[str, Any] = {}
         self._b_grads_inflight: list[Tensor] = []
 
@@ -497,7 +496,7 @@ class Chain:
         prefetched = self._prefetched.pop(i, None)
         if prefetched is None:
             state, grads = self._take_state(i)
-            self._stream_waits_for_caller(i, (*state, *grads))
+            self._streams_wait_for_caller((*state, *grads))
             rebuilt, pending = self._recompute(i, state)
         else:
             rebuilt, pending = prefetched
@@ -509,19 +508,23 @@ class Chain:
         handed = [pending]
         del pending
         before = self.layouts[i - 1] if i > 0 else None
+        name = self.steps[i].name
         between: Callable[[], None] | None = None
         if i > 0 and self.steps[i - 1].phased:
-
-            def between() -> None:
-                # block i-1's recompute, while block i's second function is backpropagated
-                anchor = self.anchors.pop(i - 1, None) if self._final else self.anchors.get(i - 1)
+            # the state block i-1 starts from, made on block i's stream before its backprop
+            anchor = self.anchors.pop(i - 1, None) if self._final else self.anchors.get(i - 1)
+            with self._stream(i):
                 down = list(
                     anchor
                     if anchor is not None
-                    else convert(rebuilt, self.layouts[i], before, self.steps[i].name)
+                    else convert(rebuilt, self.layouts[i], before, name)
                 )
-                self._after(i, i - 1, down)
+            self._hand_over(i, i - 1, down)
+
+            def between() -> None:
+                # block i-1's recompute, while block i's second function is backpropagated
                 self._prefetched[i - 1] = self._recompute(i - 1, down)
+                down.clear()
 
         side = self._side_leaves
         acc: list[Tensor | None] = [None] * (len(params) + len(side.tensors))
@@ -529,26 +532,27 @@ class Chain:
         with self._stream(i), ctx._backpropagating(side, params, acc, self._grad_logdet):
             self._after_grads(i)
             rebuilt_grads = self.steps[i].backprop(handed.pop(), grads, ctx, self.inverse, between)
-        del grads
-        self._grads_done(i, (*rebuilt_grads, *(g for g in acc if g is not None)))
-        self._hand_down(i, rebuilt, rebuilt_grads)
+            del grads
+            self._b_grads = list(convert(rebuilt_grads, self.layouts[i], before, name))
+            if between is None:  # the next step starts from here, on the caller's stream
+                self._b_state = list(convert(rebuilt, self.layouts[i], before, name))
+        del rebuilt, rebuilt_grads
+        self._grads_done(i, (*self._b_state, *self._b_grads, *(g for g in acc if g is not None)))
         return acc[: len(params)], acc[len(params) :]
 
     def _recompute(self, i: int, state: list[Tensor]) -> tuple[State, Any]:
         ctx = self.contexts[i]
         with self._stream(i), self._recompute_env(i), ctx._recomputing(self._side_leaves):
             rebuilt, pending = self.steps[i].recompute(state, ctx, self.inverse)
-        self._recomputed(i)
         self._check_truth(i, rebuilt)
         return rebuilt, pending
 
     def _take_state(self, i: int) -> tuple[list[Tensor], list[Tensor]]:
         state, grads = self._b_state, self._b_grads
         self._b_state, self._b_grads = [], []
-        if i not in self._anchor_used:
-            anchor = self.anchors.pop(i, None) if self._final else self.anchors.get(i)
-            if anchor is not None:
-                state[:] = anchor
+        anchor = self.anchors.pop(i, None) if self._final else self.anchors.get(i)
+        if anchor is not None:
+            state[:] = anchor
         return state, grads
 
     def _check_truth(self, i: int, rebuilt: State) -> None:
@@ -558,8 +562,7 @@ class Chain:
     def _hand_down(self, i: int, rebuilt: State, rebuilt_grads: State) -> None:
         before = self.layouts[i - 1] if i > 0 else None
         name = self.steps[i].name
-        if not (i > 0 and i - 1 in self._prefetched):
-            self._b_state = list(convert(rebuilt, self.layouts[i], before, name))
+        self._b_state = list(convert(rebuilt, self.layouts[i], before, name))
         self._b_grads = list(convert(rebuilt_grads, self.layouts[i], before, name))
 
     @contextmanager
@@ -587,27 +590,27 @@ class Chain:
         streams = self._streams()
         return None if streams is None else streams[(len(self.steps) - 1 - i) % 2]
 
-    def _stream_waits_for_caller(self, i: int, tensors: Iterable[Tensor]) -> None:
-        stream = self._stream_of(i)
-        if stream is None:
+    def _streams_wait_for_caller(self, tensors: Iterable[Tensor]) -> None:
+        """Both streams wait for the caller's (autograd's): everything the forward pass and
+        the backward above made (outputs, anchors, side inputs, gradients) is ready."""
+        streams = self._streams()
+        if streams is None:
             return
-        stream.wait_stream(torch.cuda.current_stream(self.devices[0]))
-        for t in tensors:
-            t.record_stream(stream)
+        caller = torch.cuda.current_stream(self.devices[0])
+        tensors = list(tensors)
+        for stream in streams:
+            stream.wait_stream(caller)
+            for t in tensors:
+                t.record_stream(stream)
 
-    def _recomputed(self, i: int) -> None:
-        stream = self._stream_of(i)
-        if stream is not None:
-            self._events[f"f{i}"] = stream.record_event()
-
-    def _after(self, done: int, i: int, tensors: Iterable[Tensor]) -> None:
-        """Step ``i`` uses ``tensors`` that step ``done`` rebuilt on its own stream."""
-        stream = self._stream_of(i)
-        if stream is None:
+    def _hand_over(self, done: int, i: int, tensors: Iterable[Tensor]) -> None:
+        """Step ``i`` will use ``tensors``, made so far on step ``done``'s stream."""
+        producer, consumer = self._stream_of(done), self._stream_of(i)
+        if producer is None or consumer is None:
             return
-        stream.wait_event(self._events[f"f{done}"])
+        consumer.wait_event(producer.record_event())
         for t in tensors:
-            t.record_stream(stream)
+            t.record_stream(consumer)
 
     def _after_grads(self, i: int) -> None:
         """Step ``i``'s backprop waits for the gradients of step ``i + 1``'s."""
