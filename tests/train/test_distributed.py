@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from invertible_core.recompute import frozen_norm_statistics
+from invertible_core.module_state import frozen_norm_statistics
 from invertible_models import create_model
 from invertible_train.checkpoint import load_checkpoint
 from invertible_train.cli import evaluate_main

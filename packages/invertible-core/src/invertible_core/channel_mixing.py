@@ -51,7 +51,7 @@ class Permutation(InvertibleLayer):
     inverse_perm: Tensor
 
     #: only moves values around: a state on a fixed-point grid stays on it (the chain
-    #: rounds no more after this layer; see invertible_core.engine)
+    #: rounds no more after this layer; see invertible_core.chain)
     preserves_grid = True
 
     def __init__(self, channels: int, seed: int = 0, dim: int = 1) -> None:

@@ -30,9 +30,11 @@ from typing import Any, Literal, NamedTuple
 import torch
 from torch import Tensor, nn
 
+from invertible_core.adapters import AffineAdapterNaive, AffineAdapterSigmoid
 from invertible_core.contract import Partition, State
 from invertible_core.fixed_point import GridRange, round_term_to_grid, round_to_grid
-from invertible_core.recompute import RecomputeContext, SideInputs, direct_context
+from invertible_core.recompute import RecomputeContext, direct_context
+from invertible_core.side_inputs import SideInputs
 
 __all__ = [
     "AdditiveCoupling",
@@ -598,45 +600,6 @@ class AffineCoupling(Coupling):
         s, t = h
         g = grad_logdet.to(s.dtype).reshape(-1, *([1] * (s.dim() - 1)))
         return g / s, torch.zeros_like(t)
-
-
-class AffineAdapterNaive(nn.Module):
-    """Turn a single-output module into ``(scale, shift) = (exp(h), h)``, ``h = module(x)``."""
-
-    def __init__(self, module: nn.Module) -> None:
-        super().__init__()
-        self.f = module
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        h = self.f(x, *args, **kwargs)
-        return torch.exp(h), h
-
-
-class AffineAdapterSigmoid(nn.Module):
-    """Turn a module with twice the part's channels into a bounded ``(scale, shift)``.
-
-    ``h = module(x)``; along ``split_dim`` (the coupling's; dim 1 by default), scale ``=
-    sigmoid(h[1::2] + 2)`` (in (0, 1), near 0.88 at zero, which keeps deep stacks stable)
-    and shift ``= h[0::2]``.
-    """
-
-    def __init__(self, module: nn.Module, split_dim: int = 1) -> None:
-        super().__init__()
-        self.f = module
-        self.split_dim = split_dim
-
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        h = self.f(x, *args, **kwargs)
-        dim = self.split_dim
-        if h.dim() == 0 or not -h.dim() <= dim < h.dim() or h.shape[dim] % 2 != 0:
-            raise ValueError(
-                f"AffineAdapterSigmoid: the wrapped module must return twice the channels of "
-                f"its input along split_dim={dim} (an even size there), got shape "
-                f"{tuple(h.shape)}"
-            )
-        # interleaved along split_dim: shift at even, scale at odd positions
-        shift, scale = h.unflatten(dim, (-1, 2)).unbind(dim + 1 if dim >= 0 else dim)
-        return torch.sigmoid(scale + 2.0), shift
 
 
 def create_coupling(

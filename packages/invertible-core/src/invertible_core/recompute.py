@@ -16,36 +16,26 @@ of a sub-module goes through a :class:`RecomputeContext`, which
 - computes the gradients of a recomputed call (:meth:`RecomputeContext.backward`) with
   respect to its inputs, the block's parameters and the side inputs.
 
-Module state is kept out of the recompute in two ways. Normalisation layers
-(:func:`frozen_norm_statistics`) normalise with batch statistics but update nothing.
-Every other buffer a block changes in its forward pass (``spectral_norm``'s power-iteration
-vectors, any ``torch.nn.utils.parametrize`` state, a flag such as ActNorm's "initialised")
-is saved before the forward pass, put back for the recompute and restored to its current
-value afterwards (:class:`BufferState`), so the recompute sees exactly what the forward saw.
+Module state is kept out of the recompute by :mod:`invertible_core.module_state` (norm
+statistics frozen, buffers written in the forward pass shown as before), and side inputs
+are handled by :mod:`invertible_core.side_inputs`.
 """
 
 from __future__ import annotations
 
-import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
 from invertible_core.contract import recomputing
+from invertible_core.module_state import BufferState
+from invertible_core.side_inputs import _EMPTY, SideInputs, _guarded_call
 
-__all__ = [
-    "AutocastState",
-    "BufferState",
-    "RecomputeContext",
-    "SideInputs",
-    "forked_rng",
-    "frozen_norm_statistics",
-    "tensor_devices",
-]
+__all__ = ["AutocastState", "RecomputeContext", "direct_context", "forked_rng", "tensor_devices"]
 
 
 def tensor_devices(tensors: Iterable[Tensor]) -> tuple[torch.device, ...]:
@@ -133,273 +123,6 @@ class AutocastState:
                     )
                 )
             yield
-
-
-_RUNNING_STATS = ("running_mean", "running_var", "num_batches_tracked")
-
-
-def _is_norm(m: nn.Module) -> bool:
-    return isinstance(m, nn.modules.batchnorm._NormBase)
-
-
-@contextmanager
-def frozen_norm_statistics(modules: Iterable[nn.Module]) -> Iterator[None]:
-    """Normalise with batch statistics but leave running statistics untouched.
-
-    A normalisation layer (BatchNorm, SyncBatchNorm, InstanceNorm with
-    ``track_running_stats=True``) in training mode normalises with the batch's statistics
-    and then updates its running buffers. During a recompute the first half is wanted (the
-    same function as the forward pass) and the second is not (the forward pass already
-    counted this batch). For the duration, each such layer is told not to track statistics
-    (BatchNorm and SyncBatchNorm then pass no running buffers to the kernel and count
-    nothing) and its running buffers are detached (InstanceNorm passes them regardless), so
-    it computes exactly the forward pass's function and writes nothing. Flag and buffers
-    are put back on exit, even on error.
-    """
-    detached: list[tuple[nn.modules.batchnorm._NormBase, dict[str, Tensor | None]]] = []
-    for root in modules:
-        for m in root.modules():
-            if _is_norm(m) and m.training and m.track_running_stats:  # type: ignore[union-attr]
-                norm: Any = m
-                saved = {name: norm._buffers.get(name) for name in _RUNNING_STATS}
-                detached.append((norm, saved))
-                norm.track_running_stats = False
-                for name in _RUNNING_STATS:
-                    norm._buffers[name] = None
-    try:
-        yield
-    finally:
-        for m, saved in detached:
-            m._buffers.update(saved)
-            m.track_running_stats = True
-
-
-# NOTE [buffers changed in the forward pass]
-# A buffer that a block writes in its forward pass (spectral_norm's u and v, a parametrize
-# state, ActNorm's "initialised" flag) would be written again by the recompute, which then
-# computes a different function (spectral_norm: one more power iteration, a gradient error
-# of about 1e-3) and moves the model's state twice. Norm layers are handled by
-# frozen_norm_statistics; for every other buffer we keep its value from before the forward
-# pass and show it to the recompute. Copying every buffer of every block at every step
-# would be wasteful (most blocks have none; some hold large constant tables), so the first
-# forward pass of a module copies all its buffers and learns which ones it writes (their
-# version counter moves); later passes copy only those. A buffer that starts being written
-# later is caught by its version counter, learned, and reported once.
-_WRITTEN_BUFFERS: weakref.WeakKeyDictionary[nn.Module, set[str]] = weakref.WeakKeyDictionary()
-
-
-def _own_buffers(m: nn.Module) -> Iterator[tuple[str, Tensor]]:
-    for name, b in m._buffers.items():
-        if b is not None:
-            yield name, b
-
-
-class BufferState:
-    """The buffers one block writes in its forward pass, as they were before it."""
-
-    __slots__ = ("_saved",)
-
-    def __init__(self) -> None:
-        self._saved: list[tuple[nn.Module, str, Tensor]] = []
-
-    @staticmethod
-    def watch(block: nn.Module) -> _BufferWatch:
-        """Start watching ``block``'s buffers for one forward pass (see the NOTE above)."""
-        return _BufferWatch(block)
-
-    def __bool__(self) -> bool:
-        return bool(self._saved)
-
-    @contextmanager
-    def as_before(self) -> Iterator[None]:
-        """Show the recompute the buffers' values from before the forward pass."""
-        if not self._saved:
-            yield
-            return
-        current = [(m, name, m._buffers[name]) for m, name, _ in self._saved]
-        with torch.no_grad():
-            for m, name, before in self._saved:
-                m._buffers[name] = before.clone()
-        try:
-            yield
-        finally:
-            for m, name, now in current:
-                m._buffers[name] = now
-
-
-class _BufferWatch:
-    __slots__ = ("_copies", "_modules", "state")
-
-    def __init__(self, block: nn.Module) -> None:
-        self.state = BufferState()
-        self._copies: list[tuple[nn.Module, str, Tensor, int, Tensor | None]] = []
-        self._modules = [m for m in block.modules() if not _is_norm(m) and m._buffers]
-        for m in self._modules:
-            known = _WRITTEN_BUFFERS.get(m)
-            for name, b in _own_buffers(m):
-                copy = b.detach().clone() if known is None or name in known else None
-                self._copies.append((m, name, b, b._version, copy))
-
-    def finish(self) -> BufferState:
-        """End the watch: keep the values of the buffers the forward pass wrote."""
-        for m, name, b, version, copy in self._copies:
-            written = m._buffers.get(name) is not b or b._version != version
-            known = _WRITTEN_BUFFERS.setdefault(m, set())
-            if written:
-                if copy is None:
-                    import warnings
-
-                    warnings.warn(
-                        f"a buffer {name!r} of {type(m).__name__} was written in the forward "
-                        "pass for the first time after earlier passes left it alone; this once "
-                        "the recompute sees its new value (gradients may be off for this "
-                        "step). It is watched from now on.",
-                        RuntimeWarning,
-                        stacklevel=4,
-                    )
-                else:
-                    self.state._saved.append((m, name, copy))
-                known.add(name)
-        self._copies.clear()
-        return self.state
-
-
-class SideInputs:
-    """A call's side inputs (positional and keyword), and their differentiable tensors.
-
-    Side inputs condition every block and are not inverted. Tensors among them that require
-    grad receive their gradient, summed over every block; all other values (bool masks,
-    integers, ``None``, tensors that need no gradient) pass through untouched.
-    """
-
-    __slots__ = ("_leaves", "args", "kwargs", "positions", "tensors")
-
-    def __init__(self, args: tuple[Any, ...] = (), kwargs: dict[str, Any] | None = None) -> None:
-        self.args = args
-        self.kwargs = {} if kwargs is None else kwargs
-        self.positions: list[int | str] = []
-        self.tensors: list[Tensor] = []
-        for i, a in enumerate(args):
-            if isinstance(a, Tensor) and a.requires_grad:
-                self.positions.append(i)
-                self.tensors.append(a)
-        for k, v in self.kwargs.items():
-            if isinstance(v, Tensor) and v.requires_grad:
-                self.positions.append(k)
-                self.tensors.append(v)
-        self._leaves: list[Tensor] | None = None
-
-    def __bool__(self) -> bool:
-        return bool(self.args) or bool(self.kwargs)
-
-    def all_tensors(self) -> list[Tensor]:
-        values = [*self.args, *self.kwargs.values()]
-        return [v for v in values if isinstance(v, Tensor)]
-
-    def versions(self) -> list[tuple[Tensor, int]]:
-        return [(t, t._version) for t in self.all_tensors()]
-
-    def differentiable(self) -> SideInputs:
-        """A copy whose grad-requiring tensors are fresh leaves (for the recompute)."""
-        if not self.tensors:
-            return self
-        leaves = [t.detach().requires_grad_(True) for t in self.tensors]
-        args = list(self.args)
-        kwargs = dict(self.kwargs)
-        for pos, leaf in zip(self.positions, leaves):
-            if isinstance(pos, int):
-                args[pos] = leaf
-            else:
-                kwargs[pos] = leaf
-        out = SideInputs.__new__(SideInputs)
-        out.args, out.kwargs = tuple(args), kwargs
-        out.positions, out.tensors, out._leaves = self.positions, leaves, leaves
-        return out
-
-
-_EMPTY = SideInputs()
-
-
-# NOTE [the caller's tensors are never modified]
-# A sub-module that changes its input in place (``nn.Sequential(nn.ReLU(inplace=True),
-# conv)`` as Fm) would overwrite the caller's tensor, since a coupling hands Fm a view of
-# the chain's input, and it breaks the coupling's algebra anyway (y2 = x2 + Gm(y1) needs
-# the unchanged x2). The first time a module is called on the chain's input, it gets a
-# copy; if it changes the copy, we refuse with an error before anything of the caller's is
-# touched. A module that left its inputs alone is trusted afterwards (no copies), and every
-# call compares version counters, so a module that starts writing its inputs later, or
-# writes a side input (passed as the caller's own object, never copied), is refused too.
-_TRUSTED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
-
-
-def _trust_key(fn: Callable[..., Any]) -> tuple[Any, str]:
-    owner = getattr(fn, "__self__", None)
-    if owner is not None:
-        return owner, getattr(fn, "__name__", "__call__")
-    return fn, "__call__"
-
-
-def _describe(fn: Callable[..., Any]) -> str:
-    owner = getattr(fn, "__self__", None)
-    if owner is not None:
-        return f"{type(owner).__name__}.{getattr(fn, '__name__', '?')}"
-    return type(fn).__name__ if isinstance(fn, nn.Module) else getattr(fn, "__name__", repr(fn))
-
-
-def _in_place_error(fn: Callable[..., Any], shielded: bool) -> RuntimeError:
-    consequence = (
-        "Nothing of yours was modified: it worked on a copy."
-        if shielded
-        else "The modified tensor was one the chain passed on (a part of an activation or "
-        "a side input), so this call's results cannot be trusted."
-    )
-    return RuntimeError(
-        f"{_describe(fn)} modified one of its inputs in place. Invertible blocks need the "
-        "inputs of their functions unchanged (a coupling reuses them to compute and to "
-        "invert), and the caller's tensors must never be overwritten; make the function out "
-        "of place (e.g. nn.ReLU(inplace=False) as its first layer, or clone the input before "
-        f"an in-place op). {consequence}"
-    )
-
-
-def _guarded_call(
-    fn: Callable[..., Any], inputs: tuple[Any, ...], side: SideInputs, protected: frozenset[int]
-) -> Any:
-    args = (*inputs, *side.args)
-    kwargs = side.kwargs
-    owner, name = _trust_key(fn)
-    try:
-        trusted = name in _TRUSTED.get(owner, ())
-    except TypeError:  # not weak-referenceable: check versions only
-        trusted = True
-    copies: list[tuple[Tensor, int]] = []
-    if not trusted and protected:
-
-        def shielded(v: Any) -> Any:
-            if isinstance(v, Tensor) and v.untyped_storage().data_ptr() in protected:
-                c = v.clone()
-                copies.append((c, c._version))
-                return c
-            return v
-
-        args = tuple(shielded(a) for a in args)
-        kwargs = {k: shielded(v) for k, v in kwargs.items()}
-    versions = [
-        (t, t._version)
-        for t in (*args, *kwargs.values())
-        if isinstance(t, Tensor) and not any(t is c for c, _ in copies)
-    ]
-    out = fn(*args, **kwargs)
-    for t, version in copies:
-        if t._version != version:
-            raise _in_place_error(fn, shielded=True)
-    for t, version in versions:
-        if t._version != version:
-            raise _in_place_error(fn, shielded=False)
-    if not trusted:
-        with suppress(TypeError):  # not weak-referenceable
-            _TRUSTED.setdefault(owner, set()).add(name)
-    return out
 
 
 class _Mode:

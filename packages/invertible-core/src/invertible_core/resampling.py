@@ -65,7 +65,7 @@ class InvertibleDownsampling(InvertibleLayer):
     """
 
     #: only moves values around: a state on a fixed-point grid stays on it (the chain
-    #: rounds no more after this layer; see invertible_core.engine)
+    #: rounds no more after this layer; see invertible_core.chain)
     preserves_grid = True
 
     def __init__(self, factor: int = 2) -> None:

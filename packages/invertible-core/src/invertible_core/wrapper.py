@@ -40,21 +40,12 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from invertible_core._autograd import once_differentiable
+from invertible_core.chain import Chain
 from invertible_core.couplings import create_coupling
-from invertible_core.engine import (
-    Chain,
-    FusedStep,
-    GenericStep,
-    Step,
-    convert,
-    make_step,
-    once_differentiable,
-)
-from invertible_core.recompute import (
-    SideInputs,
-    _Mode,
-    tensor_devices,
-)
+from invertible_core.recompute import _Mode, tensor_devices
+from invertible_core.side_inputs import SideInputs
+from invertible_core.steps import FusedStep, GenericStep, Step, convert, make_step
 
 __all__ = ["InvertibleModuleWrapper", "ReversibleBlock"]
 
