@@ -288,6 +288,11 @@ class ReversibleSequence(nn.Module):
             order.reverse()
         return steps, preserve, order
 
+    # The whole call runs eagerly under torch.compile (one graph break, by design): its
+    # backward replays random states and calls autograd itself, which graphs cannot express,
+    # and tracing the chain's Python bookkeeping buys nothing. What surrounds the sequence
+    # compiles, and compiled modules inside the blocks run compiled in both passes.
+    @torch.compiler.disable
     def _run(
         self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any], inverse: bool, logdet: bool
     ) -> Tensor | tuple[Tensor, Tensor]:

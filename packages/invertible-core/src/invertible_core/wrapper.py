@@ -257,6 +257,7 @@ class InvertibleModuleWrapper(nn.Module):
         """``fn.inverse(*yin, **side)``; while training, keeps no activation of its own."""
         return self._run_direction(yin, side, inverse=True)
 
+    @torch.compiler.disable  # eager under torch.compile, as the sequence (one graph break)
     def _run_direction(
         self, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], inverse: bool
     ) -> Tensor | tuple[Tensor, ...]:
