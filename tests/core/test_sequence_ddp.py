@@ -1,7 +1,9 @@
 """ReversibleSequence under DistributedDataParallel: two CPU processes on the gloo backend.
 
 The gradients after one step must equal those of one process on the full batch, with no
-"marked ready twice" or unused-parameter errors (find_unused_parameters stays False).
+"marked ready twice" or unused-parameter errors (find_unused_parameters stays False), also
+for a chain conditioned on a side input made by a learnable MLP (its gradient comes back
+through every block's autograd node).
 """
 
 from __future__ import annotations
@@ -20,18 +22,36 @@ from invertible_core import AdditiveCoupling, ReversibleSequence
 WORLD_SIZE = 2
 
 
+class Conditioned(nn.Module):
+    """A residual function that also takes a per-sample embedding (a side input)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Dropout(0.1))
+        self.emb = nn.Linear(3, 2)
+
+    def forward(self, x: torch.Tensor, emb: torch.Tensor) -> torch.Tensor:
+        return self.conv(x) + self.emb(emb)[:, :, None, None]
+
+
+class Net(nn.Module):
+    """Stem, a reversible chain conditioned on an embedding from a learnable MLP, head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 4, 3, padding=1)
+        self.embed = nn.Sequential(nn.Linear(1, 3), nn.Tanh())
+        self.body = ReversibleSequence(AdditiveCoupling(Conditioned()) for _ in range(3))
+        self.head = nn.Linear(4 * 6 * 6, 5)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        emb = self.embed(x.mean(dim=(1, 2, 3))[:, None])  # gradients reach the MLP via the chain
+        return self.head(self.body(self.stem(x), emb).flatten(1))
+
+
 def build_model(seed: int = 0) -> nn.Module:
     torch.manual_seed(seed)
-    blocks = [
-        AdditiveCoupling(nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.ReLU(), nn.Dropout(0.1)))
-        for _ in range(3)
-    ]
-    return nn.Sequential(
-        nn.Conv2d(3, 4, 3, padding=1),
-        ReversibleSequence(blocks),
-        nn.Flatten(),
-        nn.Linear(4 * 6 * 6, 5),
-    )
+    return Net()
 
 
 def batch() -> tuple[torch.Tensor, torch.Tensor]:
@@ -86,7 +106,7 @@ def test_ddp_gradients_equal_single_process_full_batch(
     # reference: one process, plain autograd (no saving), the same data split per "rank"
     # and the same dropout seeds, gradients averaged as DDP does
     model = build_model()
-    model[1].memory_saving = False
+    model.body.memory_saving = False
     x, y = batch()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     per_rank = x.shape[0] // WORLD_SIZE

@@ -58,6 +58,13 @@ def measure_memory(
     order (exact to the byte, independent of other processes). On CUDA the allocator's own
     peak counter is used (``torch.cuda.max_memory_allocated``), after a synchronize.
     The result of ``fn`` is returned so that what it keeps alive counts as retained.
+
+    A caveat on the CPU: the profiler sees only allocations made while it runs, so when
+    ``fn`` frees memory allocated before the call (the previous step's gradients, an input
+    the caller then drops), that free is missing or mis-sized and the figures depend on
+    history. Measure work that frees only what it allocated itself: release earlier
+    tensors before the call (``zero_grad(set_to_none=...)`` consistently, a fresh input),
+    or run a warm-up step first so that the measured step is a steady state.
     """
     dev = torch.device(device)
     if dev.type == "cuda":
