@@ -218,3 +218,9 @@ def test_starting_an_epoch_draws_nothing_from_torchs_random_generator() -> None:
     for _ in range(3):
         assert len(list(loader)) == 2
     assert torch.equal(torch.rand(2), expected)
+
+
+def test_a_batch_transform_refuses_levels_no_uint8_image_can_hold() -> None:
+    for levels in (1, 257):
+        with pytest.raises(ValueError, match=r"levels must be in \[2, 256\]"):
+            BatchTransform([0.5], [0.25], torch.device("cpu"), levels=levels)

@@ -198,13 +198,10 @@ def check_density_model(model: nn.Module, image_shape: tuple[int, ...], levels: 
         )
     size = getattr(model, "image_size", None)
     if isinstance(size, int) and (size, size) != (height, width):
-        fix = (
-            f"set model.options.image_size = {height}"
-            if height == width
-            else "it takes square images (data.image_size sets the side for imagefolder:)"
-        )
+        # every dataset of the harness has square images (imagefolder: data.image_size)
         raise ConfigError(
-            f"{name} is built for image_size = {size}, but the dataset's images are {shape}: {fix}"
+            f"{name} is built for image_size = {size}, but the dataset's images are {shape}: "
+            f"set model.options.image_size = {height}"
         )
 
 
