@@ -23,6 +23,7 @@ from torch import nn
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
 
 CASES = {
+    "bench_accuracy.py": (["--quick"], "--json", {"runs", "pairs", "glow"}),
     "bench_models.py": (
         [
             "--quick",

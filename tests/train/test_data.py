@@ -12,6 +12,7 @@ from torch.utils.data import DistributedSampler
 
 from invertible_train.config import ConfigError, DataConfig
 from invertible_train.data import (
+    DIGITS_LEVELS,
     DIGITS_TEST_SIZE,
     BatchTransform,
     DatasetUnavailableError,
@@ -122,6 +123,7 @@ def test_cifar10_loads_through_torchvision_with_training_statistics_only(
     trust_written_cifar(monkeypatch, tmp_path)
     data = build_data(DataConfig(dataset="cifar10", data_dir=str(tmp_path)))
     assert len(data.train) == 100 and len(data.test) == 40 and data.num_classes == 10
+    assert data.levels == 256
     # random training pixels average 127.5/255; the all-250 test set must not move that
     assert data.mean == pytest.approx((0.5,) * 3, abs=0.03)
     assert data.std == pytest.approx((0.289,) * 3, abs=0.03)
@@ -180,6 +182,8 @@ def test_digits_are_real_8x8_scans_split_once_for_all_runs() -> None:
     data = build_data(DataConfig(dataset="digits"))
     assert len(data.train) == 1437 and len(data.test) == DIGITS_TEST_SIZE == 360
     assert data.num_classes == 10 and data.channels == 1
+    assert data.levels == DIGITS_LEVELS == 17  # the scans' grey values 0..16
+    assert len(torch.unique(data.train.images)) == 17  # type: ignore[attr-defined]
     image, label = data.train[0]
     assert image.shape == (1, 8, 8) and image.dtype == torch.uint8 and 0 <= label < 10
     train, test = digits_images()
@@ -200,3 +204,23 @@ def test_digits_without_scikit_learn_names_the_extra(monkeypatch: pytest.MonkeyP
     monkeypatch.setitem(sys.modules, "sklearn.datasets", None)
     with pytest.raises(DatasetUnavailableError, match=r"pip install 'invertible-train\[digits\]'"):
         build_data(DataConfig(dataset="digits"))
+
+
+def test_starting_an_epoch_draws_nothing_from_torchs_random_generator() -> None:
+    """A stock DataLoader draws its workers' base seed from the global generator at each
+    epoch's start, shifting the random numbers a model draws (dropout, a flow's noise) by
+    where epochs begin and where a run resumed; the harness's loaders have their own."""
+    images = torch.zeros(8, 1, 2, 2, dtype=torch.uint8)
+    loader = make_loader(InMemoryImages(images, torch.zeros(8)), 4, sampler=ResumableSampler(8))
+    torch.manual_seed(0)
+    expected = torch.rand(2)
+    torch.manual_seed(0)
+    for _ in range(3):
+        assert len(list(loader)) == 2
+    assert torch.equal(torch.rand(2), expected)
+
+
+def test_a_batch_transform_refuses_levels_no_uint8_image_can_hold() -> None:
+    for levels in (1, 257):
+        with pytest.raises(ValueError, match=r"levels must be in \[2, 256\]"):
+            BatchTransform([0.5], [0.25], torch.device("cpu"), levels=levels)

@@ -19,11 +19,11 @@ from invertible_train.tasks import (
     Classification,
     DensityEstimation,
     bits_per_dim,
-    dequantize,
     task_for,
 )
 from invertible_train.trainer import Trainer
 
+from .datasets import trust_written_cifar, write_cifar10
 from .tiny_model import TinyFlow, TinyNet
 
 Run = Callable[..., int]
@@ -34,28 +34,85 @@ def records(results: Path, kind: str) -> list[dict]:
     return [r for r in map(json.loads, lines) if r["kind"] == kind]
 
 
-def test_a_uniform_density_on_the_unit_cube_scores_exactly_8_bits() -> None:
+def test_a_density_uniform_over_the_levels_scores_log2_of_the_levels() -> None:
     dims = 3 * 8 * 8
-    assert bits_per_dim(torch.zeros(5), dims).tolist() == pytest.approx([8.0] * 5, abs=1e-12)
-    # twice as likely as uniform everywhere is one bit per image less: 8 - 1/D per dim
-    assert float(bits_per_dim(torch.tensor([math.log(2.0)]), dims)) == pytest.approx(8 - 1 / dims)
+    for levels in (256, 17, 2):
+        uniform = torch.full((5,), -dims * math.log(levels))
+        assert bits_per_dim(uniform, dims).tolist() == pytest.approx([math.log2(levels)] * 5)
+    # twice as likely as uniform is one bit per image less: 8 - 1/D per dim
+    twice = torch.tensor([math.log(2.0) - dims * math.log(256)])
+    assert float(bits_per_dim(twice, dims)) == pytest.approx(8 - 1 / dims)
 
 
 def test_bits_per_dim_of_a_known_gaussian_density() -> None:
-    """A flow whose density is N(0.5, 1) per dimension: its bits/dim follow by hand."""
+    """A flow whose density is N(0.5, 1) per dimension, on dequantised 8-bit values: its
+    bits/dim follow by hand from the density of the dequantised image."""
     flow = TinyFlow(in_channels=1, image_size=2)
-    x = torch.full((1, 1, 2, 2), 0.5)  # z = 0: log N(0) = -ln(2 pi) / 2 per dimension
-    expected = (0.5 * math.log(2 * math.pi) + math.log(256)) / math.log(2)
-    assert float(bits_per_dim(flow.log_prob(x).detach(), 4)) == pytest.approx(expected)
+    x = torch.full((1, 1, 2, 2), 128 / 255)  # level 128: y = (128 + u) / 256, z = u / 256
+    torch.manual_seed(0)
+    got = float(bits_per_dim(flow.log_prob(x).detach(), 4))
+    torch.manual_seed(0)
+    z = (torch.rand(1, 1, 2, 2) / 256).double()
+    log_density = float((-0.5 * (z * z + math.log(2 * math.pi))).sum())
+    assert got == pytest.approx((-log_density + 4 * math.log(256)) / (4 * math.log(2)))
 
 
-def test_dequantisation_puts_each_value_in_its_own_bin() -> None:
-    images = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
-    y = dequantize(images, torch.Generator().manual_seed(0))
-    k = images.float()
-    assert bool(((y >= k / 256) & (y < (k + 1) / 256)).all())
-    again = dequantize(images, torch.Generator().manual_seed(0))
-    assert torch.equal(y, again)
+def test_density_models_see_the_levels_of_the_data() -> None:
+    """8-bit pixels reach a density model as k / 255; digits' scans (stored as
+    round(k * 255 / 16)) as their values k / 16, exactly."""
+    pixels = torch.arange(256, dtype=torch.uint8).view(1, 1, 16, 16)
+    eight_bit = DensityEstimation(BatchTransform([0.5], [0.25], torch.device("cpu")), 256)
+    assert torch.equal(eight_bit.test_view(pixels, [0]), pixels.float() / 255)
+    scans = torch.arange(17, dtype=torch.float64)
+    stored = (scans * 255 / 16).round().to(torch.uint8).view(1, 1, 1, 17)
+    transform = BatchTransform([0.5], [0.25], torch.device("cpu"), augment=False, levels=17)
+    view = DensityEstimation(transform, 17).train_view(stored, iteration=0, rank=0)
+    assert torch.equal(view * 16, scans.float().view(1, 1, 1, 17))
+
+
+def test_a_uniform_model_scores_log2_of_each_datasets_levels(
+    run_cli: Run, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Through the whole harness: 8 bits on 8-bit CIFAR images, log2(17) on the digits (the
+    model refuses any input that is not the levels of the data)."""
+    pytest.importorskip("sklearn")
+    write_cifar10(tmp_path / "data")
+    trust_written_cifar(monkeypatch, tmp_path / "data")
+    short = ["--iterations", "2", "--set", "data.crop_padding=0", "--batch-size", "8"]
+    cifar = ["--data-dir", str(tmp_path / "data"), "--set", "model.options.image_size=32"]
+    assert run_cli("uniform_density", "cifar10", *short, *cifar) == 0
+    # digits: grey (the harness passes in_channels=1), 17 levels (the model must say so)
+    assert run_cli("uniform_density", "digits", *short, "--set", "model.options.num_bins=17") == 0
+    for dataset, expected in (("cifar10", 8.0), ("digits", math.log2(17))):
+        summary = json.loads(
+            (tmp_path / f"results/uniform_density-{dataset}/summary.json").read_text()
+        )
+        assert summary["test_bits_per_dim"] == pytest.approx(expected, abs=1e-6)
+        trained = records(tmp_path / f"results/uniform_density-{dataset}", "train")
+        assert trained[-1]["bits_per_dim"] == pytest.approx(expected, abs=1e-6)
+
+
+def test_a_density_model_built_for_other_data_is_refused(
+    run_cli: Run, capsys: pytest.CaptureFixture[str]
+) -> None:
+    pytest.importorskip("sklearn")
+
+    def refusal(dataset: str, *options: str) -> str:
+        args = ["--iterations", "2", "--set", "data.crop_padding=0"]
+        assert run_cli("uniform_density", dataset, *args, *options) == 2
+        return capsys.readouterr().err
+
+    assert (
+        "UniformDensity models 256 levels per value, but the dataset's images have 17: set "
+        "model.options.num_bins = 17"
+    ) in refusal("digits")
+    assert (
+        "UniformDensity is built for image_size = 4, but the dataset's images are 3x8x8: set "
+        "model.options.image_size = 8"
+    ) in refusal("synthetic", "--set", "model.options.image_size=4")
+    assert "set model.options.in_channels = 3" in refusal(
+        "synthetic", "--set", "model.options.in_channels=1"
+    )
 
 
 def test_the_task_is_chosen_from_the_models_interface() -> None:
@@ -67,17 +124,28 @@ def test_the_task_is_chosen_from_the_models_interface() -> None:
     assert density.better(3.0, 4.0) and not density.better(4.0, 3.0) and density.better(9, None)
 
 
-def test_test_images_get_the_same_noise_whatever_the_batching() -> None:
-    """Each test image's noise depends on its index alone: any batch size or number of
-    processes evaluates the same dequantised test set."""
-    task = DensityEstimation(BatchTransform([0.5], [0.25], torch.device("cpu")), 4)
-    images = torch.randint(0, 256, (6, 1, 2, 2), dtype=torch.uint8)
-    whole = task.test_view(images, range(6))
-    halves = torch.cat(
-        [task.test_view(images[:3], [0, 1, 2]), task.test_view(images[3:], [3, 4, 5])]
-    )
-    assert torch.equal(whole, halves)
-    assert not torch.equal(task.test_view(images[:1], [0]), task.test_view(images[:1], [1]))
+def test_evaluation_draws_the_same_noise_each_time_and_leaves_training_alone(
+    tmp_path: Path,
+) -> None:
+    """The model dequantises with torch's generator: evaluation forks it and seeds each
+    test batch, so two evaluations agree exactly and the training stream is unchanged."""
+    cfg = apply_values(
+        load_experiment("tiny_flow"),
+        {
+            "data.dataset": "synthetic", "data.image_size": 8, "data.synthetic_train_size": 32,
+            "data.synthetic_test_size": 24, "data.batch_size": 8, "data.eval_batch_size": 10,
+            "train.iterations": 2, "train.tensorboard": False, "train.measure_memory": False,
+        },
+    )  # fmt: skip
+    trainer = Trainer(cfg, tmp_path / "run")
+    torch.manual_seed(5)
+    first = trainer.evaluate()
+    after_first = torch.rand(3)
+    torch.manual_seed(5)
+    torch.rand(1)  # a different training state: evaluation does not depend on it
+    assert trainer.evaluate() == first
+    torch.manual_seed(5)
+    assert torch.equal(torch.rand(3), after_first)  # evaluation consumed nothing
 
 
 FLOW = ["--set", "data.crop_padding=0", "--lr", "0.05", "--set", "optimizer.name=adam"]
@@ -158,7 +226,8 @@ def test_digits_train_a_grey_density_model_and_a_grey_classifier(
 ) -> None:
     pytest.importorskip("sklearn")
     # 1-channel images: the harness passes in_channels=1 to the model
-    assert run_cli("tiny_flow", "digits", "--iterations", "150", *FLOW) == 0
+    levels = ["--set", "model.options.num_bins=17"]
+    assert run_cli("tiny_flow", "digits", "--iterations", "150", *FLOW, *levels) == 0
     flow = json.loads((tmp_path / "results/tiny_flow-digits/summary.json").read_text())
     assert flow["dataset"] == "digits" and flow["test_bits_per_dim"] < 8.0
     digits = ["--set", "data.crop_padding=1", "--set", "data.horizontal_flip=false"]

@@ -85,7 +85,9 @@ def test_registered_schedules_step_per_iteration(name: str, lr_after_4: float) -
         optimizer.step()
         scheduler.step()
     assert optimizer.param_groups[0]["lr"] == pytest.approx(lr_after_4, abs=1e-12)
-    assert set(SCHEDULERS) == {"multistep", "constant", "cosine", "warmup_cosine"}
+    assert set(SCHEDULERS) == {
+        "multistep", "constant", "cosine", "warmup_cosine", "warmup_constant"
+    }  # fmt: skip
 
 
 def test_fraction_milestones_decay_halfway_and_at_three_quarters_of_any_run() -> None:
@@ -122,12 +124,18 @@ def test_warmup_cosine_warms_up_linearly_then_follows_half_a_cosine() -> None:
     assert fraction == pytest.approx(seen)
 
 
-def test_warmup_that_lasts_the_whole_run_warns() -> None:
+def test_warmup_constant_warms_up_linearly_then_stays_at_the_learning_rate() -> None:
+    seen = lrs(SchedulerConfig(name="warmup_constant", unit="iteration", warmup=4), 20)
+    assert seen == pytest.approx([0.02, 0.04, 0.06, 0.08] + [0.1] * 16)
+    assert lrs(SchedulerConfig(name="warmup_constant", warmup=0.2), 20) == pytest.approx(seen)
+
+
+@pytest.mark.parametrize("name", ["warmup_cosine", "warmup_constant"])
+def test_warmup_that_lasts_the_whole_run_warns(name: str) -> None:
     optimizer = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=0.1)
-    with pytest.warns(ScheduleWarning, match="lasts the whole run"):
-        build_scheduler(
-            optimizer, SchedulerConfig(name="warmup_cosine", unit="iteration", warmup=50), 20
-        )
+    with pytest.warns(ScheduleWarning, match="lasts the whole run") as caught:
+        build_scheduler(optimizer, SchedulerConfig(name=name, unit="iteration", warmup=50), 20)
+    assert caught[0].filename == __file__  # reported where the schedule was asked for
 
 
 def test_warmup_cosine_state_keeps_its_schedule_through_a_weights_only_round_trip(

@@ -237,7 +237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     prog = "invertible-train"
     try:
-        cfg = load_experiment(args.model, args.config)
+        cfg = load_experiment(args.model, args.config, dataset=args.dataset)
         cfg = apply_values(cfg, _named_options(args), source="command line")
         cfg = apply_overrides(cfg, args.overrides)
         check_experiment(cfg)

@@ -282,16 +282,21 @@ def load_experiment(
     model: str | None = None,
     config_file: str | Path | None = None,
     overrides: Iterable[str] = (),
+    dataset: str | None = None,
 ) -> ExperimentConfig:
     """Resolve an experiment: file (or the model's shipped default), then ``--set`` overrides.
 
-    Without ``config_file`` the shipped experiment named after the model is used when there
-    is one, else the shipped ``recipe`` (the RevNet paper's CIFAR recipe). ``model``, when
-    given, always sets ``model.name``.
+    Without ``config_file`` the shipped experiment named ``MODEL-DATASET`` is used when there
+    is one (``glow-digits``: the model sized for that data), else the one named after the
+    model, else the shipped ``recipe`` (the RevNet paper's CIFAR recipe). ``model``, when
+    given, always sets ``model.name``; ``dataset`` only picks the file.
     """
+    shipped = list_experiments()
     if config_file is not None:
         raw = _load_raw(str(config_file), None, ())
-    elif model is not None and model in list_experiments():
+    elif model is not None and f"{model}-{dataset}" in shipped:
+        raw = _load_raw(f"{model}-{dataset}", None, ())
+    elif model is not None and model in shipped:
         raw = _load_raw(model, None, ())
     else:
         raw = _load_raw("recipe", None, ())

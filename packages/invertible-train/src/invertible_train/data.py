@@ -35,6 +35,7 @@ from invertible_train.config import ConfigError, DataConfig
 
 __all__ = [
     "DATASETS",
+    "DIGITS_LEVELS",
     "DIGITS_TEST_SIZE",
     "BatchTransform",
     "DatasetUnavailableError",
@@ -58,6 +59,8 @@ DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "imagefolder:PATH")
 DIGITS_TEST_SIZE = 360
 #: the seed of the permutation that splits ``digits`` into training and test scans.
 _DIGITS_SPLIT_SEED = 20180406
+#: grey levels of the ``digits`` scans (values 0..16).
+DIGITS_LEVELS = 17
 
 #: at most this many training images (a seeded random subset) enter the normalisation
 #: statistics of a folder dataset, which must be decoded from disk to be measured.
@@ -142,6 +145,10 @@ class ImageData:
     #: per-channel mean and std of the *training* images, in [0, 1] units.
     mean: tuple[float, ...]
     std: tuple[float, ...]
+    #: distinct values a pixel channel was quantised to: 256 for 8-bit images, 17 for
+    #: ``digits`` (scans of 0..16, stored as ``round(k * 255 / 16)``). Density models are
+    #: given the images as these levels (:meth:`BatchTransform.discrete`).
+    levels: int = 256
 
     @property
     def channels(self) -> int:
@@ -240,7 +247,7 @@ def digits_images() -> tuple[InMemoryImages, InMemoryImages]:
         ) from None
     bunch = load_digits()
     scans = torch.as_tensor(bunch.images, dtype=torch.float64)  # (1797, 8, 8), 0..16
-    images = (scans * (255.0 / 16.0)).round().to(torch.uint8).unsqueeze(1)
+    images = (scans * (255.0 / (DIGITS_LEVELS - 1))).round().to(torch.uint8).unsqueeze(1)
     labels = torch.as_tensor(bunch.target, dtype=torch.int64)
     order = torch.randperm(len(labels), generator=torch.Generator().manual_seed(_DIGITS_SPLIT_SEED))
     test, train = order[:DIGITS_TEST_SIZE], order[DIGITS_TEST_SIZE:]
@@ -276,20 +283,21 @@ def build_data(cfg: DataConfig, seed: int = 0) -> ImageData:
     check_dataset_name(name)
     train: Dataset[Any]
     test: Dataset[Any]
+    levels = 256
     if name in ("cifar10", "cifar100"):
         train, test, classes = _cifar(cfg, name)
     elif name.startswith("imagefolder:"):
         train, test, classes = _imagefolder(cfg, name.split(":", 1)[1])
     elif name == "digits":
         train, test = digits_images()
-        classes = 10
+        classes, levels = 10, DIGITS_LEVELS
     else:  # synthetic
         classes = cfg.synthetic_classes
         size = cfg.image_size
         train = InMemoryImages(*synthetic_images(cfg.synthetic_train_size, classes, size, 1))
         test = InMemoryImages(*synthetic_images(cfg.synthetic_test_size, classes, size, 2))
     mean, std = channel_stats(train, seed)
-    return ImageData(train=train, test=test, num_classes=classes, mean=mean, std=std)
+    return ImageData(train=train, test=test, num_classes=classes, mean=mean, std=std, levels=levels)
 
 
 class _Sized:
@@ -356,7 +364,13 @@ def make_loader(
     pin_memory: bool = False,
     drop_last: bool = False,
 ) -> DataLoader[Any]:
-    """A DataLoader that batches ``uint8`` images (one gather for in-memory datasets)."""
+    """A DataLoader that batches ``uint8`` images (one gather for in-memory datasets).
+
+    It has a generator of its own: a stock DataLoader draws a number from torch's global
+    generator each time an epoch's iterator starts (the base seed of its workers), which
+    would shift every random number the model draws afterwards (dropout, drop path, a
+    flow's dequantisation noise) by where epochs begin and where a run was resumed.
+    """
     collate: Callable[[Any], Any] | None = (
         _collate_batch if isinstance(dataset, InMemoryImages) else None
     )
@@ -370,6 +384,7 @@ def make_loader(
         drop_last=drop_last,
         collate_fn=collate,
         persistent_workers=False,
+        generator=torch.Generator().manual_seed(0),
     )
 
 
@@ -401,6 +416,8 @@ class BatchTransform:
     """``uint8`` batch -> normalised float batch, augmented only when training.
 
     Built from the training set's statistics; holds them on the training device.
+    ``levels`` is the dataset's number of levels per value (:attr:`ImageData.levels`), for
+    :meth:`discrete`.
     """
 
     def __init__(
@@ -412,13 +429,17 @@ class BatchTransform:
         padding: int = 4,
         flip: bool = True,
         seed: int = 0,
+        levels: int = 256,
     ) -> None:
+        if not 2 <= levels <= 256:
+            raise ValueError(f"levels must be in [2, 256] (values per pixel), got {levels}")
         self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
         self.augment = augment
         self.padding = padding
         self.flip = flip
         self.seed = seed
+        self.levels = levels
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """Scale to [0, 1] and standardise with the training statistics."""
@@ -443,3 +464,15 @@ class BatchTransform:
     def test(self, images: torch.Tensor) -> torch.Tensor:
         """The evaluation view: normalised, never augmented."""
         return self.normalize(images)
+
+    def discrete(self, images: torch.Tensor) -> torch.Tensor:
+        """``uint8`` pixels as their levels ``k / (levels - 1)`` in [0, 1], float32.
+
+        ``k`` is the value the image was quantised to: the pixel itself for 8-bit images
+        (``x / 255``, torchvision ``ToTensor``'s scaling), the scan value 0..16 for
+        ``digits`` (stored as ``round(k * 255 / 16)``, mapped back exactly). The view a
+        density model is given; it dequantises the levels itself.
+        """
+        steps = self.levels - 1
+        k = torch.round(images.to(torch.float32) * (steps / 255.0))
+        return k / steps

@@ -6,7 +6,9 @@ that turns a batch into sums (loss, accuracy or bits per dimension, count). The 
 reduced over processes before dividing, so the figures are those of the whole test set for
 any number of processes; the main process's buffers (BatchNorm statistics) are broadcast
 first, so the model evaluated is the one it checkpoints. Test images are never augmented
-and never enter a statistic.
+and never enter a statistic. Random numbers drawn while evaluating (a density model's
+dequantisation noise) come from a seed fixed per test batch, with the random state forked:
+each evaluation of a run draws the same ones, and training's random state is untouched.
 
 It also measures one training step of a model on a test batch
 (:meth:`Evaluator.step_memory`), with the measurement of ``invertible-profile``.
@@ -80,11 +82,17 @@ class Evaluator:
         was_training = model.training
         model.eval()
         sums = torch.zeros(3, dtype=torch.float64, device=self.device)
-        for images, labels, indices in self.batches():
-            with self.autocast():
-                output = forward(self.task.test_view(images, indices))
-            output = output.float()
-            sums += self.task.sums(output, labels, self.task.loss(output, labels))
+        devices = [self.device.index or 0] if self.device.type == "cuda" else []
+        # random numbers a model draws here (a flow's dequantisation noise) come from a
+        # seed fixed per test batch, with the random state forked: every evaluation of a
+        # run sees the same ones, and training's random stream never depends on evaluation
+        with torch.random.fork_rng(devices=devices):
+            for images, labels, indices in self.batches():
+                torch.manual_seed(indices[0])
+                with self.autocast():
+                    output = forward(self.task.test_view(images, indices))
+                output = output.float()
+                sums += self.task.sums(output, labels, self.task.loss(output, labels))
         model.train(was_training)
         return self.task.figures(self.distribution.reduce(sums), prefix="test_")
 

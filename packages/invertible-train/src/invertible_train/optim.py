@@ -32,6 +32,7 @@ __all__ = [
     "OPTIMIZERS",
     "SCHEDULERS",
     "ScheduleWarning",
+    "WarmupConstant",
     "WarmupCosine",
     "build_optimizer",
     "build_scheduler",
@@ -102,6 +103,14 @@ class WarmupCosine:
         return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
 
 
+class WarmupConstant(WarmupCosine):
+    """lr factor: the linear warmup of :class:`WarmupCosine`, then 1 to the end (Glow's
+    schedule: Adam at ``optimizer.lr`` after a linear warmup, no decay)."""
+
+    def __call__(self, iteration: int) -> float:
+        return super().__call__(iteration) if iteration < self.warmup else 1.0
+
+
 def _multistep(opt: Optimizer, cfg: SchedulerConfig, total: int) -> LRScheduler:
     milestones = schedule_positions(cfg.milestones, cfg.unit, total)
     late = [m for m in milestones if m >= total]
@@ -123,14 +132,24 @@ def _cosine(opt: Optimizer, cfg: SchedulerConfig, total: int) -> LRScheduler:
 
 def _warmup_cosine(opt: Optimizer, cfg: SchedulerConfig, total: int) -> LRScheduler:
     (warmup,) = schedule_positions([cfg.warmup], cfg.unit, total)
+    _warn_long_warmup(warmup, total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=WarmupCosine(warmup, total))
+
+
+def _warn_long_warmup(warmup: int, total: int) -> None:
     if warmup >= total:
         warnings.warn(
             f"scheduler.warmup ({warmup} iterations) lasts the whole run ({total} iterations): "
             "the learning rate never reaches optimizer.lr",
             ScheduleWarning,
-            stacklevel=3,
+            stacklevel=4,
         )
-    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=WarmupCosine(warmup, total))
+
+
+def _warmup_constant(opt: Optimizer, cfg: SchedulerConfig, total: int) -> LRScheduler:
+    (warmup,) = schedule_positions([cfg.warmup], cfg.unit, total)
+    _warn_long_warmup(warmup, total)
+    return torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda=WarmupConstant(warmup, total))
 
 
 def _constant(opt: Optimizer, cfg: SchedulerConfig, total: int) -> LRScheduler:
@@ -146,6 +165,7 @@ SCHEDULERS: dict[str, Callable[[Optimizer, SchedulerConfig, int], LRScheduler]] 
     "multistep": _multistep,
     "cosine": _cosine,
     "warmup_cosine": _warmup_cosine,
+    "warmup_constant": _warmup_constant,
     "constant": _constant,
 }
 

@@ -8,26 +8,41 @@ kind of model. :func:`task_for` picks the task from the model's interface:
 
 * :class:`Classification` (any network returning logits): cross-entropy; logs ``loss`` and
   ``accuracy``, evaluates ``test_loss`` and ``test_accuracy`` (higher is better).
-* :class:`DensityEstimation` (a model with ``log_prob(x)`` giving each sample's
+* :class:`DensityEstimation` (a model with ``log_prob(x)`` giving each discrete image's
   log-likelihood in nats, and ``sample(n)``): negative log-likelihood in bits per
   dimension; logs ``loss`` and ``bits_per_dim``, evaluates ``test_loss`` and
   ``test_bits_per_dim`` (lower is better), and writes a PNG grid of samples at every
   evaluation.
 
-NOTE [bits per dimension]: 8-bit images are discrete, a density is continuous. As in Glow
-(Kingma and Dhariwal, 2018) and RealNVP, each pixel value ``k`` in ``0..255`` is dequantised
-to ``y = (k + u) / 256`` with ``u ~ U(0, 1)``: the data become ``y in [0, 1)``, the ``k / 256``
-grid plus ``U(0, 1/256)`` noise. The model's ``log_prob(y)`` is a density on ``[0, 1)^D``;
-the probability of the 256^D bin of ``k`` is at least ``E_u[p(y)] / 256^D`` (Jensen), so
+NOTE [bits per dimension]: images are discrete, a flow's density is continuous. Each value
+of an image is one of ``L`` levels ``k`` (``L = 256`` for 8-bit images; 17 for ``digits``,
+whose scans hold 0..16: :attr:`~invertible_train.data.ImageData.levels`). Dequantisation
+(Glow, RealNVP) spreads each level over its bin: ``y = (k + u) / L`` with ``u ~ U(0, 1)``,
+and a density ``p`` of ``y`` gives the discrete image a probability of at least
+``exp(E_u[log p(y)]) / L^D`` (Jensen), ``D = C * H * W``.
 
-    bits/dim = -(log_prob(y) - D * ln(256)) / (D * ln(2))
+Exactly one place dequantises: the model. The harness gives ``log_prob`` the discrete
+images, as levels ``k / (L - 1)`` in ``[0, 1]``
+(:meth:`~invertible_train.data.BatchTransform.discrete`: ``x / 255`` for 8-bit images,
+``k / 16`` for digits), and ``log_prob(x)`` returns each image's log-likelihood in nats *of
+the discrete image*: for a dequantising flow ``log p(y) - D ln L``, as
+``invertible_models.Glow.log_prob`` does (noise, bin width and the ``D ln L`` term are the
+model's business). One convention for bits per dimension follows, for any ``L``:
 
-is an upper bound on the model's code length of the discrete image, in bits per pixel
-channel (``D = C * H * W``). A model that is uniform on ``[0, 1)^D`` (``log_prob = 0``)
-scores exactly 8. Training minimises the same quantity (its gradient is the NLL's, scaled).
-Test images are dequantised with noise fixed per test image, so evaluations are comparable
-across iterations, runs and numbers of processes; training noise is drawn per (seed, iteration, rank),
-so resumed runs stay bit-exact.
+    bits/dim = -log_prob(x) / (D * ln(2))
+
+an upper bound (in expectation over the noise) on the model's code length of the discrete
+image, in bits per value. A model uniform over the levels (``log_prob = -D ln L``) scores
+``log2(L)``: 8 for 8-bit images, ``log2(17) = 4.09`` for digits. A model must be built for
+the data's levels: a density model whose ``num_bins`` differs from them is refused
+(:func:`check_density_model`), since its figures would be those of other data. Training
+minimises the same quantity (its gradient is the NLL's, scaled).
+
+The model draws its noise from torch's random generator: in training that is part of the
+random state every checkpoint holds (a resumed run stays bit-exact); evaluation runs with
+the random state forked and seeded per test batch
+(:class:`~invertible_train.evaluation.Evaluator`), so every evaluation of a run sees the
+same noise and leaves training's random stream alone.
 """
 
 from __future__ import annotations
@@ -42,6 +57,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from invertible_train.config import ConfigError
 from invertible_train.data import BatchTransform
 
 __all__ = [
@@ -50,7 +66,7 @@ __all__ = [
     "DensityEstimation",
     "Task",
     "bits_per_dim",
-    "dequantize",
+    "check_density_model",
     "is_density_model",
     "task_for",
 ]
@@ -154,16 +170,39 @@ def is_density_model(model: nn.Module) -> bool:
     return callable(getattr(model, "log_prob", None)) and callable(getattr(model, "sample", None))
 
 
-def dequantize(images: Tensor, generator: torch.Generator) -> Tensor:
-    """``uint8`` images to ``(k + u) / 256`` in [0, 1), ``u ~ U(0, 1)`` drawn from ``generator``
-    (a CPU generator: the noise depends on its seed alone, on any device)."""
-    noise = torch.rand(images.shape, generator=generator).to(images.device)
-    return (images.to(torch.float32) + noise) / 256.0
-
-
 def bits_per_dim(log_prob: Tensor, dims: int) -> Tensor:
-    """Per-sample bits per dimension of dequantised 8-bit data (NOTE [bits per dimension])."""
-    return -(log_prob.double() - dims * math.log(256.0)) / (dims * math.log(2.0))
+    """Per-sample bits per dimension of discrete images whose log-likelihood (nats) is
+    ``log_prob``: ``-log_prob / (dims * ln 2)`` (NOTE [bits per dimension])."""
+    return -log_prob.double() / (dims * math.log(2.0))
+
+
+def check_density_model(model: nn.Module, image_shape: tuple[int, ...], levels: int) -> None:
+    """Raise :class:`~invertible_train.config.ConfigError` when a density model was built for
+    other images: ``num_bins`` (levels per value), ``in_channels`` or ``image_size``, where
+    the model has them, must be those of the data (``image_shape`` is ``(C, H, W)``)."""
+    name = type(model).__name__
+    bins = getattr(model, "num_bins", None)
+    if isinstance(bins, int) and bins != levels:
+        raise ConfigError(
+            f"{name} models {bins} levels per value, but the dataset's images have {levels}: "
+            f"set model.options.num_bins = {levels} (bits per dimension would otherwise be "
+            "those of other data)"
+        )
+    channels, height, width = image_shape
+    shape = f"{channels}x{height}x{width}"
+    built_channels = getattr(model, "in_channels", None)
+    if isinstance(built_channels, int) and built_channels != channels:
+        raise ConfigError(
+            f"{name} is built for in_channels = {built_channels}, but the dataset's images "
+            f"are {shape}: set model.options.in_channels = {channels}"
+        )
+    size = getattr(model, "image_size", None)
+    if isinstance(size, int) and (size, size) != (height, width):
+        # every dataset of the harness has square images (imagefolder: data.image_size)
+        raise ConfigError(
+            f"{name} is built for image_size = {size}, but the dataset's images are {shape}: "
+            f"set model.options.image_size = {height}"
+        )
 
 
 class _LogProb(nn.Module):
@@ -180,10 +219,10 @@ class _LogProb(nn.Module):
 class DensityEstimation(Task):
     """Negative log-likelihood in bits per dimension, samples saved at each evaluation.
 
-    The model sees dequantised images in [0, 1) (NOTE [bits per dimension]): training
-    batches augmented as configured (``data.horizontal_flip``; set ``data.crop_padding =
-    0``, since zero padding adds black borders no real image has), then dequantised; the
-    dataset's normalisation statistics are not applied.
+    The model sees the discrete images as levels ``k / (levels - 1)`` and dequantises them
+    itself (NOTE [bits per dimension]): training batches augmented as configured
+    (``data.horizontal_flip``; set ``data.crop_padding = 0``, since zero padding adds black
+    borders no real image has); the dataset's normalisation statistics are not applied.
     """
 
     name = "density"
@@ -192,28 +231,19 @@ class DensityEstimation(Task):
     metric = "test_bits_per_dim"
     higher_is_better = False
 
-    def forward_module(self, model: nn.Module) -> nn.Module:
-        return _LogProb(model)
-
-    def train_view(self, images: Tensor, iteration: int, rank: int) -> Tensor:
-        images = self.transform.augmented(images, iteration, rank)
-        return dequantize(images, self.transform.generator(iteration, rank, stream=1))
-
-    def test_view(self, images: Tensor, indices: Sequence[int]) -> Tensor:
-        # the noise of test image i depends on i alone: the same for any batch size and
-        # number of processes, and at every evaluation
-        noise = torch.stack(
-            [
-                torch.rand(images.shape[1:], generator=torch.Generator().manual_seed(i))
-                for i in indices
-            ]
-        )
-        return (images.to(torch.float32) + noise.to(images.device)) / 256.0
-
     def __init__(self, transform: BatchTransform, dims: int) -> None:
         super().__init__(transform)
         #: ``C * H * W`` of the images: the D of bits per dimension.
         self.dims = dims
+
+    def forward_module(self, model: nn.Module) -> nn.Module:
+        return _LogProb(model)
+
+    def train_view(self, images: Tensor, iteration: int, rank: int) -> Tensor:
+        return self.transform.discrete(self.transform.augmented(images, iteration, rank))
+
+    def test_view(self, images: Tensor, indices: Sequence[int]) -> Tensor:
+        return self.transform.discrete(images)
 
     def loss(self, output: Tensor, labels: Tensor) -> Tensor:
         return bits_per_dim(output, self.dims).float().mean()
@@ -249,8 +279,11 @@ class DensityEstimation(Task):
 
 
 def task_for(model: nn.Module, transform: BatchTransform, image_shape: tuple[int, ...]) -> Task:
-    """:class:`DensityEstimation` for a model with ``log_prob`` and ``sample``, else
-    :class:`Classification`; ``image_shape`` is ``(C, H, W)`` of the dataset's images."""
+    """:class:`DensityEstimation` for a model with ``log_prob`` and ``sample`` (checked
+    against the data by :func:`check_density_model`, the levels being
+    ``transform.levels``), else :class:`Classification`; ``image_shape`` is ``(C, H, W)``
+    of the dataset's images."""
     if is_density_model(model):
+        check_density_model(model, image_shape, transform.levels)
         return DensityEstimation(transform, math.prod(image_shape))
     return Classification(transform)

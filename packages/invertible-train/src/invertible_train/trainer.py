@@ -144,6 +144,7 @@ class Trainer:
             padding=cfg.data.crop_padding,
             flip=cfg.data.horizontal_flip,
             seed=cfg.train.seed,
+            levels=self.data.levels,
         )
         image_shape = tuple(self.data.train[0][0].shape)
         self.task = task(model, self.transform, image_shape)
