@@ -224,12 +224,22 @@ def test_at_plain_autograds_peak_everything_is_stored(profile: MemoryProfile) ->
     assert plan.predicted_peak_bytes == plan.plain_peak_bytes
 
 
-def test_at_the_minimum_everything_is_rebuilt_or_checkpointed(profile: MemoryProfile) -> None:
-    plan = profile.plan(profile.minimum_peak_bytes)
-    assert plan.keep == {"body": (), "top": ()}
-    assert plan.checkpointed == {"stem": True, "middle": True}
-    assert plan.predicted_peak_bytes == plan.minimum_peak_bytes
-    assert profile.minimum_peak_bytes < profile.plain_peak_bytes
+def test_at_the_minimum_only_what_costs_no_peak_is_stored(profile: MemoryProfile) -> None:
+    first = profile.frontier()[0]
+    assert first.stored == frozenset()  # the frontier starts with everything recomputed
+    assert first.predicted_peak_bytes == profile.minimum_peak_bytes < profile.plain_peak_bytes
+    plan = fit_memory_budget(
+        profile.module, budget=profile.minimum_peak_bytes, profile=profile, repeats=1
+    )
+    assert plan.measured_peak_bytes is not None
+    assert plan.measured_peak_bytes <= profile.minimum_peak_bytes
+    # what it stores there (blocks whose activations are freed before the peak) is free
+    for i, unit in enumerate(profile.units):
+        if plan.units[i].stores:
+            assert profile.predict_peak(frozenset({i})) == profile.minimum_peak_bytes, unit.name
+    everything_recomputed = profile.plan_of(frozenset(), profile.minimum_peak_bytes)
+    assert everything_recomputed.keep == {"body": (), "top": ()}
+    assert everything_recomputed.checkpointed == {"stem": True, "middle": True}
 
 
 def test_blocks_that_cost_the_same_are_kept_from_the_end(profile: MemoryProfile) -> None:

@@ -61,6 +61,7 @@ from typing import Any, cast
 import torch
 from torch import Tensor, nn
 
+from invertible_core.contract import is_recomputing
 from invertible_core.engine import is_fused
 from invertible_core.memory import mark_phase, measure_memory, measure_memory_phases
 from invertible_core.memory_plan import (
@@ -98,12 +99,13 @@ class _Unit:
     name: str
     owner: str
     index: int | None
-    bytes_by_segment: dict[int, int]
+    #: stored bytes per (segment, position in that segment's execution order)
+    bytes_at: dict[tuple[int, int], int]
     seconds: float
 
     @property
     def activation_bytes(self) -> int:
-        return sum(self.bytes_by_segment.values())
+        return sum(self.bytes_at.values())
 
 
 @dataclass
@@ -346,7 +348,7 @@ class MemoryProfile:
         self,
         step: _Step,
         units: list[_Unit],
-        phases: list[tuple[int, int]],
+        phases: list[tuple[Bound, int]],
         held_bytes: int,
         reserved_bytes: int,
         plain_peak_bytes: int,
@@ -358,7 +360,7 @@ class MemoryProfile:
     ) -> None:
         self._step = step
         self.units = units
-        #: (latest segment whose stored activations are alive, peak in the min plan)
+        #: (bound of what is alive, peak with everything recomputed) per phase of the step
         self.phases = phases
         #: parameters, buffers, gradients, inputs and ``reserved_bytes``
         self.held_bytes = held_bytes + reserved_bytes
@@ -375,8 +377,8 @@ class MemoryProfile:
         # what each unit adds to each phase when stored
         self._adds = [
             [
-                sum(b for g, b in u.bytes_by_segment.items() if g <= bound)
-                for bound, _ in self.phases
+                sum(b for (g, pos), b in u.bytes_at.items() if g < q or (g == q and pos <= j))
+                for (q, j), _ in self.phases
             ]
             for u in units
         ]
@@ -453,7 +455,7 @@ class MemoryProfile:
             units = _unit_costs(step, calls, sequences, checkpointables, repeats)
             calls.clear()  # the recorded inputs are no longer needed
             held = step.held_bytes()
-            phases = _phase_peaks(step, owners)
+            phases, _ = _phase_peaks(step, owners)
             everything = [True] * len(units)
             _configure(sequences, checkpointables, everything, units)
             plain = _peak(step)  # no warm-up needed: gradients exist, shapes are known
@@ -712,37 +714,102 @@ def _peak(step: _Step) -> int:
     return stats.peak_bytes
 
 
-def _phase_peaks(step: _Step, owners: Mapping[str, nn.Module]) -> list[tuple[int, int]]:
-    """One step with everything recomputed, measured in phases: ``(bound, peak)`` per phase,
-    ``bound`` the last segment (call of a unit's owner) whose stored activations are alive in
-    it (-1: none), ``peak`` the phase's peak beyond what existed before the step."""
-    bounds = [-1]
-    count = [0]
+#: a phase's bound ``(q, j)``: the stored activations alive in it are those of every segment
+#: before ``q`` and of the positions ``<= j`` of segment ``q`` (positions in execution order)
+Bound = tuple[int, int]
+_EVERYTHING: Bound = (2**62, 2**62)
 
-    def mark(
+
+# NOTE [phases of the step]
+# A stored block's activations live from its forward to its backward. The planner measures
+# the step with everything recomputed, split at every segment's forward and backward and at
+# every block's forward and recompute (a pre-hook on the block's submodules: Fm and Gm of a
+# coupling fire in the forward pass and, with is_recomputing() true, in the recompute), and
+# gives each phase the set of positions whose stored activations would be alive in it:
+# forward phases everything up to the blocks running in them, backward phases everything
+# below the block being rebuilt (a block that is stored instead holds its activations where
+# the recompute would have held them: the same memory, not more). A plan's peak is then the highest phase plus what it stores alive
+# there. Blocks without submodules (ActNorm, 1x1 convolutions) mark nothing: their phase is
+# their neighbour's, and the bounds count them alive in it, never the other way round.
+def _phase_peaks(
+    step: _Step, owners: Mapping[str, nn.Module]
+) -> tuple[list[tuple[Bound, int]], dict[int, int]]:
+    """One step with everything recomputed, measured in phases (see the NOTE): each phase's
+    bound and its peak beyond what existed before the step; and each segment's length."""
+    marks: list[tuple[int, int, str]] = []  # (segment, position or -1, "fwd" | "bwd")
+    lengths: dict[int, int] = {}
+    calls: dict[int, tuple[str, bool]] = {}  # segment -> (owner, run inverse)
+    running: list[int] = []
+    backward: list[int] = []
+
+    def mark(segment: int, pos: int, kind: str) -> None:
+        if marks and marks[-1] == (segment, pos, kind):
+            return  # Gm after Fm: the same block
+        marks.append((segment, pos, kind))
+        mark_phase()
+
+    def on_call(
         owner: str, method: str, args: tuple[Any, ...], kwargs: dict[str, Any], run: Any
     ) -> Any:
-        segment = count[0]
-        count[0] += 1
-        bounds.append(segment)
-        mark_phase()
-        out = run()
+        segment = len(lengths)
+        module = owners[owner]
+        lengths[segment] = len(module) if isinstance(module, ReversibleSequence) else 1
+        calls[segment] = (owner, method.startswith("inverse"))
+        mark(segment, -1, "fwd")
+        running.append(segment)
+        try:
+            out = run()
+        finally:
+            running.pop()
         first = next((t for t in _tensors(out) if t.requires_grad), None)
         if first is not None:
 
             def backward_starts(grad: Tensor) -> None:
-                bounds.append(segment)
-                mark_phase()
+                backward.append(segment)
+                mark(segment, -1, "bwd")
 
             first.register_hook(backward_starts)
         return out
 
+    def on_block(owner: str, index: int) -> None:
+        recomputing = is_recomputing()
+        where = backward if recomputing else running
+        if not where or calls[where[-1]][0] != owner:
+            return
+        segment = where[-1]
+        pos = lengths[segment] - 1 - index if calls[segment][1] else index
+        mark(segment, pos, "bwd" if recomputing else "fwd")
+
+    handles = [
+        child.register_forward_pre_hook(lambda *_, o=owner, i=i: on_block(o, i))
+        for owner, module in owners.items()
+        if isinstance(module, ReversibleSequence)
+        for i, block in enumerate(module)
+        for child in block.children()
+    ]
     gc.collect()  # no warm-up: the step that recorded the calls ran in this configuration
-    with _instrumented(owners, mark):
-        _, _, peaks = measure_memory_phases(step, step.device)
-    if len(peaks) != len(bounds):  # pragma: no cover - a mark from another thread was lost
-        return [(max(bounds), max(peaks))]
-    return list(zip(bounds, peaks))
+    try:
+        with _instrumented(owners, on_call):
+            _, _, peaks = measure_memory_phases(step, step.device)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if len(peaks) != len(marks) + 1:  # pragma: no cover - a mark from another thread was lost
+        return [(_EVERYTHING, max(peaks))], lengths
+    phases: list[tuple[Bound, int]] = [((-1, -1), peaks[0])]
+    for k, (segment, pos, kind) in enumerate(marks):
+        last = lengths[segment] - 1
+        if kind == "bwd":
+            # a stored block's activations stand in for the recompute its phase measured
+            # (a rebuilt block's, a checkpointed module's): only what lies below it counts
+            sequence = isinstance(owners[calls[segment][0]], ReversibleSequence)
+            bound = (last if sequence else -1) if pos < 0 else pos - 1
+        else:
+            after = marks[k + 1] if k + 1 < len(marks) else None
+            same = after is not None and after[0] == segment and after[2] == "fwd"
+            bound = after[1] - 1 if same and after is not None and after[1] >= 0 else last
+        phases.append(((segment, bound), peaks[k + 1]))
+    return phases, lengths
 
 
 def _unit_costs(
@@ -768,7 +835,7 @@ def _unit_costs(
         owner: str,
         index: int | None,
         block: nn.Module,
-        segment: int,
+        at: tuple[int, int],
         saved: int,
         args: Any,
         forward: Callable[[], Any],
@@ -779,7 +846,7 @@ def _unit_costs(
             name = owner if index is None else f"{owner}[{index}]"
             units[key] = _Unit(name, owner, index, {}, 0.0)
         u = units[key]
-        u.bytes_by_segment[segment] = u.bytes_by_segment.get(segment, 0) + saved
+        u.bytes_at[at] = u.bytes_at.get(at, 0) + saved
         twin = (
             index is None,
             type(block).__qualname__,
@@ -797,10 +864,10 @@ def _unit_costs(
             seq = sequences[call.owner]
             logdet = call.method.endswith("_with_logdet")
             state = call.args[0]
-            order = range(len(seq))
+            order = list(range(len(seq)))
             if call.method.startswith("inverse"):
-                order = range(len(seq) - 1, -1, -1)
-            for i in order:
+                order.reverse()
+            for pos, i in enumerate(order):
                 sub = seq[i : i + 1]
                 sub.memory_saving = False
                 run = getattr(sub, call.method)
@@ -811,7 +878,7 @@ def _unit_costs(
 
                 out, saved = _saved_bytes(forward, held | side)
                 factor = 1.0 if is_fused(seq[i]) else 2.0  # an inverse, then a forward
-                account(call.owner, i, seq[i], segment, saved, state, forward, factor)
+                account(call.owner, i, seq[i], (segment, pos), saved, state, forward, factor)
                 state = (out[0] if logdet else out).detach()
                 del out
         else:
@@ -826,7 +893,8 @@ def _unit_costs(
             try:
                 out, saved = _saved_bytes(forward_block, held | side | inputs)
                 del out
-                account(call.owner, None, block, segment, saved, call.args, forward_block, 1.0)
+                at = (segment, 0)
+                account(call.owner, None, block, at, saved, call.args, forward_block, 1.0)
             finally:
                 cast(Checkpointable, block).checkpointed = True
     return list(units.values())

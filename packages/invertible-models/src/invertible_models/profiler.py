@@ -112,9 +112,9 @@ class TrainingStep:
     images, random labels) and the loss is cross-entropy. A density model (one with
     ``log_prob``, such as ``glow``, whose forward is its per-sample log-likelihood) gets
     images in ``[0, 1]`` with the model's ``in_channels`` and the mean negative
-    log-likelihood as its loss. A caller with a batch and a loss of its own (a training
-    harness) passes ``images``, ``labels`` and ``loss(output, labels)``; ``amp_dtype`` runs
-    the forward under ``torch.autocast``.
+    log-likelihood per dimension as its loss. A caller with a batch and a loss of its own
+    (a training harness) passes ``images``, ``labels`` and ``loss(output, labels)``;
+    ``amp_dtype`` runs the forward under ``torch.autocast``.
     """
 
     def __init__(
@@ -146,8 +146,11 @@ class TrainingStep:
             labels = torch.randint(0, num_classes, (images.shape[0],), device=self.device)
         self.images = images
         self.labels = labels
+        dims = images[0].numel()
         default: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-            negative_log_likelihood if density else nn.CrossEntropyLoss()
+            (lambda log_prob, labels: negative_log_likelihood(log_prob, labels) / dims)
+            if density
+            else nn.CrossEntropyLoss()
         )
         self.loss_fn = loss if loss is not None else default
         self.amp_dtype = amp_dtype
