@@ -486,3 +486,39 @@ def test_a_printed_plan_is_a_table_of_switches_and_figures(profile: MemoryProfil
     stored = sum(u.stores for u in plan.units)
     assert f"stores {stored} of {len(plan.units)} switches" in text
     assert not math.isnan(plan.predicted_step_seconds)
+
+
+# -- CUDA (skipped without a GPU) -------------------------------------------------------------
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_phases_on_cuda_are_the_allocators_peaks() -> None:
+    device = torch.device("cuda")
+
+    def work() -> None:
+        a = torch.empty(MiB, dtype=torch.uint8, device=device)
+        mark_phase()
+        b = torch.empty(3 * MiB, dtype=torch.uint8, device=device)
+        del a, b
+        mark_phase()
+        c = torch.empty(2 * MiB, dtype=torch.uint8, device=device)
+        del c
+
+    _, stats, peaks = measure_memory_phases(work, device)
+    assert peaks == [MiB, 4 * MiB, 2 * MiB]
+    assert stats.peak_bytes == 4 * MiB
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_a_plan_on_cuda_fits_its_budget_with_plain_gradients() -> None:
+    model = net(torch.float64).cuda()
+    x = batch(torch.float64).cuda()
+    expected = gradients(plain_reference(model), x)
+    profile = MemoryProfile.measure(model, x, loss_fn=square, repeats=1)
+    assert profile.device.type == "cuda"
+    lo, hi = profile.minimum_peak_bytes, profile.plain_peak_bytes
+    for budget in (lo, (lo + hi) // 2, hi):
+        plan = fit_memory_budget(model, budget=budget, profile=profile, repeats=1)
+        assert plan.measured_peak_bytes is not None and plan.measured_peak_bytes <= budget
+        for g, e in zip(gradients(model, x), expected):
+            torch.testing.assert_close(g, e, rtol=1e-9, atol=1e-11)

@@ -21,7 +21,7 @@ import json
 import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
@@ -33,7 +33,9 @@ from invertible_core import (
     format_bytes,
     measure_minimum_peak,
 )
-from invertible_models.profiler import TrainingStep, build_model
+
+if TYPE_CHECKING:  # the profiler imports this module: it hands its step in, see run_budget
+    from invertible_models.profiler import TrainingStep
 
 __all__ = [
     "BatchSearch",
@@ -86,15 +88,17 @@ def plan_training_step(
     return replace(plan, extra={**plan.extra, "input_shape": list(step.images.shape)})
 
 
-def minimum_step_peak(step: TrainingStep) -> int:
+def minimum_step_peak(step: TrainingStep, warmup: bool = True) -> int:
     """Peak bytes of ``step`` with everything rebuilt or checkpointed, the optimizer's state
-    included: what a budget must at least hold for this batch."""
+    included: what a budget must at least hold for this batch (``warmup=False``: the model
+    has trained a step already, see :func:`invertible_core.measure_minimum_peak`)."""
     return measure_minimum_peak(
         step.model,
         step.images,
         loss_fn=lambda out: step.loss_fn(out, step.labels),
         reserved_bytes=optimizer_state_bytes(step.optimizer),
         autocast_dtype=step.amp_dtype,
+        warmup=warmup,
     )
 
 
@@ -188,9 +192,16 @@ def _peak_or_none(fn: Callable[[], int]) -> int | None:
         return None
 
 
-def run_budget(args: argparse.Namespace, names: Sequence[str]) -> int:
+def run_budget(
+    args: argparse.Namespace,
+    names: Sequence[str],
+    build: Callable[..., nn.Module],
+    make_step: Callable[..., TrainingStep],
+) -> int:
     """``invertible-profile ... --budget`` (and ``--fit-batch``): plan each model, print the
-    plans, write the JSON; returns the exit status."""
+    plans, write the JSON; returns the exit status. ``build(name, image_size=...,
+    num_classes=..., memory_saving=...)`` makes a model, ``make_step(model, batch_size=...,
+    image_size=..., num_classes=..., device=...)`` its training step (the profiler's)."""
     budget: int = args.budget
     device = torch.device(args.device)
     results: list[dict[str, Any]] = []
@@ -201,7 +212,7 @@ def run_budget(args: argparse.Namespace, names: Sequence[str]) -> int:
     )
     for name in names:
         torch.manual_seed(0)
-        model = build_model(
+        model = build(
             name,
             image_size=args.image_size,
             num_classes=args.num_classes,
@@ -209,7 +220,7 @@ def run_budget(args: argparse.Namespace, names: Sequence[str]) -> int:
         ).to(device)
 
         def step_at(batch: int, model: nn.Module = model) -> TrainingStep:
-            return TrainingStep(
+            return make_step(
                 model,
                 batch_size=batch,
                 image_size=args.image_size,
@@ -220,9 +231,12 @@ def run_budget(args: argparse.Namespace, names: Sequence[str]) -> int:
         entry: dict[str, Any] = {"model": name}
         batch = args.batch_size
         if args.fit_batch:
+            # one training step first (gradients allocated, one-off initialisations done),
+            # so that every try measures a single step of the leanest plan
+            step_at(args.batch_size)()
 
             def leanest(b: int, step_at: Callable[[int], TrainingStep] = step_at) -> int | None:
-                return _peak_or_none(lambda: minimum_step_peak(step_at(b)))
+                return _peak_or_none(lambda: minimum_step_peak(step_at(b), warmup=False))
 
             search = largest_fitting_batch(
                 leanest,
@@ -252,7 +266,8 @@ def run_budget(args: argparse.Namespace, names: Sequence[str]) -> int:
             print(f"\n{name}: largest batch whose leanest step fits: {batch}{exact}")
             print(f"  leanest peak by batch: {shown}")
         try:
-            plan = plan_training_step(step_at(batch), budget, repeats=args.steps)
+            repeats = args.steps if args.steps is not None else (1 if args.fit_batch else 3)
+            plan = plan_training_step(step_at(batch), budget, repeats=repeats)
         except MemoryBudgetError as exc:
             print(f"invertible-profile: {name} at batch {batch}: {exc}", file=sys.stderr)
             entry["error"] = str(exc)

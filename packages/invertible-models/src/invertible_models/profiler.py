@@ -43,6 +43,7 @@ from torch import nn
 
 from invertible_core.memory import measure_memory
 from invertible_core.memory_plan import parse_bytes
+from invertible_models.memory_budget import run_budget
 from invertible_models.registry import create_model, list_models
 
 __all__ = [
@@ -455,7 +456,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=_at_least(1), default=10, help="classes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
     parser.add_argument(
-        "--steps", type=_at_least(1), default=3, help="timed steps (median reported)"
+        "--steps",
+        type=_at_least(1),
+        default=None,
+        help="timed steps (median reported; default 3, with --fit-batch 1)",
     )
     parser.add_argument(
         "--no-memory-saving",
@@ -521,9 +525,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.budget is not None:
         if args.plot:
             parser.error("--plot draws profiles; it does not combine with --budget")
-        from invertible_models.memory_budget import run_budget
-
-        return run_budget(args, args.models)
+        return run_budget(args, args.models, build_model, TrainingStep)
     profiles = [
         profile_model(
             name,
@@ -531,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_size=args.image_size,
             num_classes=args.num_classes,
             device=args.device,
-            steps=args.steps,
+            steps=args.steps if args.steps is not None else 3,
             memory_saving=not args.no_memory_saving,
         )
         for name in args.models
