@@ -194,6 +194,8 @@ def test_measure_memory_phases_gives_the_peak_of_each_phase_exactly() -> None:
     assert peaks == [MiB, 4 * MiB, 2 * MiB]
     assert stats.peak_bytes == 4 * MiB and stats.retained_bytes == 0
     mark_phase()  # outside a measurement: nothing happens
+    with pytest.raises(ValueError, match="supports 'cpu' and 'cuda' devices"):
+        measure_memory_phases(work, "meta")
 
 
 # -- the planner's choices --------------------------------------------------------------
@@ -283,6 +285,28 @@ def test_a_prediction_that_falls_short_is_refined_until_the_step_fits() -> None:
     plan = fit_memory_budget(model, budget=budget, profile=profile, repeats=1)
     assert plan.refinements >= 1
     assert plan.measured_peak_bytes is not None and plan.measured_peak_bytes <= budget
+
+
+def test_when_refinements_run_out_the_measured_minimum_is_taken() -> None:
+    model = net()
+    profile = MemoryProfile.measure(model, batch(), loss_fn=square, repeats=1)
+    profile._scale *= 0.2
+    profile._frontier = None
+    lo, hi = profile.minimum_peak_bytes, profile.plain_peak_bytes
+    plan = fit_memory_budget(
+        model, budget=(lo + hi) // 2, profile=profile, max_refinements=0, repeats=1
+    )
+    assert not any(u.stores for u in plan.units)
+    assert plan.measured_peak_bytes == profile.minimum_peak_bytes
+
+
+def test_a_prediction_alone_is_applied_without_a_measured_step(profile: MemoryProfile) -> None:
+    lo, hi = profile.minimum_peak_bytes, profile.plain_peak_bytes
+    plan = fit_memory_budget(profile.module, budget=(lo + hi) // 2, profile=profile, measure=False)
+    assert plan.measured_peak_bytes is None and plan.measured_step_seconds is None
+    assert plan.predicted_peak_bytes <= plan.budget_bytes
+    assert "measured -" in str(plan)
+    assert MemoryPlan.from_json(plan.to_json()) == plan
 
 
 def test_gradients_equal_plain_autograd_at_every_plan_of_the_frontier() -> None:
