@@ -224,6 +224,8 @@ class MemoryPlan:
         reserved_bytes: memory outside the step that the budget covers.
         device: where it was measured.
         refinements: measured steps beyond the first that it took to meet the budget.
+        extra: JSON-ready notes of whoever made the plan (the profiler and the training
+            harness record the batch's ``input_shape``, to tell when a plan still fits).
     """
 
     budget_bytes: int

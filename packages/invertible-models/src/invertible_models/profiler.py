@@ -459,7 +459,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--steps",
         type=_at_least(1),
         default=None,
-        help="timed steps (median reported; default 3, with --fit-batch 1)",
+        help="timed steps (median reported; default 3, and 1 when fitting the batch)",
     )
     parser.add_argument(
         "--no-memory-saving",
@@ -485,7 +485,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tries",
         type=_at_least(1),
         default=12,
-        help="with --fit-batch: batch sizes measured at most (default 12)",
+        help="batch sizes measured at most when fitting the batch (default 12)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="FILE", help="draw memory against depth (matplotlib)")
