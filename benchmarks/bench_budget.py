@@ -304,9 +304,14 @@ def plot(results: dict[str, dict[str, Any]], path: Path) -> bool:
             [r["time_vs_plain"] for r in ckpt],
             [r["peak_bytes"] / MIB for r in ckpt],
             marker="s",
-            linestyle="--",
-            label="torch.utils.checkpoint every k",
+            linestyle="none",
+            label="torch.utils.checkpoint every k blocks",
         )
+        for r in ckpt:
+            ax.annotate(
+                str(r["k"]), (r["time_vs_plain"], r["peak_bytes"] / MIB), fontsize=6,
+                xytext=(3, 3), textcoords="offset points",
+            )  # fmt: skip
         ax.scatter([1.0], [result["plain_peak_bytes"] / MIB], marker="*", s=120, label="plain")
         ax.set_title(name)
         ax.set_xlabel("step time / plain autograd")
