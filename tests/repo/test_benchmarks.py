@@ -38,6 +38,7 @@ CASES = {
         "--json",
         {"profiles", "ratios"},
     ),
+    "bench_budget.py": (["--quick"], "--json", {"results", "targets", "environment"}),
     "bench_train.py": (
         ["--iterations", "4", "--repeats", "1", "--image-size", "8"],
         "--output",
@@ -255,3 +256,24 @@ def test_the_bench_env_installs_every_peer_at_the_version_bench_core_expects(ben
     for spec in peers.PEERS.values():
         assert f"{spec.distribution}=={spec.pinned}" in commands_pre, spec.distribution
     assert "pip install --no-deps" in commands_pre
+
+
+def test_budget_plans_stay_within_their_budgets_and_the_plot_is_drawn(tmp_path: Path) -> None:
+    out = tmp_path / "budget.json"
+    done = _run("bench_budget.py", ["--quick", "--only", "conv", "revnet38"], "--json", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    payload = json.loads(out.read_text())
+    assert set(payload["results"]) == {"conv", "revnet38"}
+    for name, result in payload["results"].items():
+        frontier = result["frontier"]
+        budgets = [p["budget_bytes"] for p in frontier]
+        assert budgets == sorted(budgets) and len(budgets) >= 3, name
+        assert budgets[0] == result["minimum_peak_bytes"], name
+        assert budgets[-1] == result["plain_peak_bytes"], name
+        # measured exactly, and refined until within: never above its budget
+        assert all(p["peak_bytes"] <= p["budget_bytes"] for p in frontier), name
+        assert frontier[-1]["stored"] == frontier[-1]["switches"], name  # plain: all stored
+        assert [r["k"] for r in result["checkpoint"]] == [1, 2], name
+        assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for r in result["checkpoint"])
+        assert payload["targets"][name]["peak_within_1.05_budget"] is True
+    assert out.with_suffix(".png").stat().st_size > 0

@@ -9,11 +9,18 @@ into such blocks; invertible layers (:class:`InvertibleDownsampling`,
 fully invertible nets and flows. A :class:`ReversibleSequence` trains a chain of any of
 them with memory flat in depth; the :class:`InvertibleModuleWrapper` (MemCNN's API) saves
 memory around any single invertible module; :func:`is_invertible_module` checks
-invertibility without side effects.
+invertibility without side effects. :func:`fit_memory_budget` chooses, for a memory budget,
+which blocks keep their activations and which recompute them (a :class:`MemoryPlan`).
 """
 
 from invertible_core._version import __version__
 from invertible_core.actnorm import ActNorm
+from invertible_core.budget import (
+    FrontierPoint,
+    MemoryProfile,
+    fit_memory_budget,
+    measure_minimum_peak,
+)
 from invertible_core.channel_mixing import InvertibleConv1x1, Permutation
 from invertible_core.checks import is_invertible_module
 from invertible_core.contract import (
@@ -33,7 +40,17 @@ from invertible_core.couplings import (
     create_coupling,
 )
 from invertible_core.fixed_point import round_to_grid
-from invertible_core.memory import MemoryStats, measure_memory
+from invertible_core.memory import MemoryStats, mark_phase, measure_memory, measure_memory_phases
+from invertible_core.memory_plan import (
+    Checkpointable,
+    MemoryBudgetError,
+    MemoryPlan,
+    PlanMismatchError,
+    UnitCost,
+    format_bytes,
+    is_checkpointable,
+    parse_bytes,
+)
 from invertible_core.recompute import RecomputeContext
 from invertible_core.resampling import HaarDownsampling, InvertibleDownsampling
 from invertible_core.sequence import ReversibleSequence
@@ -45,7 +62,9 @@ __all__ = [
     "AffineAdapterNaive",
     "AffineAdapterSigmoid",
     "AffineCoupling",
+    "Checkpointable",
     "Coupling",
+    "FrontierPoint",
     "FusedInvertibleBlock",
     "HaarDownsampling",
     "InvertibleBlock",
@@ -53,17 +72,29 @@ __all__ = [
     "InvertibleDownsampling",
     "InvertibleModuleWrapper",
     "LogDetBlock",
+    "MemoryBudgetError",
+    "MemoryPlan",
+    "MemoryProfile",
     "MemoryStats",
     "Partition",
     "Permutation",
+    "PlanMismatchError",
     "RecomputeContext",
     "ReversibleBlock",
     "ReversibleSequence",
     "State",
+    "UnitCost",
     "__version__",
     "create_coupling",
+    "fit_memory_budget",
+    "format_bytes",
+    "is_checkpointable",
     "is_invertible_module",
     "is_recomputing",
+    "mark_phase",
     "measure_memory",
+    "measure_memory_phases",
+    "measure_minimum_peak",
+    "parse_bytes",
     "round_to_grid",
 ]

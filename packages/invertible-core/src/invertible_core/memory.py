@@ -9,6 +9,11 @@ gives the exact number of bytes held at every instant, hence the peak.
 
 The cost: the profiler slows the measured work down (a few times on small ops), so measure
 memory and time in separate runs. :func:`measure_memory` does only memory.
+
+:func:`measure_memory_phases` also splits the call into phases at each :func:`mark_phase`
+(a backward hook can call it, so a phase may be "the backward pass of one stage") and gives
+the peak of each: the memory planner (:mod:`invertible_core.budget`) learns from it *when*
+the peak happens, not only how high it is.
 """
 
 from __future__ import annotations
@@ -22,7 +27,12 @@ from typing import Any
 
 import torch
 
-__all__ = ["MemoryStats", "measure_memory"]
+__all__ = ["MemoryStats", "mark_phase", "measure_memory", "measure_memory_phases"]
+
+#: the name of the profiler range that marks a phase boundary on the CPU
+_PHASE_MARK = "invertible_core::phase"
+#: the phase boundaries of the measurements in progress (innermost last)
+_MARKERS: list[Callable[[], None]] = []
 
 
 @dataclass(frozen=True)
@@ -74,6 +84,66 @@ def measure_memory(
     return _measure_cpu(fn)
 
 
+def measure_memory_phases(
+    fn: Callable[[], Any], device: str | torch.device = "cpu"
+) -> tuple[Any, MemoryStats, list[int]]:
+    """:func:`measure_memory`, and the peak of each phase of the call.
+
+    Phase 0 runs from the start of ``fn`` to the first :func:`mark_phase` call made while
+    ``fn`` runs (from any thread, backward hooks included), phase ``k`` from the ``k``-th
+    mark to the next. Each phase's peak counts, like ``peak_bytes``, from what was
+    allocated before ``fn``; the list has one entry more than there were marks.
+    """
+    dev = torch.device(device)
+    if dev.type not in ("cpu", "cuda"):
+        raise ValueError(
+            f"measure_memory_phases supports 'cpu' and 'cuda' devices, got {str(dev)!r}"
+        )
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+        before = torch.cuda.memory_allocated(dev)
+        peaks: list[int] = []
+
+        def mark() -> None:
+            peaks.append(torch.cuda.max_memory_allocated(dev) - before)
+            torch.cuda.reset_peak_memory_stats(dev)
+
+        _MARKERS.append(mark)
+        try:
+            result, stats = _measure_cuda(fn, dev)
+        finally:
+            _MARKERS.remove(mark)
+        torch.cuda.synchronize(dev)
+        peaks.append(torch.cuda.max_memory_allocated(dev) - before)
+        stats = MemoryStats(max(peaks), stats.retained_bytes, stats.device)
+        return result, stats, peaks
+
+    def cpu_mark() -> None:
+        with torch.profiler.record_function(_PHASE_MARK):
+            pass
+
+    _MARKERS.append(cpu_mark)
+    try:
+        result, stats, deltas = _measure_cpu_events(fn)
+    finally:
+        _MARKERS.remove(cpu_mark)
+    peaks = [0]
+    current = 0
+    for delta in deltas:
+        if delta is None:
+            peaks.append(current)
+            continue
+        current += delta
+        peaks[-1] = max(peaks[-1], current)
+    return result, stats, peaks
+
+
+def mark_phase() -> None:
+    """Start the next phase of the :func:`measure_memory_phases` in progress (if any)."""
+    if _MARKERS:
+        _MARKERS[-1]()
+
+
 def _measure_cuda(fn: Callable[[], Any], dev: torch.device) -> tuple[Any, MemoryStats]:
     torch.cuda.synchronize(dev)
     before = torch.cuda.memory_allocated(dev)
@@ -86,6 +156,13 @@ def _measure_cuda(fn: Callable[[], Any], dev: torch.device) -> tuple[Any, Memory
 
 
 def _measure_cpu(fn: Callable[[], Any]) -> tuple[Any, MemoryStats]:
+    result, stats, _ = _measure_cpu_events(fn)
+    return result, stats
+
+
+def _measure_cpu_events(fn: Callable[[], Any]) -> tuple[Any, MemoryStats, list[int | None]]:
+    """The call's result, its stats and its signed allocation sizes in time order, with
+    ``None`` where a phase mark fell."""
     from torch.profiler import ProfilerActivity, profile
 
     prof = profile(activities=[ProfilerActivity.CPU], profile_memory=True)
@@ -99,9 +176,11 @@ def _measure_cpu(fn: Callable[[], Any]) -> tuple[Any, MemoryStats]:
     deltas = _cpu_allocation_deltas(prof)
     current = peak = 0
     for delta in deltas:
+        if delta is None:
+            continue
         current += delta
         peak = max(peak, current)
-    return result, MemoryStats(peak_bytes=peak, retained_bytes=current, device="cpu")
+    return result, MemoryStats(peak_bytes=peak, retained_bytes=current, device="cpu"), deltas
 
 
 @contextmanager
@@ -122,12 +201,13 @@ def _quiet_stderr() -> Iterator[None]:
         os.close(saved)
 
 
-def _cpu_allocation_deltas(prof: Any) -> list[int]:
-    """Signed sizes of every CPU allocation (+) and free (-), in time order."""
+def _cpu_allocation_deltas(prof: Any) -> list[int | None]:
+    """Signed sizes of every CPU allocation (+) and free (-), in time order; ``None`` at
+    each phase mark (:func:`mark_phase`)."""
     try:
         from torch._C._profiler import _EventType
 
-        events: list[tuple[int, int]] = []
+        events: list[tuple[int, int | None]] = []
         stack = list(prof.profiler.kineto_results.experimental_event_tree())
         while stack:
             node = stack.pop()
@@ -135,6 +215,8 @@ def _cpu_allocation_deltas(prof: Any) -> list[int]:
                 fields = node.extra_fields
                 if fields.device.type == "cpu":
                     events.append((node.start_time_ns, int(fields.alloc_size)))
+            elif node.name == _PHASE_MARK:
+                events.append((node.start_time_ns, None))
             stack.extend(node.children)
         events.sort(key=lambda e: e[0])
         return [size for _, size in events]

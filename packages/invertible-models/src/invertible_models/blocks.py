@@ -25,12 +25,17 @@ fixed_point_bits=16)``, :mod:`invertible_core.fixed_point`), so that their inver
 bit-exact.
 :func:`run_checkpointed` is the one place where a block is recomputed with
 ``torch.utils.checkpoint``; it keeps BatchNorm running statistics from being updated twice.
+:class:`CheckpointSwitch` gives a block the per-block switch of the core's
+:class:`~invertible_core.Checkpointable` protocol (``block.checkpointed``): the stem, the
+residual blocks (a ResNet's, a RevNet's transitions) and the ViT blocks have it, so the
+memory planner (:func:`~invertible_core.fit_memory_budget`) can checkpoint some and store
+others; a model's ``memory_saving`` sets them all.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Literal
 
@@ -46,6 +51,7 @@ __all__ = [
     "BlockType",
     "Bottleneck",
     "BottleneckResidual",
+    "CheckpointSwitch",
     "Head",
     "ResidualBlock",
     "Stem",
@@ -145,7 +151,29 @@ def residual_function(block: BlockType) -> type[BasicResidual] | type[Bottleneck
     raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
 
 
-class ResidualBlock(nn.Module):
+class CheckpointSwitch(nn.Module):
+    """A block with the switch ``checkpointed`` (:class:`invertible_core.Checkpointable`).
+
+    While ``checkpointed`` is True, the model is training and grad is enabled, ``forward``
+    runs :meth:`compute` through :func:`run_checkpointed`: it keeps only the input for
+    backward and recomputes the rest there. Otherwise it is :meth:`compute` itself. Off by
+    default; the models set it through ``memory_saving``, and a memory plan per block.
+    It is a plain attribute: no parameter, buffer or ``state_dict`` key.
+    """
+
+    checkpointed: bool = False
+
+    def compute(self, x: Tensor) -> Tensor:
+        """The block's function (what ``forward`` runs, checkpointed or not)."""
+        raise NotImplementedError
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.checkpointed and self.training and torch.is_grad_enabled():
+            return run_checkpointed(self, x, self.compute)
+        return self.compute(x)
+
+
+class ResidualBlock(CheckpointSwitch):
     """``shortcut(x) + residual(x)``: an ordinary (non-reversible) pre-activation block.
 
     The shortcut is the identity when the shape is kept, otherwise a 1x1 strided
@@ -180,7 +208,7 @@ class ResidualBlock(nn.Module):
             self.shortcut = nn.Identity()
         self.out_channels = out_channels
 
-    def forward(self, x: Tensor) -> Tensor:
+    def compute(self, x: Tensor) -> Tensor:
         return self.shortcut(x) + self.residual(x)
 
 
@@ -242,11 +270,12 @@ def reversible_block(
     return AdditiveCoupling(fm, gm, fixed_point_bits=fixed_point_bits)
 
 
-class Stem(nn.Sequential):
+class Stem(CheckpointSwitch, nn.Sequential):
     """The network's entry: convolution, BatchNorm, ReLU (and a max-pool for ImageNet).
 
     ``"cifar"``: conv3x3 stride 1, for 32x32 inputs. ``"imagenet"``: conv7x7 stride 2 and
     a 3x3 stride-2 max-pool, which divide the resolution by 4 before the first stage.
+    Checkpointable (:class:`CheckpointSwitch`): a RevNet checkpoints it while saving memory.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kind: StemType = "cifar") -> None:
@@ -266,6 +295,9 @@ class Stem(nn.Sequential):
         else:
             raise ValueError(f"stem must be 'cifar' or 'imagenet', got {kind!r}")
         super().__init__(*layers)
+
+    def compute(self, x: Tensor) -> Tensor:
+        return nn.Sequential.forward(self, x)  # type: ignore[no-any-return]
 
 
 class Head(nn.Module):
@@ -320,27 +352,31 @@ def _restored_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
                 buf.copy_(value)
 
 
-def run_checkpointed(module: nn.Module, x: Tensor) -> Tensor:
-    """``module(x)`` that keeps only ``x`` for backward and recomputes the rest there.
+def run_checkpointed(
+    module: nn.Module, x: Tensor, fn: Callable[[Tensor], Tensor] | None = None
+) -> Tensor:
+    """``module(x)`` (or ``fn(x)``, a function of ``module``'s layers) that keeps only ``x``
+    for backward and recomputes the rest there.
 
     Uses ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved, so dropout
     repeats). Costs one more forward of ``module`` per backward; saves every intermediate
     activation of ``module``. BatchNorm running statistics are updated once, as without
     checkpointing. Without grad mode it is a plain call.
     """
+    call: Callable[[Tensor], Tensor] = fn if fn is not None else module
     if not torch.is_grad_enabled():
-        return module(x)
+        return call(x)
     calls = 0
 
     def run(inp: Tensor) -> Tensor:
         nonlocal calls
         calls += 1
         if calls == 1:
-            return module(inp)
+            return call(inp)
         # The recompute repeats a forward that already updated BatchNorm's running
         # statistics; without freezing them they would move twice per step.
         with _restored_batchnorm_statistics(module):
-            return module(inp)
+            return call(inp)
 
     out = checkpoint(run, x, use_reentrant=False)
     assert isinstance(out, Tensor)

@@ -192,6 +192,7 @@ class Glow(nn.Module):
     def memory_saving(self, value: bool) -> None:
         for level in self._levels():
             level.flow.memory_saving = bool(value)
+            level.flow.keep_blocks = None  # every block rebuilt (or, off, none): one meaning
 
     def _levels(self) -> list[GlowLevel]:
         return [level for level in self.levels if isinstance(level, GlowLevel)]

@@ -215,6 +215,7 @@ class IRevNet(nn.Module):
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
         self.blocks.memory_saving = bool(value)
+        self.blocks.keep_blocks = None  # every block rebuilt (or, off, none): one meaning
 
     def _check_images(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -6,6 +6,12 @@ beyond the model state (parameters, gradients, momentum), the activation memory 
 pass leaves stored for backward, and the median step time:
 
     invertible-profile resnet110 revnet110 --batch-size 32 --json profile.json
+    invertible-profile revnet164 --budget 6GiB [--fit-batch] [--device cuda]
+
+With ``--budget`` it plans each model's step for that memory budget instead
+(:mod:`invertible_models.memory_budget`): which reversible blocks keep their activations and
+which non-reversible blocks are checkpointed, the fastest step that fits; ``--fit-batch``
+also finds the largest batch whose leanest step fits.
 
 Memory is exact: on the CPU it is the sum of the PyTorch profiler's allocation events, on
 CUDA ``torch.cuda.max_memory_allocated`` (both through
@@ -22,6 +28,7 @@ losses, so every figure means the same thing wherever it is printed.
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import re
 import statistics
@@ -35,16 +42,21 @@ import torch
 from torch import nn
 
 from invertible_core.memory import measure_memory
+from invertible_core.memory_plan import parse_bytes
+from invertible_models.memory_budget import run_budget
 from invertible_models.registry import create_model, list_models
 
 __all__ = [
     "ModelProfile",
     "StepMemory",
     "TrainingStep",
+    "build_model",
     "format_table",
+    "is_density_model",
     "main",
     "measure_step_memory",
     "median_step_seconds",
+    "negative_log_likelihood",
     "plot_profiles",
     "profile_model",
     "profile_step",
@@ -98,10 +110,12 @@ class TrainingStep:
     state is reported separately (:attr:`state_bytes`).
 
     By default the batch is synthetic (``batch_size`` random ``3 x image_size x image_size``
-    images, random labels) and the loss is cross-entropy. A caller with a batch and a loss
-    of its own (a training harness, a density model trained by likelihood) passes
-    ``images``, ``labels`` and ``loss(output, labels)``; ``amp_dtype`` runs the forward
-    under ``torch.autocast``.
+    images, random labels) and the loss is cross-entropy. A density model (one with
+    ``log_prob``, such as ``glow``, whose forward is its per-sample log-likelihood) gets
+    images in ``[0, 1]`` with the model's ``in_channels`` and the mean negative
+    log-likelihood per dimension as its loss. A caller with a batch and a loss of its own
+    (a training harness) passes ``images``, ``labels`` and ``loss(output, labels)``;
+    ``amp_dtype`` runs the forward under ``torch.autocast``.
     """
 
     def __init__(
@@ -120,15 +134,26 @@ class TrainingStep:
         self.device = torch.device(device) if images is None else images.device
         self.model = model.to(self.device).train()
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
+        density = is_density_model(model)
         if images is None:
-            images = torch.randn(batch_size, 3, image_size, image_size, device=self.device)
+            channels = int(getattr(model, "in_channels", 3)) if density else 3
+            shape = (batch_size, channels, image_size, image_size)
+            images = (
+                torch.rand(shape, device=self.device)
+                if density
+                else torch.randn(shape, device=self.device)
+            )
         if labels is None:
             labels = torch.randint(0, num_classes, (images.shape[0],), device=self.device)
         self.images = images
         self.labels = labels
-        self.loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-            loss if loss is not None else nn.CrossEntropyLoss()
+        dims = images[0].numel()
+        default: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
+            (lambda log_prob, labels: negative_log_likelihood(log_prob, labels) / dims)
+            if density
+            else nn.CrossEntropyLoss()
         )
+        self.loss_fn = loss if loss is not None else default
         self.amp_dtype = amp_dtype
 
     def __call__(self) -> None:
@@ -208,6 +233,30 @@ def measure_step_memory(step: TrainingStep, warmup: int = 2) -> StepMemory:
     )
 
 
+def is_density_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a density model (it has ``log_prob``; its forward is that)."""
+    return callable(getattr(model, "log_prob", None))
+
+
+def negative_log_likelihood(log_prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """The loss of a density model's step: the batch's mean negative log-likelihood (nats);
+    ``labels`` are ignored."""
+    del labels
+    return -log_prob.mean()
+
+
+def build_model(
+    name: str, *, image_size: int = 32, num_classes: int = 10, **options: Any
+) -> nn.Module:
+    """``create_model(name, ...)`` for ``image_size`` images: a model whose class takes an
+    ``image_size`` (the transformers, Glow) is built for that size."""
+    model = create_model(name, num_classes=num_classes, **options)
+    parameter = inspect.signature(type(model).__init__).parameters.get("image_size")
+    if parameter is not None and "image_size" not in options and parameter.default != image_size:
+        model = create_model(name, num_classes=num_classes, image_size=image_size, **options)
+    return model
+
+
 def _synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
@@ -257,7 +306,7 @@ def profile_model(
         raise ValueError(f"steps must be at least 0, got {steps}")
     torch.manual_seed(seed)
     step = TrainingStep(
-        create_model(name, num_classes=num_classes, **options),
+        build_model(name, image_size=image_size, num_classes=num_classes, **options),
         batch_size=batch_size,
         image_size=image_size,
         num_classes=num_classes,
@@ -383,6 +432,14 @@ def _at_least(minimum: int) -> Callable[[str], int]:
     return parse
 
 
+def _size(text: str) -> int:
+    """An argparse type: a memory size such as ``6GiB`` (else a usage error, exit 2)."""
+    try:
+        return parse_bytes(text, "--budget")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The command line of ``invertible-profile``."""
     parser = argparse.ArgumentParser(
@@ -399,13 +456,36 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--num-classes", type=_at_least(1), default=10, help="classes")
     parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
     parser.add_argument(
-        "--steps", type=_at_least(1), default=3, help="timed steps (median reported)"
+        "--steps",
+        type=_at_least(1),
+        default=None,
+        help="timed steps (median reported; default 3, and 1 when fitting the batch)",
     )
     parser.add_argument(
         "--no-memory-saving",
         action="store_true",
         help="build the models with memory saving off (plain autograd: no reversible "
         "recompute, no checkpointing)",
+    )
+    parser.add_argument(
+        "--budget",
+        type=_size,
+        metavar="SIZE",
+        help="plan each model's training step for this memory budget (e.g. 6GiB, 512MiB, "
+        "1.5GB: parameters, gradients, momentum, batch and activations): print the plan, its "
+        "measured peak and step time",
+    )
+    parser.add_argument(
+        "--fit-batch",
+        action="store_true",
+        help="with --budget: find the largest batch size whose leanest step (everything "
+        "rebuilt or checkpointed) fits, starting from --batch-size, and plan it",
+    )
+    parser.add_argument(
+        "--max-tries",
+        type=_at_least(1),
+        default=12,
+        help="batch sizes measured at most when fitting the batch (default 12)",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="FILE", help="draw memory against depth (matplotlib)")
@@ -440,6 +520,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.device == "cuda" and not torch.cuda.is_available():
         print("invertible-profile: --device cuda, but CUDA is not available", file=sys.stderr)
         return 2
+    if args.fit_batch and args.budget is None:
+        parser.error("--fit-batch needs --budget SIZE (the memory the batch must fit)")
+    if args.budget is not None:
+        if args.plot:
+            parser.error("--plot draws profiles; it does not combine with --budget")
+        return run_budget(args, args.models, build_model, TrainingStep)
     profiles = [
         profile_model(
             name,
@@ -447,7 +533,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             image_size=args.image_size,
             num_classes=args.num_classes,
             device=args.device,
-            steps=args.steps,
+            steps=args.steps if args.steps is not None else 3,
             memory_saving=not args.no_memory_saving,
         )
         for name in args.models

@@ -10,26 +10,28 @@ A ResNet must keep every block's activations for backward, so its training memor
 linearly with depth. ``memory_saving=True`` (the zoo's one switch, as on every model)
 trades time for memory the usual way: ``torch.utils.checkpoint`` per residual block, one
 extra forward per block, and each block's input is still kept. It is the comparison the
-RevNets must beat. ``checkpoint_blocks``, its former name, is a deprecated alias.
+RevNets must beat. It sets every residual block's own switch (``block.checkpointed``),
+which a memory plan (:func:`invertible_core.fit_memory_budget`) may then set block by
+block. ``checkpoint_blocks``, its former name, is a deprecated alias.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
 from invertible_models.blocks import (
     BlockType,
+    CheckpointSwitch,
     Head,
     ResidualBlock,
     Stem,
     StemType,
     init_weights,
     residual_function,
-    run_checkpointed,
 )
 from invertible_models.registry import register_model
 
@@ -98,7 +100,6 @@ class ResNet(nn.Module):
         if checkpoint_blocks is not None:
             _warn_checkpoint_blocks()
             memory_saving = checkpoint_blocks
-        self.memory_saving = memory_saving
         self.stem = Stem(in_channels, channels[0], stem)
         width = channels[0]
         stages: list[nn.Module] = []
@@ -118,16 +119,21 @@ class ResNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.num_features = width
         self.head = Head(width, num_classes)
+        self.memory_saving = memory_saving
         init_weights(self)
 
     @property
     def memory_saving(self) -> bool:
-        """Whether training recomputes every residual block in backward instead of storing it."""
+        """Whether training recomputes every residual block in backward instead of storing
+        it (the value last set; a memory plan may have changed single blocks since)."""
         return self._memory_saving
 
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
         self._memory_saving = bool(value)
+        for stage in self.stages:
+            for res_block in stage.children():
+                cast(CheckpointSwitch, res_block).checkpointed = self._memory_saving
 
     @property
     def checkpoint_blocks(self) -> bool:
@@ -143,10 +149,8 @@ class ResNet(nn.Module):
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's feature map, before the head's BN + ReLU and pooling."""
         out = self.stem(x)
-        checkpointed = self._memory_saving and self.training
         for stage in self.stages:
-            for res_block in stage.children():
-                out = run_checkpointed(res_block, out) if checkpointed else res_block(out)
+            out = stage(out)
         return out
 
     def forward(self, x: Tensor) -> Tensor:

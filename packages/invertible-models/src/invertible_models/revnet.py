@@ -17,7 +17,11 @@ plus one block's recompute. Why that default: the transitions are 3 (or 4) block
 dozens, so recomputing them costs a few percent of step time, while they hold most of the
 memory that is left; a user who asked for a memory-saving network wants that memory back.
 It only applies while ``memory_saving`` is on, so ``memory_saving=False`` is plain autograd
-throughout.
+throughout. Each of these blocks has its own switch (``model.stem.checkpointed``,
+``stage.transition.checkpointed``) and each reversible block its own keep-or-rebuild choice
+(``stage.blocks.keep_blocks``): ``memory_saving`` sets them all (everything recomputed, or
+nothing), and a memory plan (:func:`invertible_core.fit_memory_budget`) sets them one by one,
+to store what fits a budget.
 
 Float32 drift: rebuilding inputs from outputs repeats additions and subtractions, so each
 block adds rounding error that the next reconstruction carries along. ``anchor_every=k``
@@ -45,7 +49,6 @@ from invertible_models.blocks import (
     init_weights,
     residual_function,
     reversible_block,
-    run_checkpointed,
 )
 from invertible_models.registry import register_model
 from invertible_models.resnet import check_config, default_strides
@@ -107,14 +110,21 @@ class RevNetStage(nn.Module):
             )
         self.out_channels = out_channels
         self.fixed_point_bits = fixed_point_bits
-        self.checkpoint_transition = False
+
+    @property
+    def checkpoint_transition(self) -> bool:
+        """Whether the transition block is checkpointed (its own ``checkpointed`` switch;
+        False for a stage without one)."""
+        return self.transition is not None and self.transition.checkpointed
+
+    @checkpoint_transition.setter
+    def checkpoint_transition(self, value: bool) -> None:
+        if self.transition is not None:
+            self.transition.checkpointed = bool(value)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.transition is not None:
-            if self.checkpoint_transition and self.training:
-                x = run_checkpointed(self.transition, x)
-            else:
-                x = self.transition(x)
+            x = self.transition(x)
         if self.blocks is not None:
             # a float32 residual stream (under autocast too), which the chain puts on the
             # couplings' grid: every sum in it is exact
@@ -191,32 +201,43 @@ class RevNet(nn.Module):
         self.stages = nn.ModuleList(stages)
         self.num_features = width
         self.head = Head(width, num_classes)
-        self.checkpoint_transitions = checkpoint_transitions
-        self._memory_saving = memory_saving
+        self._checkpoint_transitions = bool(checkpoint_transitions)
         self.memory_saving = memory_saving
         init_weights(self)
 
     @property
     def memory_saving(self) -> bool:
-        """Whether the reversible stages (and, if enabled, the transitions) save memory."""
+        """Whether the reversible stages (and, if enabled, the transitions) save memory (the
+        value last set; a memory plan may have changed single blocks since)."""
         return self._memory_saving
 
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
         self._memory_saving = bool(value)
+        checkpointed = self._memory_saving and self._checkpoint_transitions
+        self.stem.checkpointed = checkpointed
         for stage in self.stages:
             assert isinstance(stage, RevNetStage)
             if stage.blocks is not None:
                 stage.blocks.memory_saving = self._memory_saving
-            stage.checkpoint_transition = self._memory_saving and self.checkpoint_transitions
+                stage.blocks.keep_blocks = None
+            stage.checkpoint_transition = checkpointed
+
+    @property
+    def checkpoint_transitions(self) -> bool:
+        """Whether saving memory also checkpoints the stem and the transitions; setting it
+        applies at once (while ``memory_saving`` is on)."""
+        return self._checkpoint_transitions
+
+    @checkpoint_transitions.setter
+    def checkpoint_transitions(self, value: bool) -> None:
+        self._checkpoint_transitions = bool(value)
+        self.memory_saving = self._memory_saving
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's feature map, before the head's BN + ReLU and pooling."""
-        # like the reversible stages, recompute only while training (eval keeps nothing)
-        if self._memory_saving and self.checkpoint_transitions and self.training:
-            out = run_checkpointed(self.stem, x)
-        else:
-            out = self.stem(x)
+        # the stem and transitions recompute only while training (eval keeps nothing)
+        out = self.stem(x)
         for stage in self.stages:
             out = stage(out)
         return out

@@ -105,6 +105,7 @@ class ReversibleVisionTransformer(nn.Module):
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
         self.blocks.memory_saving = bool(value)
+        self.blocks.keep_blocks = None  # every block rebuilt (or, off, none): one meaning
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The two streams averaged: tokens ``(batch, tokens, embed_dim)``, before the head."""

@@ -33,6 +33,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from invertible_core import AdditiveCoupling
+from invertible_models.blocks import CheckpointSwitch
 
 __all__ = [
     "Attention",
@@ -189,8 +190,11 @@ def _branches(
     )
 
 
-class TransformerBlock(nn.Module):
+class TransformerBlock(CheckpointSwitch):
     """A pre-norm ViT block: ``x = x + attn(x)``, then ``x = x + mlp(x)``.
+
+    Checkpointable (:class:`~invertible_models.blocks.CheckpointSwitch`): a ViT with
+    ``memory_saving`` checkpoints every block.
 
     Args:
         dim: token width.
@@ -217,7 +221,7 @@ class TransformerBlock(nn.Module):
             dim, num_heads, mlp_ratio, qkv_bias, drop, attn_drop, drop_path
         )
 
-    def forward(self, x: Tensor) -> Tensor:
+    def compute(self, x: Tensor) -> Tensor:
         x = x + self.attn(x)
         return x + self.mlp(x)
 

@@ -9,17 +9,19 @@ A ViT must keep every block's activations for backward (the attention weights an
 hidden layer are the largest), so its training memory grows linearly with depth.
 ``memory_saving=True`` (the zoo's one switch, as on every model) recomputes each block in
 backward with ``torch.utils.checkpoint``: each block's input is still kept, the rest is
-rebuilt at the cost of one more forward per block. The RevViT twin
-(:mod:`invertible_models.revvit`) keeps no block input at all.
+rebuilt at the cost of one more forward per block. It sets every block's own switch
+(``block.checkpointed``), which a memory plan (:func:`invertible_core.fit_memory_budget`)
+may then set block by block. The RevViT twin (:mod:`invertible_models.revvit`) keeps no
+block input at all.
 """
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 from torch import Tensor, nn
 
-from invertible_models.blocks import run_checkpointed
+from invertible_models.blocks import CheckpointSwitch
 from invertible_models.registry import register_model
 from invertible_models.transformer import (
     PatchEmbedding,
@@ -93,13 +95,14 @@ class VisionTransformer(nn.Module):
     @memory_saving.setter
     def memory_saving(self, value: bool) -> None:
         self._memory_saving = bool(value)
+        for block in self.blocks:
+            cast(CheckpointSwitch, block).checkpointed = self._memory_saving
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last block's tokens ``(batch, tokens, embed_dim)``, before the head."""
         tokens = self.embed(x)
-        checkpointed = self._memory_saving and self.training
         for block in self.blocks:
-            tokens = run_checkpointed(block, tokens) if checkpointed else block(tokens)
+            tokens = block(tokens)
         return tokens
 
     def forward(self, x: Tensor) -> Tensor:

@@ -129,6 +129,14 @@ def build_parser() -> argparse.ArgumentParser:
         "a resumed run may switch it either way",
     )
     parser.add_argument(
+        "--memory-budget",
+        metavar="SIZE",
+        help="before training, plan which blocks store their activations and which recompute "
+        "them for the fastest step whose peak memory fits SIZE per process, e.g. 6GiB or "
+        "512MiB (train.memory_budget; recorded in summary.json; a resumed run reuses the "
+        "checkpoint's plan for the same budget, else plans again)",
+    )
+    parser.add_argument(
         "--amp",
         choices=AMP_MODES,
         help="mixed precision: off, bf16 (GPU or CPU), fp16 (with a gradient scaler)",
@@ -198,6 +206,8 @@ def _named_options(args: argparse.Namespace) -> dict[str, Any]:
         values["model.memory_saving"] = False
     if args.sync_bn:
         values["train.sync_bn"] = True
+    if args.memory_budget is not None:
+        values["train.memory_budget"] = args.memory_budget
     return values
 
 

@@ -30,6 +30,8 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
+from invertible_core.memory_plan import parse_bytes
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on Python 3.10 only
@@ -153,6 +155,9 @@ class TrainConfig:
     threads: int = 0
     #: under torchrun, BatchNorm layers normalise with the statistics of the global batch.
     sync_bn: bool = False
+    #: plan what to store and what to recompute for this peak memory per process ("6GiB",
+    #: "512MiB"; "" plans nothing): see ``invertible_train.budget``.
+    memory_budget: str = ""
 
 
 @dataclass
@@ -415,6 +420,11 @@ def _check_values(cfg: ExperimentConfig) -> None:
             raise ConfigError(f"{key} must be a number >= 0; got {amount}")
     if not 0 <= cfg.optimizer.momentum < 1:
         raise ConfigError(f"optimizer.momentum must be in [0, 1); got {cfg.optimizer.momentum}")
+    if cfg.train.memory_budget:
+        try:
+            parse_bytes(cfg.train.memory_budget, "train.memory_budget")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
     if cfg.train.iterations == 0 and cfg.train.epochs == 0:
         raise ConfigError("set train.iterations or train.epochs (--iterations / --epochs)")
     _check_schedule(cfg.scheduler)

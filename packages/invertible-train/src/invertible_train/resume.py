@@ -53,8 +53,10 @@ RESUMABLE_CHANGES = frozenset(
         "train.tensorboard",
         "train.measure_memory",
         "train.threads",
-        # checkpoints hold the same parameters and state with saving on or off
+        # checkpoints hold the same parameters and state with saving on or off, and a
+        # memory plan changes what is stored, not what is computed
         "model.memory_saving",
+        "train.memory_budget",
     }
 )
 

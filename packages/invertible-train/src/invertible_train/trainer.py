@@ -35,6 +35,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from invertible_core import MemoryPlan
+from invertible_train.budget import apply_plan, plan_memory, planning_batch, reusable_plan
 from invertible_train.checkpoint import (
     CheckpointError,
     CheckpointStore,
@@ -210,6 +212,15 @@ class Trainer:
         )
         self._stop = StopSignals()
         self._resumed_from: Path | None = None
+        #: the memory plan applied to the model (``train.memory_budget``), once planned.
+        self.memory_plan: MemoryPlan | None = None
+        self._saved_plan: dict[str, Any] | None = None
+        if cfg.train.memory_budget and cfg.train.sync_bn and world_size > 1:
+            raise ConfigError(
+                "train.memory_budget cannot plan a model with train.sync_bn under torchrun: "
+                "SyncBatchNorm's forward is a collective, which one process cannot measure "
+                "alone; drop --sync-bn or --memory-budget"
+            )
         self.distribution.track(self)
 
     def close(self) -> None:
@@ -247,6 +258,7 @@ class Trainer:
             "num_classes": self.data.num_classes,
             "normalization": {"mean": list(self.data.mean), "std": list(self.data.std)},
             "best_test_metric": self.best,
+            "memory_plan": None if self.memory_plan is None else self.memory_plan.to_dict(),
         }
 
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
@@ -265,6 +277,8 @@ class Trainer:
             best = state.get("best_test_metric")
             self.best = None if best is None else float(best)
             restore_rng_state(state["rng"], self.device)
+            saved_plan = state.get("memory_plan")
+            self._saved_plan = saved_plan if isinstance(saved_plan, dict) else None
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(
                 f"checkpoint {source} does not fit this experiment ({type(exc).__name__}: "
@@ -352,10 +366,60 @@ class Trainer:
         resumed = self.resume()
         self.log.open(config_to_dict(self.cfg), self.iteration if resumed else None)
         try:
+            self.plan_memory()
             with self._stop.installed():
                 return self._fit(resumed)
         finally:
             self.log.close()
+
+    def plan_memory(self) -> MemoryPlan | None:
+        """Plan and apply what the model stores for ``train.memory_budget`` (see
+        :mod:`invertible_train.budget`): the checkpoint's plan when it was made for the same
+        budget, batch shape and device kind, else a new one (made by the main process).
+        Logs a ``memory_plan`` record; returns the plan (``None`` without a budget)."""
+        budget = self.cfg.train.memory_budget
+        if not budget:
+            return None
+        module = self.task.forward_module(self.model)
+        images, labels = planning_batch(
+            self.data.train, self.local_batch_size, self.task.test_view, self.device
+        )
+        shape = list(images.shape)
+        plan = reusable_plan(self._saved_plan, budget, shape, self.device)
+        reused = plan is not None and apply_plan(plan, module)
+        if not reused:
+
+            def make() -> dict[str, Any]:
+                return plan_memory(
+                    module,
+                    images,
+                    labels,
+                    self.task.loss,
+                    self.optimizer,
+                    budget,
+                    self.amp_dtype,
+                ).to_dict()
+
+            plan = MemoryPlan.from_dict(self.distribution.run_on_main(make))
+            plan.apply(module)
+        assert plan is not None
+        self.memory_plan = plan
+        stored = sum(1 for unit in plan.units if unit.stores)
+        self.log.log(
+            {
+                "kind": "memory_plan",
+                "iteration": self.iteration,
+                "reused": reused,
+                "budget_bytes": plan.budget_bytes,
+                "predicted_peak_bytes": plan.predicted_peak_bytes,
+                "measured_peak_bytes": plan.measured_peak_bytes,
+                "minimum_peak_bytes": plan.minimum_peak_bytes,
+                "plain_peak_bytes": plan.plain_peak_bytes,
+                "stored_switches": stored,
+                "switches": len(plan.units),
+            }
+        )
+        return plan
 
     def _check(self, bad: torch.Tensor, since: int) -> bool:
         """Stop every process on a non-finite loss seen by any; True when any was signalled.
@@ -520,6 +584,7 @@ class Trainer:
         saving = (
             {"memory_saving": self.cfg.model.memory_saving} if has_memory_saving(self.model) else {}
         )
+        plan = {} if self.memory_plan is None else {"memory_plan": self.memory_plan.to_dict()}
         summary: dict[str, Any] = {
             "experiment": self.cfg.run_name(),
             "model": self.cfg.model.name,
@@ -532,6 +597,7 @@ class Trainer:
             f"best_{self.task.metric}": self.best,
             "parameters": sum(p.numel() for p in self.model.parameters()),
             **memory,
+            **plan,
             "images_per_second": clock.images_per_second,
             "train_seconds": clock.total_seconds,
             "wall_seconds": time.perf_counter() - clock.started,
