@@ -69,9 +69,10 @@ CONFIG: dict[str, dict[str, Any]] = {
 }
 
 #: share of the stage's time box the profiler's own --fit-batch may use, per model. The
-#: profiler also plans the batch it finds (a few more steps); on the CPU of a dry run that
-#: takes about as long as the suite's own search, hence the larger share there.
-PROFILER_SHARE = {"gpu": 0.2, "dry": 0.35}
+#: profiler (the product's answer, which the issue asks for) starts CUDA itself and plans
+#: the batch it finds (a few more steps), so it gets most of the box on the GPU; the
+#: suite's own search is the cross-check. On the CPU of a dry run both are quick.
+PROFILER_SHARE = {"gpu": 0.6, "dry": 0.35}
 
 
 class BatchProbe:
@@ -296,6 +297,7 @@ def profiler_fit_batch(
             "--image-size", str(config["image_size"]),
             "--budget", config["budget_text"],
             "--fit-batch",
+            "--max-tries", str(config["max_tries"] + 2),
             "--json", str(output),
         ]  # fmt: skip
         started = time.monotonic()

@@ -65,10 +65,10 @@ class Stage:
 STAGES = (
     # the first process on a fresh machine reads torch and the CUDA libraries from a cold disk
     Stage("environment", "env_facts.py", 40, 90),
-    Stage("tests", "stage_tests.py", 85, 240),
-    Stage("memory", "stage_memory.py", 125, 240),
-    Stage("throughput", "stage_throughput.py", 105, 180),
-    Stage("fit_batch", "stage_fit_batch.py", 70, 180),
+    Stage("tests", "stage_tests.py", 80, 240),
+    Stage("memory", "stage_memory.py", 110, 240),
+    Stage("throughput", "stage_throughput.py", 95, 180),
+    Stage("fit_batch", "stage_fit_batch.py", 100, 180),
     Stage("overlap", "stage_overlap.py", 40, 120),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
