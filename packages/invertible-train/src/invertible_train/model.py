@@ -15,13 +15,22 @@ from __future__ import annotations
 
 import inspect
 import re
+from collections.abc import Callable
 
-from torch import nn
+import torch
+from torch import Tensor, nn
 
+from invertible_core import ActNorm
 from invertible_models import create_model, list_models
 from invertible_train.config import ConfigError, ModelConfig
 
-__all__ = ["build_model", "check_model_config", "has_memory_saving", "model_options"]
+__all__ = [
+    "build_model",
+    "check_model_config",
+    "has_memory_saving",
+    "initialise_data_dependent_layers",
+    "model_options",
+]
 
 #: set by the harness itself, not through ``model.options``.
 _HARNESS_KEYS = frozenset({"num_classes", "memory_saving"})
@@ -88,3 +97,25 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.
 def has_memory_saving(model: nn.Module) -> bool:
     """Whether ``model`` has a ``memory_saving`` switch (what ``model.memory_saving`` sets)."""
     return hasattr(model, "memory_saving")
+
+
+def initialise_data_dependent_layers(
+    model: nn.Module, first_batch: Callable[[], Tensor], forward: nn.Module
+) -> bool:
+    """Initialise data-dependent layers (``ActNorm``) from one batch, before DDP wraps ``model``.
+
+    An ``ActNorm`` sets its scale and bias from the first batch it sees. Under
+    ``DistributedDataParallel`` each process would see its own first batch and keep its own
+    parameters (DDP broadcasts parameters once, when it wraps the model), and the ranks would
+    train different models. So, when the model has such layers still uninitialised, every
+    process runs ``forward`` once, without grad, on the same ``first_batch()`` (the first
+    training images, identical on every rank) before wrapping: all ranks initialise alike.
+    The caller's random streams are left as they were. Returns whether it ran.
+    """
+    if not any(isinstance(m, ActNorm) and not m.is_initialized() for m in model.modules()):
+        return False
+    was_training = model.training
+    with torch.random.fork_rng(devices=[]), torch.no_grad():
+        forward.train()(first_batch())
+    model.train(was_training)
+    return True

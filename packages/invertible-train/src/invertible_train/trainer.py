@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from invertible_core import MemoryPlan
 from invertible_train.budget import apply_plan, plan_memory, planning_batch, reusable_plan
@@ -53,7 +53,7 @@ from invertible_train.data import (
 )
 from invertible_train.evaluation import Evaluator
 from invertible_train.interrupts import Interrupted, StopSignals
-from invertible_train.model import build_model, has_memory_saving
+from invertible_train.model import build_model, has_memory_saving, initialise_data_dependent_layers
 from invertible_train.optim import build_optimizer, build_scheduler, check_optim_config
 from invertible_train.results import RunLog, Throughput, package_versions
 from invertible_train.resume import find_resume_point
@@ -150,6 +150,10 @@ class Trainer:
         )
         image_shape = tuple(self.data.train[0][0].shape)
         self.task = task(model, self.transform, image_shape)
+        if self.distribution.world_size > 1:
+            initialise_data_dependent_layers(
+                model, self._first_images, self.task.forward_module(model)
+            )
         #: what the loop calls: the DDP wrapper under torchrun, else the task's module.
         self.wrapped_model: nn.Module = self.distribution.wrap(self.task.forward_module(model))
         self.closed = False
@@ -335,6 +339,12 @@ class Trainer:
             yield from self.loader
             if self.position < self.batches_per_epoch:  # pragma: no cover - defensive
                 self.position = self.batches_per_epoch
+
+    def _first_images(self) -> Tensor:
+        """The model's view of the first training images: the same on every rank."""
+        n = min(self.local_batch_size, len(self.data.train))  # type: ignore[arg-type]
+        images = torch.stack([self.data.train[i][0] for i in range(n)]).to(self.device)
+        return self.task.test_view(images, list(range(n)))
 
     def train_step(
         self, images: torch.Tensor, labels: torch.Tensor
