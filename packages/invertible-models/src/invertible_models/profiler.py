@@ -133,8 +133,12 @@ class TrainingStep:
     ) -> None:
         self.device = torch.device(device) if images is None else images.device
         self.model = model.to(self.device).train()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
         density = is_density_model(model)
+        # the step's cost does not depend on the learning rate, but a flow stepped at 0.01
+        # on one batch diverges within a few steps (Glow: NaN after 3), and NaN arithmetic
+        # is not what training costs; 1e-3 stays finite
+        lr = 1e-3 if density else 0.01
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
         if images is None:
             channels = int(getattr(model, "in_channels", 3)) if density else 3
             shape = (batch_size, channels, image_size, image_size)
