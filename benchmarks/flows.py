@@ -46,8 +46,8 @@ class LikelihoodStep(TrainingStep):
 
     def __init__(self, model: nn.Module, images: Tensor, device: str = "cpu") -> None:
         super().__init__(model, batch_size=1, image_size=1, num_classes=1, device=device)
-        # at the classifiers' 0.01 both Glows (ours and FrEIA's) reach NaN within 3 steps on
-        # one batch, and a NaN step is not a training step's cost; at 1e-3 they stay finite
+        # at the classifiers' 0.01 both Glows (ours and FrEIA's) reach NaN within a few steps
+        # on one batch, and a NaN step is not a training step's cost; at 1e-3 they stay finite
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
         self.images = images.to(self.device)
 
