@@ -135,7 +135,7 @@ class TrainingStep:
         self.model = model.to(self.device).train()
         density = is_density_model(model)
         # the step's cost does not depend on the learning rate, but a flow stepped at 0.01
-        # on one batch diverges within a few steps (Glow: NaN after 3), and NaN arithmetic
+        # on one batch diverges within a few steps (Glow to NaN, K=32), and NaN arithmetic
         # is not what training costs; 1e-3 stays finite
         lr = 1e-3 if density else 0.01
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
