@@ -40,6 +40,7 @@ from invertible_train.sync_batchnorm import SyncBatchNorm, convert_sync_batchnor
 from invertible_train.trainer import Trainer
 
 from .conftest import FAST
+from .processes import wait_for_checkpoint
 
 WORLD_SIZE = 2
 #: Bound on ``max|ddp - single| / max|single|`` per tensor. The two runs sum BatchNorm
@@ -502,11 +503,7 @@ def start_job_and_wait_for_a_checkpoint(results: Path) -> tuple[subprocess.Popen
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
     try:
-        deadline = time.monotonic() + TIMEOUT
-        while not last.exists():
-            assert agent.poll() is None, "the job ended before writing a checkpoint"
-            assert time.monotonic() < deadline, f"no checkpoint within {TIMEOUT} s"
-            time.sleep(0.005)
+        wait_for_checkpoint(agent, last, TIMEOUT)
         time.sleep(0.05)  # somewhere after the first checkpoint, possibly mid-write
         workers = worker_pids(agent.pid)
     except BaseException:

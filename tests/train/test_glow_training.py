@@ -10,7 +10,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -20,6 +19,7 @@ import torch
 from invertible_train.checkpoint import load_checkpoint
 
 from .datasets import trust_written_cifar, write_cifar10
+from .processes import wait_for_checkpoint
 
 Run = Callable[..., int]
 LAUNCH = Path(__file__).with_name("launch.py")
@@ -133,11 +133,7 @@ def test_a_killed_glow_run_resumes_to_the_weights_of_an_uninterrupted_one(tmp_pa
         command(tmp_path / "killed"), env=ENVIRONMENT, stdout=subprocess.PIPE,
         stderr=subprocess.PIPE, text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not last.exists():
-        assert victim.poll() is None, "the run ended before writing a checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.005)
+    wait_for_checkpoint(victim, last)
     victim.send_signal(signal.SIGKILL)
     victim.communicate()
     stopped_at = load_checkpoint(last)["iteration"]

@@ -20,6 +20,7 @@ from invertible_train.interrupts import Interrupted
 from invertible_train.trainer import Trainer
 
 from .conftest import FAST
+from .processes import wait_for_checkpoint
 
 LAUNCH = Path(__file__).with_name("launch.py")
 ITERATIONS = 400
@@ -56,11 +57,7 @@ def start_and_wait_for_a_checkpoint(results: Path) -> subprocess.Popen:
         command(results), env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         text=True,
     )  # fmt: skip
-    deadline = time.monotonic() + 120
-    while not last.exists():
-        assert victim.poll() is None, "the run ended before writing a checkpoint"
-        assert time.monotonic() < deadline, "no checkpoint within 120 s"
-        time.sleep(0.005)
+    wait_for_checkpoint(victim, last)
     time.sleep(0.05)  # land somewhere after the first checkpoint, possibly mid-write
     return victim
 
