@@ -1,9 +1,9 @@
 """invertible-core: memory-efficient invertible (reversible) layers for PyTorch.
 
 Every block honours one small contract (:class:`InvertibleBlock`: ``forward`` and
-``inverse``, with side inputs; :class:`LogDetBlock` adds log-determinants;
-:class:`FusedInvertibleBlock` a one-recompute backward step). Couplings turn any functions
-into such blocks; invertible layers (:class:`InvertibleDownsampling`,
+``inverse``, with side inputs; :class:`LogDetBlock` adds log-determinants); a block whose
+inverse calls the functions its forward calls shares them (:func:`shared_call`) and is
+recomputed once. Couplings turn any functions into such blocks; invertible layers (:class:`InvertibleDownsampling`,
 :class:`HaarDownsampling`, :class:`InvertibleConv1x1`, :class:`ActNorm`,
 :class:`Permutation`) change shape or mix channels and report their log-determinants, for
 fully invertible nets and flows. A :class:`ReversibleSequence` trains a chain of any of
@@ -23,20 +23,15 @@ from invertible_core.budget import (
 )
 from invertible_core.channel_mixing import InvertibleConv1x1, Permutation
 from invertible_core.checks import is_invertible_module
-from invertible_core.contract import (
-    FusedInvertibleBlock,
-    InvertibleBlock,
-    LogDetBlock,
-    Partition,
-    State,
-    is_recomputing,
-)
+from invertible_core.contract import InvertibleBlock, LogDetBlock
 from invertible_core.couplings import (
     AdditiveCoupling,
     AffineAdapterNaive,
     AffineAdapterSigmoid,
     AffineCoupling,
     Coupling,
+    Partition,
+    UnknownCouplingError,
     create_coupling,
 )
 from invertible_core.fixed_point import round_to_grid
@@ -51,7 +46,13 @@ from invertible_core.memory_plan import (
     is_checkpointable,
     parse_bytes,
 )
-from invertible_core.recompute import RecomputeContext
+from invertible_core.recompute import (
+    is_recomputing,
+    report_logdet,
+    shared_call,
+    wants_logdet,
+    with_logdet,
+)
 from invertible_core.resampling import HaarDownsampling, InvertibleDownsampling
 from invertible_core.sequence import ReversibleSequence
 from invertible_core.wrapper import InvertibleModuleWrapper, ReversibleBlock
@@ -65,7 +66,6 @@ __all__ = [
     "Checkpointable",
     "Coupling",
     "FrontierPoint",
-    "FusedInvertibleBlock",
     "HaarDownsampling",
     "InvertibleBlock",
     "InvertibleConv1x1",
@@ -79,11 +79,10 @@ __all__ = [
     "Partition",
     "Permutation",
     "PlanMismatchError",
-    "RecomputeContext",
     "ReversibleBlock",
     "ReversibleSequence",
-    "State",
     "UnitCost",
+    "UnknownCouplingError",
     "__version__",
     "create_coupling",
     "fit_memory_budget",
@@ -96,5 +95,9 @@ __all__ = [
     "measure_memory_phases",
     "measure_minimum_peak",
     "parse_bytes",
+    "report_logdet",
     "round_to_grid",
+    "shared_call",
+    "wants_logdet",
+    "with_logdet",
 ]

@@ -24,7 +24,7 @@ from invertible_core.contract import is_recomputing
 from invertible_core.memory import mark_phase, measure_memory, measure_memory_phases
 from invertible_core.memory_plan import Checkpointable, plannable_units
 from invertible_core.sequence import ReversibleSequence
-from invertible_core.steps import is_fused
+from invertible_core.couplings import Coupling
 
 LossFn = Callable[[Any], Tensor]
 
@@ -500,7 +500,7 @@ def unit_costs(
                         return run(state, *call.args[1:], **call.kwargs)
 
                 out, saved = saved_bytes(forward, held | side)
-                factor = 1.0 if is_fused(seq[i]) else 2.0  # an inverse, then a forward
+                factor = 1.0 if isinstance(seq[i], Coupling) else 2.0  # an inverse, then a forward
                 account(call.owner, i, seq[i], (segment, pos), saved, state, forward, factor)
                 state = (out[0] if logdet else out).detach()
                 del out

@@ -21,8 +21,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["GridRange", "exact_limit", "round_term_to_grid", "round_to_grid"]
+__all__ = [
+    "GridRange",
+    "exact_limit",
+    "grid_of",
+    "mark_on_grid",
+    "round_term_to_grid",
+    "round_to_grid",
+]
 
 _MANTISSA_BITS = {torch.float32: 24, torch.float64: 53}
 
@@ -40,6 +48,25 @@ class _RoundToGrid(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
+
+
+#: Tensors known to lie on a grid (their bits): a fixed-point coupling that receives one need
+#: not round it again. Keyed by identity, so an alias (a view, a hook's copy) is rounded once
+#: more, which changes nothing but time.
+_ON_GRID: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def mark_on_grid(t: Tensor, bits: int | None) -> Tensor:
+    """Note that ``t`` lies on the grid of ``bits`` fractional bits; returns ``t``."""
+    if bits is not None:
+        _ON_GRID[t] = bits
+    return t
+
+
+def grid_of(t: Tensor) -> int | None:
+    """The bits of the grid ``t`` is known to lie on (``None``: not known)."""
+    bits = _ON_GRID.get(t)
+    return None if bits is None else int(bits)
 
 
 def round_to_grid(x: Tensor, bits: int | None) -> Tensor:
