@@ -47,6 +47,7 @@ from invertible_core.memory_plan import (
     parse_bytes,
 )
 from invertible_core.recompute import (
+    call_with_logdet,
     is_recomputing,
     report_logdet,
     shared_call,
@@ -84,6 +85,7 @@ __all__ = [
     "UnitCost",
     "UnknownCouplingError",
     "__version__",
+    "call_with_logdet",
     "create_coupling",
     "fit_memory_budget",
     "format_bytes",

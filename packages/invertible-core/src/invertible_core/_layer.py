@@ -41,6 +41,9 @@ class InvertibleLayer(nn.Module, ABC):
     map's ``log|det dy/dx|`` per sample, shape ``(batch,)``, at an input shaped like ``x``).
     """
 
+    #: :meth:`forward` reports the log-determinant to :meth:`forward_with_logdet`
+    reports_logdet = True
+
     #: the layer only moves values around: an input on a fixed-point grid gives an output on
     #: it (the next fixed-point coupling need not round it again)
     preserves_grid: bool = False

@@ -193,6 +193,8 @@ class Coupling(nn.Module):
 
     #: The coupling law changes no volume (``log|det J| = 0``): additive couplings.
     volume_preserving = False
+    #: :meth:`forward` reports the log-determinant to :meth:`forward_with_logdet`
+    reports_logdet = True
 
     def __init__(
         self,

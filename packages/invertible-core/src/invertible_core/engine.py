@@ -38,9 +38,11 @@ the rebuild, the replay and the backprop share one all-gather.
 from __future__ import annotations
 
 import enum
+import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import ExitStack, contextmanager
+from functools import partial
 from typing import Any
 
 import torch
@@ -53,6 +55,8 @@ from invertible_core.recompute import (
     active_site,
     current_site,
     forked_rng,
+    call_with_logdet,
+    fsdp_forward_method,
     guarded_call,
     recomputing,
     without_logdet,
@@ -196,6 +200,13 @@ def _graph_task() -> int:
     return int(torch._C._current_graph_task_id())
 
 
+class _LastRng(threading.local):
+    state: RngState | None = None
+
+
+_LAST_RNG = _LastRng()
+
+
 class Run:
     """What the frames of one memory-saving call share: who owns them, how often backward
     may run through them, and what to tell the owner after a rebuild."""
@@ -212,13 +223,13 @@ class Run:
         self.tasks: list[int] = []
         #: a backward pass ran with create_graph=True (a later pass is a double backward)
         self.differentiable = False
-        #: the last random state captured in this call: blocks that draw no random numbers
-        #: share one copy (about 5 KB each on the CPU) instead of one each
-        self.last_rng: RngState | None = None
 
     def capture_rng(self, devices: tuple[torch.device, ...]) -> RngState:
-        self.last_rng = RngState.capture(devices, self.last_rng)
-        return self.last_rng
+        """The random state now; blocks (and calls, and wrapped blocks one after another)
+        that draw no random numbers share one copy (about 5 KB on the CPU) instead of one
+        each."""
+        _LAST_RNG.state = RngState.capture(devices, _LAST_RNG.state)
+        return _LAST_RNG.state
 
     def begin_pass(self, task: int) -> bool:
         """Note backward pass ``task``; returns whether it is the last one allowed."""
@@ -327,9 +338,16 @@ class Frame:
         """The block's map (``forward`` through ``__call__``, or ``inverse``), with log-det."""
         block = self.block
         if direction is Direction.FORWARD:
-            fn: Callable[..., Any] = block.forward_with_logdet if self.logdet else block  # type: ignore[assignment]
-        else:
-            fn = block.inverse_with_logdet if self.logdet else block.inverse  # type: ignore[assignment]
+            if self.logdet:
+                return guarded_call(
+                    partial(call_with_logdet, block),
+                    (*inputs, *args),
+                    kwargs,
+                    key=(block, "forward_with_logdet"),
+                )
+            return guarded_call(block, (*inputs, *args), kwargs)
+        name = "inverse_with_logdet" if self.logdet else "inverse"
+        fn = fsdp_forward_method(block, name) if self.mode is Mode.RECORD else getattr(block, name)
         return guarded_call(fn, (*inputs, *args), kwargs)
 
     def set_outputs(self, outputs: tuple[Tensor, ...]) -> None:

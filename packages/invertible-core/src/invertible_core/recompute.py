@@ -44,7 +44,10 @@ from torch import Tensor, nn
 __all__ = [
     "AutocastState",
     "RngState",
+    "call_with_logdet",
     "forked_rng",
+    "fsdp_forward_method",
+    "register_with_fsdp",
     "guarded_call",
     "is_recomputing",
     "report_logdet",
@@ -172,6 +175,55 @@ def with_logdet(
     return y, total
 
 
+def call_with_logdet(block: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """``block.forward_with_logdet(x, ...)``, also when ``block`` is a wrapper that hooks only
+    ``forward`` (FSDP1's ``FullyShardedDataParallel``, whose other methods reach the wrapped
+    module without unsharding it): then the wrapper's forward runs, and the log-determinant
+    is what the wrapped block reports (see :func:`report_logdet`)."""
+    if getattr(type(block), "forward_with_logdet", None) is not None:
+        return block.forward_with_logdet(x, *args, **kwargs)  # type: ignore[no-any-return]
+    inner: Any = block
+    while getattr(type(inner), "forward_with_logdet", None) is None and isinstance(
+        getattr(inner, "module", None), nn.Module
+    ):
+        inner = inner.module
+    if not getattr(inner, "reports_logdet", False):
+        raise TypeError(
+            f"{type(block).__name__} wraps {type(inner).__name__}, whose forward_with_logdet the "
+            "wrapper does not hook (FSDP1 hooks only forward), and whose forward does not "
+            "report its log-determinant. Shard it with FSDP2's fully_shard instead, or report "
+            "the log-determinant from forward with invertible_core.report_logdet."
+        )
+    return with_logdet(inner, block, x, *args, **kwargs)
+
+
+def fsdp_forward_method(module: nn.Module, name: str) -> Callable[..., Any]:
+    """``getattr(module, name)``, registered with FSDP2 first when ``module`` is a
+    ``fully_shard`` unit, so that calling it unshards the parameters as a forward does (an
+    inverse run in the forward role, such as sampling from a flow)."""
+    register_with_fsdp(module, name)
+    return getattr(module, name)  # type: ignore[no-any-return]
+
+
+def register_with_fsdp(module: nn.Module, name: str) -> bool:
+    """Register method ``name`` of a ``fully_shard`` (FSDP2) unit with FSDP, once; returns
+    whether it was registered now (False: done before, or not an FSDP2 unit)."""
+    if name in module.__dict__ or not _is_fsdp2(module):
+        return False
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    register_fsdp_forward_method(module, name)
+    return True
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
 @contextmanager
 def without_logdet() -> Iterator[None]:
     """Hide any collection in progress (the engine's own calls inside a block)."""
@@ -219,7 +271,7 @@ class RngState:
     def equals(self, other: RngState) -> bool:
         return (
             torch.equal(self.cpu, other.cpu)
-            and len(self.devices) == len(other.devices)
+            and [d for d, _ in self.devices] == [d for d, _ in other.devices]
             and all(torch.equal(a[1], b[1]) for a, b in zip(self.devices, other.devices))
         )
 
@@ -347,10 +399,16 @@ def _copy_with_strides(t: Tensor) -> Tensor:
     return t.clone()
 
 
-def guarded_call(fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def guarded_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: tuple[Any, str] | None = None,
+) -> Any:
     """``fn(*args, **kwargs)``, refusing a function that modifies its tensor inputs in place
-    (see the NOTE above)."""
-    owner, name = _trust_key(fn)
+    (see the NOTE above). ``key`` names what is trusted once it behaved (default: ``fn``'s
+    module and method)."""
+    owner, name = _trust_key(fn) if key is None else key
     try:
         trusted = name in _TRUSTED.get(owner, ())
     except TypeError:  # not weak-referenceable: check versions only

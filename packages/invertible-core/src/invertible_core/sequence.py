@@ -71,7 +71,17 @@ from torch import Tensor, nn
 
 from invertible_core.engine import Direction, Frame, Run, claim_inputs, offer_outputs, saving_hooks
 from invertible_core.fixed_point import round_to_grid
-from invertible_core.recompute import guarded_call, protecting, tensor_devices
+from invertible_core.recompute import (
+    call_with_logdet,
+    fsdp_forward_method,
+    guarded_call,
+    protecting,
+    register_with_fsdp,
+    report_logdet,
+    tensor_devices,
+    wants_logdet,
+    with_logdet,
+)
 
 __all__ = ["ReversibleSequence"]
 
@@ -283,23 +293,39 @@ class ReversibleSequence(nn.Module):
         return blocks[index]
 
     # -- running -------------------------------------------------------------------------------
+    #: :meth:`forward` reports the chain's log-determinant to :meth:`forward_with_logdet`
+    reports_logdet = True
+
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Run the blocks in order (side inputs go to every block); saves memory while
         training with grad enabled."""
+        if wants_logdet(self):  # called by forward_with_logdet, through __call__
+            y, logdet = cast(
+                tuple[Tensor, Tensor], self._run(x, args, kwargs, Direction.FORWARD, logdet=True)
+            )
+            report_logdet(self, logdet)
+            return y
         return cast(Tensor, self._run(x, args, kwargs, Direction.FORWARD, logdet=False))
 
     def inverse(self, y: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """Undo the blocks in reverse order; saves memory the same way as :meth:`forward`."""
+        """Undo the blocks in reverse order; saves memory the same way as :meth:`forward`.
+
+        A ``fully_shard`` (FSDP2) sequence registers this method with FSDP on first use, so
+        that it unshards the parameters as a forward does."""
+        if register_with_fsdp(self, "inverse"):
+            return self.inverse(y, *args, **kwargs)  # now through FSDP's hooks
         return cast(Tensor, self._run(y, args, kwargs, Direction.INVERSE, logdet=False))
 
     def forward_with_logdet(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """:meth:`forward` and the per-sample ``log|det dy/dx|`` summed over the blocks
-        (shape ``(batch,)``), for normalizing flows; memory saving stays on."""
-        out = self._run(x, args, kwargs, Direction.FORWARD, logdet=True)
-        return cast(tuple[Tensor, Tensor], out)
+        (shape ``(batch,)``), for normalizing flows; memory saving stays on. Runs through
+        ``__call__``, so hooks (FSDP's among them) see it as a forward."""
+        return with_logdet(self, self, x, *args, **kwargs)
 
     def inverse_with_logdet(self, y: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """:meth:`inverse` and the per-sample ``log|det dx/dy|`` (the forward's, negated)."""
+        if register_with_fsdp(self, "inverse_with_logdet"):
+            return self.inverse_with_logdet(y, *args, **kwargs)
         out = self._run(y, args, kwargs, Direction.INVERSE, logdet=True)
         return cast(tuple[Tensor, Tensor], out)
 
@@ -357,13 +383,21 @@ class ReversibleSequence(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         total: Tensor | None = None
         for i, block in enumerate(blocks):
-            if direction is Direction.FORWARD:
-                fn: Any = block.forward_with_logdet if logdet else block
+            if direction is Direction.FORWARD and logdet:
+                if not callable(getattr(block, "forward_with_logdet", None)):
+                    raise _no_logdet(block, direction)
+                out = guarded_call(
+                    call_with_logdet, (block, x, *args), kwargs, key=(block, "forward_with_logdet")
+                )
             else:
-                fn = block.inverse_with_logdet if logdet else block.inverse
-            if logdet and not callable(fn):
-                raise _no_logdet(block, direction)
-            out = guarded_call(fn, (x, *args), kwargs)
+                if direction is Direction.FORWARD:
+                    fn: Any = block
+                else:
+                    name = "inverse_with_logdet" if logdet else "inverse"
+                    if not callable(getattr(block, name, None)):
+                        raise _no_logdet(block, direction)
+                    fn = fsdp_forward_method(block, name)
+                out = guarded_call(fn, (x, *args), kwargs)
             x, ld = _split_output(out, block, i, logdet)
             if ld is not None:
                 total = ld if total is None else total + ld
