@@ -54,6 +54,8 @@ __all__ = [
 
 #: What ``Fm``/``Gm`` produce inside a coupling: a tensor (additive) or ``(scale, shift)``.
 CouplingTerm = Tensor | tuple[Tensor, ...]
+#: What a coupling takes and returns: a tensor, or its two parts along ``split_dim``.
+Parts = Tensor | tuple[Tensor, Tensor]
 SideRoute = Literal["both", "Fm", "Gm", "none"]
 
 
@@ -244,6 +246,11 @@ class Coupling(nn.Module):
     def _decouple(self, y: Tensor, h: CouplingTerm) -> Tensor:
         raise NotImplementedError
 
+    def _decouple_into(self, y: Tensor, h: CouplingTerm, out: Tensor) -> Tensor:
+        """``_decouple(y, h)`` written into ``out`` (no grad); a law may override it to
+        compute there directly, without the copy."""
+        return out.copy_(self._decouple(y, h))
+
     def _logdet(self, h: CouplingTerm) -> Tensor:
         """Per-sample ``log|d couple(x, h) / dx|``, shape ``(batch,)``."""
         raise NotImplementedError(
@@ -255,19 +262,39 @@ class Coupling(nn.Module):
         """Hook for subclasses: raise a clear error when a term does not fit the half."""
 
     # -- the two maps ---------------------------------------------------------------------------
-    def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """``y = merge(couple(x1, Fm(x2)), couple(x2, Gm(y1)))``; side inputs go to Fm/Gm."""
-        x1, x2 = self.partition.split(self._on_grid(x), type(self).__name__)
+    def forward(self, x: Parts, *args: Any, **kwargs: Any) -> Parts:
+        """``y = merge(couple(x1, Fm(x2)), couple(x2, Gm(y1)))``; side inputs go to Fm/Gm.
+
+        ``x`` may also be the two parts ``(x1, x2)`` as a tuple; then the parts ``(y1, y2)``
+        come back, unmerged (a chain of couplings passes them on without concatenating).
+        """
+        x1, x2 = self._parts(x)
         y1 = self._half(0, x1, x2, +1, args, kwargs)
         y2 = self._half(1, x2, y1, +1, args, kwargs)
-        return self._merged(y1, y2)
+        if isinstance(x, tuple):
+            return self._marked(y1), self._marked(y2)
+        return self._marked(self.partition.merge((y1, y2)))
 
-    def inverse(self, y: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        """The exact inverse of :meth:`forward` for the same side inputs."""
-        y1, y2 = self.partition.split(self._on_grid(y), type(self).__name__)
-        x2 = self._half(1, y2, y1, -1, args, kwargs)
-        x1 = self._half(0, y1, x2, -1, args, kwargs)
-        return self._merged(x1, x2)
+    def inverse(self, y: Parts, *args: Any, **kwargs: Any) -> Parts:
+        """The exact inverse of :meth:`forward` for the same side inputs (parts in, parts out,
+        as for :meth:`forward`)."""
+        y1, y2 = self._parts(y)
+        if isinstance(y, tuple):
+            x2 = self._half(1, y2, y1, -1, args, kwargs)
+            x1 = self._half(0, y1, x2, -1, args, kwargs)
+            return self._marked(x1), self._marked(x2)
+        if torch.is_grad_enabled():
+            x2 = self._half(1, y2, y1, -1, args, kwargs)
+            x1 = self._half(0, y1, x2, -1, args, kwargs)
+            return self._marked(self.partition.merge((x1, x2)))
+        # without grad (a rebuild, an inverse in eval mode): the parts are written straight
+        # into the result, so that no concatenation copies them, and x2 is laid out as a
+        # part of a whole tensor, as it was when the forward pass gave it to Fm
+        out = torch.empty(y.shape, dtype=y.dtype, device=y.device)
+        o1, o2 = self.partition.split(out, type(self).__name__)
+        x2 = self._half(1, y2, y1, -1, args, kwargs, out=o2)
+        self._half(0, y1, x2, -1, args, kwargs, out=o1)
+        return self._marked(out)
 
     def forward_with_logdet(self, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """:meth:`forward` and the per-sample ``log|det dy/dx|`` (shape ``(batch,)``); runs
@@ -278,14 +305,26 @@ class Coupling(nn.Module):
         """:meth:`inverse` and the per-sample ``log|det dx/dy|`` (the forward's, negated)."""
         return with_logdet(self, self.inverse, y, *args, **kwargs)
 
+    def _parts(self, x: Parts) -> tuple[Tensor, Tensor]:
+        """The two parts of ``x`` (given as parts, or split), on the grid if fixed-point."""
+        if isinstance(x, tuple):
+            if len(x) != 2 or not all(isinstance(t, Tensor) for t in x):
+                raise TypeError(
+                    f"{type(self).__name__} takes a tensor or its two parts (a tuple of two "
+                    f"tensors), got a tuple of {len(x)}"
+                )
+            return self._on_grid(x[0]), self._on_grid(x[1])
+        a, b = self.partition.split(self._on_grid(x), type(self).__name__)
+        return a, b
+
     def _on_grid(self, x: Tensor) -> Tensor:
         bits = self.fixed_point_bits
         if bits is None or grid_of(x) == bits:
             return x
         return round_to_grid(x, bits)
 
-    def _merged(self, a: Tensor, b: Tensor) -> Tensor:
-        return mark_on_grid(self.partition.merge((a, b)), self.fixed_point_bits)
+    def _marked(self, t: Tensor) -> Tensor:
+        return mark_on_grid(t, self.fixed_point_bits)
 
     def _half(
         self,
@@ -295,8 +334,10 @@ class Coupling(nn.Module):
         sign: int,
         args: tuple[Any, ...],
         kwargs: dict[str, Any],
+        out: Tensor | None = None,
     ) -> Tensor:
-        """One half step: ``couple(part, module(cond))`` (``sign=+1``) or its inverse."""
+        """One half step: ``couple(part, module(cond))`` (``sign=+1``) or its inverse (into
+        ``out`` when given: no grad)."""
         module = self.Fm if slot == 0 else self.Gm
         name = "Fm" if slot == 0 else "Gm"
         bits = self.fixed_point_bits
@@ -318,10 +359,15 @@ class Coupling(nn.Module):
         if not self.volume_preserving and wants_logdet(self):
             logdet = self._logdet(h)
             report_logdet(self, logdet if sign > 0 else -logdet)
-        out = self._couple(part, h) if sign > 0 else self._decouple(part, h)
+        if sign > 0:
+            result = self._couple(part, h)
+        elif out is not None:
+            result = self._decouple_into(part, h, out)
+        else:
+            result = self._decouple(part, h)
         if bits is not None:
-            self._grid_range.observe(out, bits)
-        return out
+            self._grid_range.observe(result, bits)
+        return result
 
     def extra_repr(self) -> str:
         parts = [f"split_dim={self.split_dim}"]
@@ -389,6 +435,10 @@ class AdditiveCoupling(Coupling):
         assert isinstance(h, Tensor)
         return y - h
 
+    def _decouple_into(self, y: Tensor, h: CouplingTerm, out: Tensor) -> Tensor:
+        assert isinstance(h, Tensor)
+        return torch.sub(y, h, out=out)
+
 def _per_sample_sum(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1)
 
@@ -450,6 +500,10 @@ class AffineCoupling(Coupling):
     def _decouple(self, y: Tensor, h: CouplingTerm) -> Tensor:
         s, t = h
         return (y - t) / s
+
+    def _decouple_into(self, y: Tensor, h: CouplingTerm, out: Tensor) -> Tensor:
+        s, t = h
+        return torch.sub(y, t, out=out).div_(s)
 
     def _logdet(self, h: CouplingTerm) -> Tensor:
         s, _ = h

@@ -38,12 +38,11 @@ the rebuild, the replay and the backprop share one all-gather.
 from __future__ import annotations
 
 import enum
-import threading
 import weakref
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import contextmanager
 from functools import partial
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor, nn
@@ -54,7 +53,6 @@ from invertible_core.recompute import (
     RngState,
     active_site,
     current_site,
-    forked_rng,
     call_with_logdet,
     fsdp_forward_method,
     guarded_call,
@@ -112,6 +110,14 @@ class _Saved:
     def __init__(self, frame: Frame, slot: int, index: int, t: Tensor) -> None:
         self.frame, self.slot, self.index = frame, slot, index
         self.shape, self.dtype = t.shape, t.dtype
+
+
+class Source(NamedTuple):
+    """Where a frame's output comes from in backward: a later frame's rebuilt input."""
+
+    consumer: Frame
+    slot: int
+    convert: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None
 
 
 class _Call:
@@ -200,13 +206,6 @@ def _graph_task() -> int:
     return int(torch._C._current_graph_task_id())
 
 
-class _LastRng(threading.local):
-    state: RngState | None = None
-
-
-_LAST_RNG = _LastRng()
-
-
 class Run:
     """What the frames of one memory-saving call share: who owns them, how often backward
     may run through them, and what to tell the owner after a rebuild."""
@@ -223,13 +222,6 @@ class Run:
         self.tasks: list[int] = []
         #: a backward pass ran with create_graph=True (a later pass is a double backward)
         self.differentiable = False
-
-    def capture_rng(self, devices: tuple[torch.device, ...]) -> RngState:
-        """The random state now; blocks (and calls, and wrapped blocks one after another)
-        that draw no random numbers share one copy (about 5 KB on the CPU) instead of one
-        each."""
-        _LAST_RNG.state = RngState.capture(devices, _LAST_RNG.state)
-        return _LAST_RNG.state
 
     def begin_pass(self, task: int) -> bool:
         """Note backward pass ``task``; returns whether it is the last one allowed."""
@@ -272,9 +264,12 @@ class Frame:
         keep_input: bool = False,
         index: int = 0,
         n_inputs: int = 1,
+        parts: bool = False,
     ) -> None:
         self.run = run
         self.n_inputs = n_inputs
+        #: the block takes its inputs as one tuple, and returns one (a coupling's two parts)
+        self.parts = parts
         self.block = block
         self.index = index
         self.direction = direction
@@ -299,8 +294,9 @@ class Frame:
         self.kept_input: tuple[Tensor, ...] | None = None
         #: where the output comes from in backward: the next frame's rebuilt input
         #: (``(frame, position)`` per output) or the output itself, kept
-        self.sources: list[tuple[Frame, int] | None] = []
+        self.sources: list[Source | None] = []
         self.kept_output: list[Tensor | None] = []
+        self.output_unpack: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None
         self.output_versions: list[int] = []
         #: whether a frame before this one takes this frame's rebuilt input
         self.input_wanted = False
@@ -321,11 +317,17 @@ class Frame:
             self.kept_input = tuple(t.detach() for t in inputs)
         self.autocast = AutocastState.capture(self.devices)
         if self.preserve_rng:
-            self.rng = self.run.capture_rng(self.devices)
+            self.rng = RngState.capture(self.devices)
         watch = BufferState.watch(self.block)
         with active_site(None if self.keep_activations else self), without_logdet():
             out = self._run_block(inputs, self.args, self.kwargs, self.direction)
         self.buffers = watch.finish()
+        if self.rng is not None and self.rng.equals(RngState.capture(self.devices)):
+            # the block drew no random number: its recompute draws none either, and nothing
+            # needs replaying (no state is kept: about 5 KB per capture on the CPU)
+            self.rng = None
+            for record in self.calls.values():
+                record.rng_before = record.rng_after = None
         return out
 
     def _run_block(
@@ -337,29 +339,46 @@ class Frame:
     ) -> Any:
         """The block's map (``forward`` through ``__call__``, or ``inverse``), with log-det."""
         block = self.block
+        given = (tuple(inputs),) if self.parts else tuple(inputs)
         if direction is Direction.FORWARD:
             if self.logdet:
                 return guarded_call(
                     partial(call_with_logdet, block),
-                    (*inputs, *args),
+                    (*given, *args),
                     kwargs,
                     key=(block, "forward_with_logdet"),
                 )
-            return guarded_call(block, (*inputs, *args), kwargs)
+            return guarded_call(block, (*given, *args), kwargs)
         name = "inverse_with_logdet" if self.logdet else "inverse"
         fn = fsdp_forward_method(block, name) if self.mode is Mode.RECORD else getattr(block, name)
-        return guarded_call(fn, (*inputs, *args), kwargs)
+        return guarded_call(fn, (*given, *args), kwargs)
 
-    def set_outputs(self, outputs: tuple[Tensor, ...]) -> None:
-        """Keep the block's outputs until a consumer promises to rebuild them (:meth:`hand_to`)."""
+    def set_outputs(
+        self,
+        outputs: tuple[Tensor, ...],
+        unpack: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
+    ) -> None:
+        """Keep the block's outputs until a consumer promises to rebuild them (:meth:`hand_to`).
+
+        ``unpack`` turns what is kept into what the block returned (the caller got the
+        merged parts of a coupling: keep that one tensor, split it again in backward)."""
         self.kept_output = [t.detach() for t in outputs]
         self.output_versions = [t._version for t in outputs]
         self.sources = [None] * len(outputs)
+        self.output_unpack = unpack
 
-    def hand_to(self, position: int, consumer: Frame, slot: int) -> None:
-        """Output ``position`` is ``consumer``'s input ``slot``: the consumer rebuilds it in
-        backward, so this frame need not keep it."""
-        self.sources[position] = (consumer, slot)
+    def hand_to(
+        self,
+        position: int,
+        consumer: Frame,
+        slot: int,
+        convert: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
+    ) -> None:
+        """Output ``position`` is ``consumer``'s input ``slot`` (or, with ``convert``, the
+        ``position``-th of ``convert(consumer's inputs)``: the two parts of a coupling merged
+        into one tensor, or a tensor split into them): the consumer rebuilds it in backward,
+        so this frame need not keep it."""
+        self.sources[position] = Source(consumer, slot, convert)
         self.kept_output[position] = None
         consumer.input_wanted = True
 
@@ -389,11 +408,11 @@ class Frame:
             record = self.calls[slot] = _Call()
             record.layouts = _layouts(values)
             if self.preserve_rng:
-                record.rng_before = self.run.capture_rng(self.devices)
+                record.rng_before = RngState.capture(self.devices)
             with self._in_slot(slot):
                 out = guarded_call(fn, args, kwargs)
             if self.preserve_rng:
-                record.rng_after = self.run.capture_rng(self.devices)
+                record.rng_after = RngState.capture(self.devices, record.rng_before)
             return out
         if self.mode is Mode.REBUILD:
             record = self.calls.get(slot) or _Call()
@@ -473,10 +492,17 @@ class Frame:
     def output_value(self, task: int) -> tuple[Tensor, ...]:
         """The block's output in backward pass ``task``."""
         values = []
+        converted: dict[int, tuple[Tensor, ...]] = {}
         for position, source in enumerate(self.sources):
             if source is not None:
-                consumer, slot = source
-                values.append(consumer.rebuilt_input(task)[slot])
+                inputs = source.consumer.rebuilt_input(task)
+                if source.convert is None:
+                    values.append(inputs[source.slot])
+                else:
+                    key = id(source.consumer)
+                    if key not in converted:
+                        converted[key] = source.convert(inputs)
+                    values.append(converted[key][position])
                 continue
             kept = self.kept_output[position]
             if kept is None:
@@ -492,6 +518,8 @@ class Frame:
                     "keep_blocks on a sequence)."
                 )
             values.append(kept)
+        if self.output_unpack is not None:
+            return self.output_unpack(tuple(values))
         return tuple(values)
 
     def rebuilt_input(self, task: int) -> tuple[Tensor, ...]:
@@ -521,8 +549,8 @@ class Frame:
             self.storage = None
         self.rebuilt, self.rebuilt_task = inputs, task
         for source in self.sources:
-            if source is not None and source[0].kept_input is None:
-                source[0].rebuilt = None  # consumed: the block above no longer needs it
+            if source is not None and source.consumer.kept_input is None:
+                source.consumer.rebuilt = None  # consumed: the block above no longer needs it
         if last_pass:
             self.kept_output = [None] * len(self.kept_output)
         if self.run.on_rebuilt is not None:
@@ -562,7 +590,7 @@ class Frame:
     ) -> tuple[Tensor, ...]:
         block = self.block
         fn: Callable[..., Any] = block if direction is Direction.FORWARD else block.inverse  # type: ignore[assignment]
-        out = fn(*outputs, *args, **kwargs)
+        out = fn(tuple(outputs), *args, **kwargs) if self.parts else fn(*outputs, *args, **kwargs)
         rebuilt = out if isinstance(out, tuple) else (out,)
         for i, t in enumerate(rebuilt):
             if not isinstance(t, Tensor):
@@ -588,15 +616,18 @@ class Frame:
     def _replaying(self) -> Iterator[None]:
         """Everything a recompute replays: random state (the caller's stream restored
         afterwards), autocast, buffers as before, the saved-tensor hooks, the flag."""
-        with ExitStack() as stack:
-            stack.enter_context(forked_rng(self.devices, enabled=self.rng is not None))
-            if self.autocast is not None:
-                stack.enter_context(self.autocast.replay())
-            stack.enter_context(self.buffers.as_before())
-            stack.enter_context(recomputing())
-            stack.enter_context(saving_hooks())
-            stack.enter_context(without_logdet())
-            yield
+        caller_rng = RngState.capture(self.devices) if self.rng is not None else None
+        autocast = self.autocast.replay() if self.autocast is not None else None
+        try:
+            if autocast is not None:
+                autocast.__enter__()
+            with self.buffers.as_before(), recomputing(), saving_hooks(), without_logdet():
+                yield
+        finally:
+            if autocast is not None:
+                autocast.__exit__(None, None, None)
+            if caller_rng is not None:
+                caller_rng.restore()
 
 
 # -- handing outputs from one memory-saving call to the next ----------------------------------
@@ -623,9 +654,13 @@ def _memory_key(t: Tensor) -> tuple[Any, ...]:
     )
 
 
-def offer_outputs(frame: Frame, outputs: tuple[Tensor, ...]) -> None:
+def offer_outputs(
+    frame: Frame,
+    outputs: tuple[Tensor, ...],
+    unpack: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
+) -> None:
     """Keep ``frame``'s outputs, and let a later memory-saving call take them over."""
-    frame.set_outputs(outputs)
+    frame.set_outputs(outputs, unpack)
     for position, t in enumerate(outputs):
         if t.requires_grad:
             key = _memory_key(t)

@@ -136,7 +136,10 @@ def exact_limit(dtype: torch.dtype, bits: int) -> float:
 
 
 class GridRange:
-    """Watches a coupling's values and warns once when they leave the exact range.
+    """Watches a coupling's values, in every use (training, eval, inverse, no grad), and
+    warns when they leave the exact range. The message names the coupling class, the grid
+    and the dtype, not the value, so Python's warning filter shows it once per place in the
+    process, not once per coupling of a deep network.
 
     Reading a maximum back from a GPU waits for it, so values are checked on the first
     observed call and then on every ``every``-th: a network whose activations grow past the
@@ -162,10 +165,11 @@ class GridRange:
         if biggest >= limit:
             self._warned = True
             warnings.warn(
-                f"{self._name}: a value of magnitude {biggest:.4g} left the exact range of "
-                f"fixed_point_bits={bits} in {x.dtype} (|v| < {limit:g}); rebuilt inputs are "
-                "no longer bit-exact and memory saving may change gradients slightly. Use "
-                "fewer bits, normalise the activations, or float64.",
+                f"{self._name}: values left the exact range of fixed_point_bits={bits} in "
+                f"{x.dtype} (|v| < {limit:g}): sums are rounded again, so inverse(forward(x)) "
+                "and the inputs memory saving rebuilds are no longer bit-exact, and the error "
+                "grows with the magnitude. Use fewer bits, normalise the activations, or "
+                "float64.",
                 RuntimeWarning,
                 stacklevel=5,
             )

@@ -34,7 +34,7 @@ from __future__ import annotations
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import ExitStack, contextmanager, suppress
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
 from typing import Any, Protocol
 
@@ -168,7 +168,8 @@ def with_logdet(
     finally:
         _local.logdet.pop()
     if not parts:
-        return y, x.new_zeros(x.shape[0]) if x.dim() else x.new_zeros(())
+        first = x[0] if isinstance(x, tuple) else x  # a coupling's two parts
+        return y, first.new_zeros(first.shape[0]) if first.dim() else first.new_zeros(())
     total = parts[0]
     for p in parts[1:]:
         total = total + p
@@ -321,9 +322,21 @@ class AutocastState:
             )
         return cls(tuple(settings))
 
+    @property
+    def enabled(self) -> bool:
+        return any(enabled for _, enabled, _, _ in self.settings)
+
+    def replay(self) -> AbstractContextManager[None]:
+        """Run the enclosed recompute under the captured autocast settings (nothing to do
+        when autocast was off then and is off now)."""
+        if not self.enabled and not any(
+            _autocast_on(device_type) for device_type, _, _, _ in self.settings
+        ):
+            return nullcontext()
+        return self._replay()
+
     @contextmanager
-    def replay(self) -> Iterator[None]:
-        """Run the enclosed recompute under the captured autocast settings."""
+    def _replay(self) -> Iterator[None]:
         with ExitStack() as stack:
             for device_type, enabled, dtype, cache_enabled in self.settings:
                 stack.enter_context(
@@ -335,6 +348,13 @@ class AutocastState:
                     )
                 )
             yield
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except RuntimeError:
+        return False
 
 
 # -- the caller's tensors are never modified -------------------------------------------------

@@ -69,6 +69,7 @@ from typing import Any, Literal, cast, overload
 import torch
 from torch import Tensor, nn
 
+from invertible_core.couplings import Coupling, Partition
 from invertible_core.engine import Direction, Frame, Run, claim_inputs, offer_outputs, saving_hooks
 from invertible_core.fixed_point import round_to_grid
 from invertible_core.recompute import (
@@ -382,12 +383,17 @@ class ReversibleSequence(nn.Module):
         blocks: list[nn.Module],
     ) -> Tensor | tuple[Tensor, Tensor]:
         total: Tensor | None = None
+        state: State = (x,)
+        layout: Partition | None = None
         for i, block in enumerate(blocks):
+            want = _layout(block)
+            state, layout = _convert(state, layout, want, block), want
+            given: Any = state if want is not None else state[0]
             if direction is Direction.FORWARD and logdet:
                 if not callable(getattr(block, "forward_with_logdet", None)):
                     raise _no_logdet(block, direction)
                 out = guarded_call(
-                    call_with_logdet, (block, x, *args), kwargs, key=(block, "forward_with_logdet")
+                    call_with_logdet, (block, given, *args), kwargs, key=(block, "forward_with_logdet")
                 )
             else:
                 if direction is Direction.FORWARD:
@@ -397,13 +403,14 @@ class ReversibleSequence(nn.Module):
                     if not callable(getattr(block, name, None)):
                         raise _no_logdet(block, direction)
                     fn = fsdp_forward_method(block, name)
-                out = guarded_call(fn, (x, *args), kwargs)
-            x, ld = _split_output(out, block, i, logdet)
+                out = guarded_call(fn, (given, *args), kwargs)
+            state, ld = _split_output(out, block, i, logdet, want)
             if ld is not None:
                 total = ld if total is None else total + ld
+        y = _convert(state, layout, None, None)[0]
         if not logdet:
-            return x
-        return x, total if total is not None else x.new_zeros(x.shape[0])
+            return y
+        return y, total if total is not None else y.new_zeros(y.shape[0])
 
     def _run_saving(
         self,
@@ -419,9 +426,10 @@ class ReversibleSequence(nn.Module):
         kept = set(self._keep_blocks)
         every = self.anchor_every
         checking = self.check_reconstruction != "off"
-        truths: dict[int, tuple[Tensor, ...]] = {}
+        truths: dict[int, State] = {}
         sample: tuple[tuple[Tensor, ...], Tensor] | None = None
         first = blocks[order[0]]
+        first_layout = _layout(first)
         if self.drift_check and not checking and x.numel() and order[0] not in kept:
             idx = _sample_indices(x)
             bits = getattr(first, "fixed_point_bits", None)
@@ -432,18 +440,23 @@ class ReversibleSequence(nn.Module):
             if truth is not None:
                 self._report_reconstruction(frame.index, relative_error(inputs, truth))
             if sample is not None and frame.index == order[0]:
-                self._check_drift(inputs[0], sample)
+                whole = _convert(inputs, first_layout, None, None)[0]
+                self._check_drift(whole, sample)
 
         run = Run("ReversibleSequence", self.num_bwd_passes, on_rebuilt)
         frames: list[Frame] = []
         total: Tensor | None = None
+        state: State = (x,)
+        outputs: State = ()
+        layout: Partition | None = None
         with saving_hooks():
             for pos, index in enumerate(order):
                 block = blocks[index]
-                if logdet and not callable(
-                    getattr(block, "forward_with_logdet" if direction is Direction.FORWARD else "inverse_with_logdet", None)
-                ):
+                name = "forward_with_logdet" if direction is Direction.FORWARD else "inverse_with_logdet"
+                if logdet and not callable(getattr(block, name, None)):
                     raise _no_logdet(block, direction)
+                want = _layout(block)
+                state = _convert(state, layout, want, block)
                 frame = Frame(
                     run,
                     block,
@@ -456,22 +469,30 @@ class ReversibleSequence(nn.Module):
                     keep_activations=index in kept,
                     keep_input=bool(every) and pos > 0 and pos % every == 0,
                     index=index,
+                    n_inputs=len(state),
+                    parts=want is not None,
                 )
                 if frames:
-                    frames[-1].set_outputs((x,))
-                    frames[-1].hand_to(0, frame, 0)
+                    before = frames[-1]
+                    before.set_outputs(outputs)
+                    for position in range(len(outputs)):
+                        before.hand_to(position, frame, position, _converter(want, layout))
                 else:
                     claim_inputs(frame, (x,))
                 if checking:  # what the block saw: a fixed-point coupling rounds its input
-                    truths[index] = (round_to_grid(x.detach(), getattr(block, "fixed_point_bits", None)),)
-                x, ld = _split_output(frame.forward((x,)), block, index, logdet)
+                    bits = getattr(block, "fixed_point_bits", None)
+                    truths[index] = tuple(round_to_grid(t.detach(), bits) for t in state)
+                outputs, ld = _split_output(frame.forward(state), block, index, logdet, want)
+                state, layout = outputs, want
                 if ld is not None:
                     total = ld if total is None else total + ld
                 frames.append(frame)
-        offer_outputs(frames[-1], (x,))
+        y = _convert(state, layout, None, None)[0]
+        # the output is kept as the caller gets it (one tensor; the parts would be a copy)
+        offer_outputs(frames[-1], (y,), _converter(None, layout))
         if not logdet:
-            return x
-        return x, total if total is not None else x.new_zeros(x.shape[0])
+            return y
+        return y, total if total is not None else y.new_zeros(y.shape[0])
 
     def _report_reconstruction(self, block: int, error: float) -> None:
         if len(self.reconstruction_errors) != len(self):
@@ -529,9 +550,36 @@ def _no_logdet(block: nn.Module, direction: Direction) -> TypeError:
     )
 
 
+#: what passes from block to block: one tensor, or the two parts of a coupling
+State = tuple[Tensor, ...]
+
+
+def _layout(block: nn.Module) -> Partition | None:
+    """How ``block`` takes its input: a coupling its two parts, anything else one tensor."""
+    return block.partition if isinstance(block, Coupling) else None
+
+
+def _convert(state: State, frm: Partition | None, to: Partition | None, block: nn.Module | None) -> State:
+    """``state`` re-cut from layout ``frm`` to ``to``: consecutive couplings that cut alike
+    pass their parts on as they are; a merge or a split happens only where they differ."""
+    if frm == to:
+        return state
+    whole = frm.merge((state[0], state[1])) if frm is not None else state[0]
+    if to is None:
+        return (whole,)
+    return to.split(whole, type(block).__name__ if block is not None else "ReversibleSequence")
+
+
+def _converter(consumer: Partition | None, producer: Partition | None) -> Any:
+    """For the backward pass: a producer's outputs from its consumer's rebuilt inputs."""
+    if consumer == producer:
+        return None
+    return lambda inputs: _convert(inputs, consumer, producer, None)
+
+
 def _split_output(
-    out: Any, block: nn.Module, index: int, logdet: bool
-) -> tuple[Tensor, Tensor | None]:
+    out: Any, block: nn.Module, index: int, logdet: bool, layout: Partition | None
+) -> tuple[State, Tensor | None]:
     name = type(block).__name__
     if logdet:
         if not (isinstance(out, tuple) and len(out) == 2):
@@ -542,9 +590,17 @@ def _split_output(
         y, ld = out
     else:
         y, ld = out, None
+    if layout is not None:
+        if isinstance(y, tuple) and len(y) == 2 and all(isinstance(t, Tensor) for t in y):
+            return y, ld
+        got = f"a tuple of {len(y)}" if isinstance(y, tuple) else f"a {type(y).__name__}"
+        raise TypeError(
+            f"ReversibleSequence: block {index} ({name}) returned {got}; given the two parts "
+            "of its input, a coupling returns the two parts of its output"
+        )
     if not isinstance(y, Tensor):
         raise TypeError(
             f"ReversibleSequence: block {index} ({name}) returned a {type(y).__name__}; a block "
             "of a sequence takes one tensor and returns one tensor"
         )
-    return y, ld
+    return (y,), ld
