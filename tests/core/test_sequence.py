@@ -487,17 +487,46 @@ class CompiledNet(nn.Module):
         return self.head(self.body(torch.relu(self.stem(x))).mean(dim=(2, 3)))
 
 
-def test_compile_breaks_the_graph_once_at_the_sequence() -> None:
-    graphs: list[int] = []
+def test_compile_captures_graphs_of_fm_and_gm_and_the_recompute_runs_them() -> None:
+    # torch.compile(model): the sequence's bookkeeping is a graph break, its blocks' Fm and Gm
+    # are graphs, and the recompute in backward runs the very graphs the forward pass ran
+    graphs: list[tuple[set[str], list[int]]] = []
 
     def counting_backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
-        graphs.append(len(gm.graph.nodes))
-        return gm.forward
+        targets = {getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes}
+        runs = [0]
+        graphs.append((targets, runs))
+
+        def run(*args):  # type: ignore[no-untyped-def]
+            runs[0] += 1
+            return gm.forward(*args)
+
+        return run
 
     torch._dynamo.reset()
     model = torch.compile(CompiledNet(), backend=counting_backend)
-    model(torch.randn(2, 3, 6, 6)).sum().backward()
-    assert len(graphs) == 2  # stem before the sequence, head after it; the sequence runs eagerly
+    y = model(torch.randn(2, 3, 6, 6))
+    before = [runs[0] for _, runs in graphs]
+    residual = [i for i, (targets, _) in enumerate(graphs) if "batch_norm" in targets]
+    assert residual  # Fm/Gm (conv, batch norm, ReLU) were compiled
+    assert sum(before[i] for i in residual) == 4  # 2 blocks x (Fm, Gm) in the forward pass
+    y.sum().backward()
+    after = [runs[0] for _, runs in graphs]
+    assert sum(after[i] for i in residual) == 8  # and once more each in the recompute
+    assert not any("batch_norm" in t for t, _ in graphs[len(before) :])  # nothing recompiled
+
+
+def test_fullgraph_compiles_plain_autograd_and_refuses_memory_saving_with_a_clear_error() -> None:
+    torch._dynamo.reset()
+    net = CompiledNet()
+    net.body.memory_saving = False
+    x = torch.randn(2, 3, 6, 6)
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), net(x))  # one graph: plain autograd
+    torch._dynamo.reset()
+    net.body.memory_saving = True
+    with pytest.raises(Exception, match="memory saving"):
+        torch.compile(net, fullgraph=True, backend="eager")(x)
 
 
 def test_compile_trains_and_matches_eager() -> None:

@@ -54,9 +54,11 @@ from invertible_core.recompute import (
     active_site,
     current_site,
     call_with_logdet,
+    compiled_as,
     fsdp_forward_method,
     guarded_call,
     recomputing,
+    run_compiled,
     without_logdet,
 )
 
@@ -265,11 +267,14 @@ class Frame:
         index: int = 0,
         n_inputs: int = 1,
         parts: bool = False,
+        compiled: Any = None,
     ) -> None:
         self.run = run
         self.n_inputs = n_inputs
         #: the block takes its inputs as one tuple, and returns one (a coupling's two parts)
         self.parts = parts
+        #: dynamo's frame callback when the call began (torch.compile), for the recompute
+        self.compiled = compiled
         self.block = block
         self.index = index
         self.direction = direction
@@ -291,6 +296,8 @@ class Frame:
         self.buffers = BufferState()
         self.calls: dict[int, _Call] = {}
         self.packed: dict[int, int] = {}
+        #: shape and dtype of every saved tensor, per slot, for checking the recompute
+        self.metadata: dict[int, list[tuple[torch.Size, torch.dtype]]] = {}
         self.kept_input: tuple[Tensor, ...] | None = None
         #: where the output comes from in backward: the next frame's rebuilt input
         #: (``(frame, position)`` per output) or the output itself, kept
@@ -347,11 +354,12 @@ class Frame:
                     (*given, *args),
                     kwargs,
                     key=(block, "forward_with_logdet"),
+                    compiled=self.compiled,
                 )
-            return guarded_call(block, (*given, *args), kwargs)
+            return guarded_call(block, (*given, *args), kwargs, compiled=self.compiled)
         name = "inverse_with_logdet" if self.logdet else "inverse"
         fn = fsdp_forward_method(block, name) if self.mode is Mode.RECORD else getattr(block, name)
-        return guarded_call(fn, (*given, *args), kwargs)
+        return guarded_call(fn, (*given, *args), kwargs, compiled=self.compiled)
 
     def set_outputs(
         self,
@@ -388,7 +396,9 @@ class Frame:
         if self.mode is Mode.RECORD:
             index = self.packed.get(slot, 0)
             self.packed[slot] = index + 1
-            return _Saved(self, slot, index, t)
+            saved = _Saved(self, slot, index, t)
+            self.metadata.setdefault(slot, []).append((saved.shape, saved.dtype))
+            return saved
         assert self.storage is not None
         # detached: a recomputed op's saved output would otherwise hold its own graph in a
         # cycle that only autograd (not Python's collector) could break
@@ -410,7 +420,7 @@ class Frame:
             if self.preserve_rng:
                 record.rng_before = RngState.capture(self.devices)
             with self._in_slot(slot):
-                out = guarded_call(fn, args, kwargs)
+                out = guarded_call(fn, args, kwargs, compiled=self.compiled)
             if self.preserve_rng:
                 record.rng_after = RngState.capture(self.devices, record.rng_before)
             return out
@@ -420,8 +430,8 @@ class Frame:
             n = len(args)
             if record.rng_before is not None:
                 record.rng_before.restore()
-            with torch.enable_grad(), self._in_slot(slot):
-                out = fn(*leaves[:n], **dict(zip(kwargs, leaves[n:])))
+            with torch.enable_grad(), self._in_slot(slot), compiled_as(self.compiled):
+                out = run_compiled(fn, tuple(leaves[:n]), dict(zip(kwargs, leaves[n:])))
             self.cache[slot] = out
             return out
         # REPLAY
@@ -430,8 +440,8 @@ class Frame:
             if record.rng_after is not None:
                 record.rng_after.restore()
             return self.cache.pop(slot)
-        with self._in_slot(slot):
-            return fn(*args, **kwargs)
+        with self._in_slot(slot), compiled_as(self.compiled):
+            return run_compiled(fn, args, kwargs)
 
     @contextmanager
     def _in_slot(self, slot: int) -> Iterator[None]:
@@ -489,6 +499,23 @@ class Frame:
             "Fm/Gm themselves with torch.compile(module) instead)."
         )
 
+    def _check_refill(self) -> None:
+        """The recompute must save what the forward pass saved, slot by slot; say where it
+        did not (rather than let autograd differentiate with other tensors)."""
+        storage = self.storage or {}
+        for slot, recorded in self.metadata.items():
+            got = [(t.shape, t.dtype) for t in storage.get(slot, ()) if t is not None]
+            if got != recorded:
+                if len(got) != len(recorded):
+                    what = f"it saved {len(got)} tensors where the forward pass saved {len(recorded)}"
+                else:
+                    i = next(k for k, (a, b) in enumerate(zip(got, recorded)) if a != b)
+                    what = (
+                        f"saved tensor {i} has shape {tuple(got[i][0])} ({got[i][1]}) where the "
+                        f"forward pass saved one of shape {tuple(recorded[i][0])} ({recorded[i][1]})"
+                    )
+                raise RuntimeError(self._mismatch(slot, what))
+
     def output_value(self, task: int) -> tuple[Tensor, ...]:
         """The block's output in backward pass ``task``."""
         values = []
@@ -545,6 +572,7 @@ class Frame:
             self.mode = Mode.RECORD
             self.cache = {}
         del outputs
+        self._check_refill()
         if self.remaining == 0:
             self.storage = None
         self.rebuilt, self.rebuilt_task = inputs, task
@@ -590,7 +618,9 @@ class Frame:
     ) -> tuple[Tensor, ...]:
         block = self.block
         fn: Callable[..., Any] = block if direction is Direction.FORWARD else block.inverse  # type: ignore[assignment]
-        out = fn(tuple(outputs), *args, **kwargs) if self.parts else fn(*outputs, *args, **kwargs)
+        given = (tuple(outputs),) if self.parts else tuple(outputs)
+        with compiled_as(self.compiled):
+            out = run_compiled(fn, (*given, *args), kwargs)
         rebuilt = out if isinstance(out, tuple) else (out,)
         for i, t in enumerate(rebuilt):
             if not isinstance(t, Tensor):

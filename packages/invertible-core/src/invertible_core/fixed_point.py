@@ -155,7 +155,7 @@ class GridRange:
         self._warned = False
 
     def observe(self, x: Tensor, bits: int) -> None:
-        if self._warned or x.dtype not in _MANTISSA_BITS:
+        if self._warned or x.dtype not in _MANTISSA_BITS or torch.compiler.is_compiling():
             return
         self._calls += 1
         if (self._calls - 1) % self._every:

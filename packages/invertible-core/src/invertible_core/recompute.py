@@ -33,13 +33,15 @@ from __future__ import annotations
 
 import threading
 import weakref
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeVar
 
 import torch
 from torch import Tensor, nn
+
+_F = TypeVar("_F", bound=Callable[..., Any])
 
 __all__ = [
     "AutocastState",
@@ -79,18 +81,97 @@ class _Local(threading.local):
 _local = _Local()
 
 
+# -- torch.compile -------------------------------------------------------------------------------
+# NOTE [torch.compile and the recompute]
+# Under torch.compile(model), dynamo compiles the code of the blocks (their forward, Fm, Gm)
+# and not the engine's bookkeeping: a memory-saving call's public entry runs eagerly with
+# dynamo still watching (``entry_frame``), notes dynamo's frame callback
+# (:func:`compile_context`), and runs the engine with dynamo off (``engine_only``); the engine
+# puts the callback back around every call into a block's code (:func:`compiled_as`). The
+# recompute does the same, so it runs the *same* compiled code as the forward pass and saves
+# what the compiled forward saved (a recompute is a forward with grad, guarded alike).
+_ENTRY_REASON = (
+    "memory saving rebuilds activations inside autograd's backward pass, which one graph "
+    "cannot express: compile without fullgraph=True (the memory-saving call is then a graph "
+    "break and the blocks' code still compiles), or set memory_saving=False (the sequence is "
+    "then plain autograd, traced into the graph)"
+)
+
+
+def entry_frame(fn: _F) -> _F:
+    """Run ``fn``'s own frame eagerly under torch.compile, with dynamo still watching: the
+    public entry of a memory-saving call, which takes note of dynamo's callback
+    (:func:`compile_context`) before the engine runs."""
+    try:
+        return torch.compiler.disable(fn, recursive=False, reason=_ENTRY_REASON)  # type: ignore[call-arg,no-any-return]
+    except TypeError:  # torch before the reason argument
+        return torch.compiler.disable(fn, recursive=False)  # type: ignore[no-any-return]
+
+
+def engine_only(fn: _F) -> _F:
+    """Keep dynamo out of ``fn`` and everything it calls (engine bookkeeping); the engine
+    re-enters dynamo itself around the code of the blocks (:func:`compiled_as`)."""
+    return torch.compiler.disable(fn)  # type: ignore[no-any-return]
+
+
+def run_compiled(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)``: a frame of this package, which dynamo traces when a callback
+    is set, inlining ``fn`` (an ``nn.Sequential`` as Fm, whose own frames, being torch's
+    code, dynamo would skip)."""
+    return fn(*args, **kwargs)
+
+
+def compile_context() -> Any:
+    """Dynamo's frame callback now (``None`` outside torch.compile, or where unknown)."""
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:  # pragma: no cover - a torch without this entry point
+        return None
+    callback = get_eval_frame_callback()
+    return callback if callback not in (None, False) else None
+
+
+@contextmanager
+def compiled_as(callback: Any) -> Iterator[None]:
+    """Run the enclosed code under dynamo's frame ``callback`` (``None``: as it is)."""
+    if callback is None:
+        yield
+        return
+    from torch._C._dynamo.eval_frame import set_eval_frame
+
+    before = set_eval_frame(callback)
+    try:
+        yield
+    finally:
+        set_eval_frame(before)
+
+
 def current_site() -> CallSite | None:
     """The engine's record of the block call now running (``None``: a plain call)."""
     return _local.site
 
 
+#: memory-saving calls in progress, in any thread: a module global, so that dynamo, tracing
+#: a block's code, guards on it and knows whether shared calls are the engine's (a graph
+#: break) or plain code (traced inline)
+_ENGINE_CALLS = 0
+
+
+def _traced_plainly() -> bool:
+    """Whether dynamo is tracing plain code (no memory-saving call in progress)."""
+    return torch.compiler.is_compiling() and _ENGINE_CALLS == 0
+
+
 @contextmanager
 def active_site(site: CallSite | None) -> Iterator[None]:
     """Make ``site`` receive the :func:`shared_call` calls of the enclosed code; nests."""
+    global _ENGINE_CALLS
     before, _local.site = _local.site, site
+    _ENGINE_CALLS += 1
     try:
         yield
     finally:
+        _ENGINE_CALLS -= 1
         _local.site = before
 
 
@@ -104,6 +185,13 @@ def is_recomputing() -> bool:
     ``if not is_recomputing():``. Thread-local: autograd may run backward passes on other
     threads, each answers for itself.
     """
+    if _traced_plainly():
+        return False
+    return _recomputing()
+
+
+@engine_only
+def _recomputing() -> bool:
     return _local.recomputing > 0
 
 
@@ -128,6 +216,13 @@ def shared_call(slot: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any)
     same slot). Outside the engine (a plain call) this is ``fn(*args, **kwargs)``, with the
     check that ``fn`` did not modify its inputs in place.
     """
+    if _traced_plainly():  # dynamo tracing plain code (fullgraph=True): the call itself
+        return fn(*args, **kwargs)
+    return _shared_call(slot, fn, args, kwargs)
+
+
+@engine_only
+def _shared_call(slot: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     site = _local.site
     if site is None:
         return guarded_call(fn, args, kwargs)
@@ -137,10 +232,18 @@ def shared_call(slot: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any)
 # -- log-determinants ---------------------------------------------------------------------------
 def wants_logdet(module: nn.Module) -> bool:
     """Whether a caller of ``module`` collects its log-determinant (see :func:`with_logdet`)."""
+    if _traced_plainly():
+        return False
+    return _wants_logdet(module)
+
+
+@engine_only
+def _wants_logdet(module: nn.Module) -> bool:
     stack = _local.logdet
     return bool(stack) and stack[-1][0] is module
 
 
+@engine_only
 def report_logdet(module: nn.Module, logdet: Tensor) -> None:
     """Add ``logdet`` (per sample, shape ``(batch,)``) to what ``module``'s caller collects.
 
@@ -152,6 +255,7 @@ def report_logdet(module: nn.Module, logdet: Tensor) -> None:
         stack[-1][1].append(logdet)
 
 
+@engine_only
 def with_logdet(
     module: nn.Module, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any
 ) -> tuple[Tensor, Tensor]:
@@ -419,15 +523,17 @@ def _copy_with_strides(t: Tensor) -> Tensor:
     return t.clone()
 
 
+@engine_only
 def guarded_call(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
     kwargs: dict[str, Any],
     key: tuple[Any, str] | None = None,
+    compiled: Any = None,
 ) -> Any:
     """``fn(*args, **kwargs)``, refusing a function that modifies its tensor inputs in place
     (see the NOTE above). ``key`` names what is trusted once it behaved (default: ``fn``'s
-    module and method)."""
+    module and method); ``fn`` itself runs under dynamo's callback ``compiled``."""
     owner, name = _trust_key(fn) if key is None else key
     try:
         trusted = name in _TRUSTED.get(owner, ())
@@ -451,11 +557,8 @@ def guarded_call(
         for t in (*args, *kwargs.values())
         if isinstance(t, Tensor) and not any(t is c for c, _ in copies)
     ]
-    if copies:  # calls inside fn see the copies as protected too
-        with protecting([c for c, _ in copies]):
-            out = fn(*args, **kwargs)
-    else:
-        out = fn(*args, **kwargs)
+    with protecting([c for c, _ in copies]), compiled_as(compiled):
+        out = run_compiled(fn, args, kwargs)  # calls inside fn see the copies as protected
     for t, version in copies:
         if t._version != version:
             raise _in_place_error(fn, shielded=True)

@@ -74,6 +74,9 @@ from invertible_core.engine import Direction, Frame, Run, claim_inputs, offer_ou
 from invertible_core.fixed_point import round_to_grid
 from invertible_core.recompute import (
     call_with_logdet,
+    compile_context,
+    engine_only,
+    entry_frame,
     fsdp_forward_method,
     guarded_call,
     protecting,
@@ -300,7 +303,7 @@ class ReversibleSequence(nn.Module):
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
         """Run the blocks in order (side inputs go to every block); saves memory while
         training with grad enabled."""
-        if wants_logdet(self):  # called by forward_with_logdet, through __call__
+        if not torch.compiler.is_compiling() and wants_logdet(self):  # by forward_with_logdet
             y, logdet = cast(
                 tuple[Tensor, Tensor], self._run(x, args, kwargs, Direction.FORWARD, logdet=True)
             )
@@ -340,7 +343,6 @@ class ReversibleSequence(nn.Module):
     def keep_blocks(self, value: int | Iterable[int] | None) -> None:
         self._keep_blocks = _kept_indices(value, len(self))
 
-    @torch.compiler.disable
     def _run(
         self,
         x: Tensor,
@@ -351,27 +353,85 @@ class ReversibleSequence(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         if not isinstance(x, Tensor):
             raise TypeError(f"ReversibleSequence expects a tensor, got {type(x).__name__}")
+        if torch.compiler.is_compiling() and not self._saving(x, args, kwargs):
+            # dynamo traces plain autograd into the graph (eval, no grad, memory_saving=False)
+            return self._traced(x, args, kwargs, direction, logdet)
+        return self._entry(x, args, kwargs, direction, logdet)
+
+    def _saving(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
+        """Whether this call saves memory: training, with grad, and something needs one."""
+        return bool(
+            self.memory_saving
+            and self.training
+            and torch.is_grad_enabled()
+            and (
+                x.requires_grad
+                or any(isinstance(v, Tensor) and v.requires_grad for v in (*args, *kwargs.values()))
+                or any(p.requires_grad for p in self.parameters())
+            )
+        )
+
+    @entry_frame
+    def _entry(
+        self,
+        x: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        direction: Direction,
+        logdet: bool,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        """Eager under torch.compile (a graph break), with dynamo's callback noted for the
+        blocks' code (see the NOTE [torch.compile and the recompute])."""
+        return self._run_eagerly(x, args, kwargs, direction, logdet, compile_context())
+
+    def _traced(
+        self,
+        x: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        direction: Direction,
+        logdet: bool,
+    ) -> Tensor | tuple[Tensor, Tensor]:
+        blocks = list(self) if direction is Direction.FORWARD else list(self)[::-1]
+        total: Tensor | None = None
+        for block in blocks:
+            if direction is Direction.FORWARD:
+                out = block.forward_with_logdet(x, *args, **kwargs) if logdet else block(x, *args, **kwargs)
+            else:
+                name = "inverse_with_logdet" if logdet else "inverse"
+                out = getattr(block, name)(x, *args, **kwargs)
+            if logdet:
+                x, ld = out
+                total = ld if total is None else total + ld
+            else:
+                x = out
+        if not logdet:
+            return x
+        return x, total if total is not None else x.new_zeros(x.shape[0])
+
+    @engine_only
+    def _run_eagerly(
+        self,
+        x: Tensor,
+        args: tuple[Any, ...],
+        kwargs: dict[str, Any],
+        direction: Direction,
+        logdet: bool,
+        compiled: Any,
+    ) -> Tensor | tuple[Tensor, Tensor]:
         if logdet and x.dim() == 0:
             raise ValueError("forward_with_logdet needs a batch dimension (dim 0) in its input")
         blocks = list(self)
         order = list(range(len(blocks)))
         if direction is Direction.INVERSE:
             order.reverse()
-        side = [v for v in (*args, *kwargs.values()) if isinstance(v, Tensor)]
-        saving = (
-            self.memory_saving
-            and self.training
-            and torch.is_grad_enabled()
-            and (
-                x.requires_grad
-                or any(t.requires_grad for t in side)
-                or any(p.requires_grad for p in self.parameters())
-            )
-        )
+        saving = self._saving(x, args, kwargs)
         with protecting([x]):
             if not saving:
-                return self._run_plain(x, args, kwargs, direction, logdet, [blocks[i] for i in order])
-            return self._run_saving(x, args, kwargs, direction, logdet, blocks, order)
+                return self._run_plain(
+                    x, args, kwargs, direction, logdet, [blocks[i] for i in order], compiled
+                )
+            return self._run_saving(x, args, kwargs, direction, logdet, blocks, order, compiled)
 
     def _run_plain(
         self,
@@ -381,6 +441,7 @@ class ReversibleSequence(nn.Module):
         direction: Direction,
         logdet: bool,
         blocks: list[nn.Module],
+        compiled: Any = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         total: Tensor | None = None
         state: State = (x,)
@@ -393,7 +454,11 @@ class ReversibleSequence(nn.Module):
                 if not callable(getattr(block, "forward_with_logdet", None)):
                     raise _no_logdet(block, direction)
                 out = guarded_call(
-                    call_with_logdet, (block, given, *args), kwargs, key=(block, "forward_with_logdet")
+                    call_with_logdet,
+                    (block, given, *args),
+                    kwargs,
+                    key=(block, "forward_with_logdet"),
+                    compiled=compiled,
                 )
             else:
                 if direction is Direction.FORWARD:
@@ -403,7 +468,7 @@ class ReversibleSequence(nn.Module):
                     if not callable(getattr(block, name, None)):
                         raise _no_logdet(block, direction)
                     fn = fsdp_forward_method(block, name)
-                out = guarded_call(fn, (given, *args), kwargs)
+                out = guarded_call(fn, (given, *args), kwargs, compiled=compiled)
             state, ld = _split_output(out, block, i, logdet, want)
             if ld is not None:
                 total = ld if total is None else total + ld
@@ -421,6 +486,7 @@ class ReversibleSequence(nn.Module):
         logdet: bool,
         blocks: list[nn.Module],
         order: list[int],
+        compiled: Any,
     ) -> Tensor | tuple[Tensor, Tensor]:
         devices = tensor_devices([x, *args, *kwargs.values()])
         kept = set(self._keep_blocks)
@@ -471,6 +537,7 @@ class ReversibleSequence(nn.Module):
                     index=index,
                     n_inputs=len(state),
                     parts=want is not None,
+                    compiled=compiled,
                 )
                 if frames:
                     before = frames[-1]

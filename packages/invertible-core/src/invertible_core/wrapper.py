@@ -47,7 +47,14 @@ from torch import Tensor, nn
 from invertible_core._layer import InvertibleLayer
 from invertible_core.couplings import Coupling, create_coupling
 from invertible_core.engine import Direction, Frame, Run, claim_inputs, offer_outputs, saving_hooks
-from invertible_core.recompute import guarded_call, protecting, tensor_devices
+from invertible_core.recompute import (
+    compile_context,
+    engine_only,
+    entry_frame,
+    guarded_call,
+    protecting,
+    tensor_devices,
+)
 from invertible_core.sequence import ReversibleSequence
 
 __all__ = ["InvertibleModuleWrapper", "ReversibleBlock"]
@@ -117,9 +124,15 @@ class InvertibleModuleWrapper(nn.Module):
         """``fn.inverse(*yin, **side)``; while training, keeps no activation of its own."""
         return self._run_direction(yin, side, inverse=True)
 
-    @torch.compiler.disable  # eager under torch.compile, as the sequence (one graph break)
+    @entry_frame  # eager under torch.compile (a graph break); the module's code compiles
     def _run_direction(
         self, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], inverse: bool
+    ) -> Tensor | tuple[Tensor, ...]:
+        return self._run_eagerly(inputs, kwargs, inverse, compile_context())
+
+    @engine_only
+    def _run_eagerly(
+        self, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], inverse: bool, compiled: Any
     ) -> Tensor | tuple[Tensor, ...]:
         name = "inverse" if inverse else "forward"
         if len(inputs) == 0:
@@ -155,7 +168,7 @@ class InvertibleModuleWrapper(nn.Module):
         with protecting(inputs):
             if not saving:
                 call: Any = fn.inverse if inverse else fn
-                out = guarded_call(call, inputs, kwargs)
+                out = guarded_call(call, inputs, kwargs, compiled=compiled)
                 _check_outputs(out, fn, name)
                 return out  # type: ignore[no-any-return]
             run = Run("InvertibleModuleWrapper", self.num_bwd_passes)
@@ -168,6 +181,7 @@ class InvertibleModuleWrapper(nn.Module):
                 preserve_rng=self.preserve_rng_state,
                 keep_input=self.keep_input_inverse if inverse else self.keep_input,
                 n_inputs=len(inputs),
+                compiled=compiled,
             )
             claim_inputs(frame, inputs)
             with saving_hooks():
