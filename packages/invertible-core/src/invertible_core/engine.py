@@ -419,8 +419,11 @@ class Frame:
             record.layouts = _layouts(values)
             if self.preserve_rng:
                 record.rng_before = RngState.capture(self.devices)
-            with self._in_slot(slot):
+            before, self._slot = self._slot, slot
+            try:
                 out = guarded_call(fn, args, kwargs, compiled=self.compiled)
+            finally:
+                self._slot = before
             if self.preserve_rng:
                 record.rng_after = RngState.capture(self.devices, record.rng_before)
             return out

@@ -185,13 +185,13 @@ def is_recomputing() -> bool:
     ``if not is_recomputing():``. Thread-local: autograd may run backward passes on other
     threads, each answers for itself.
     """
-    if _traced_plainly():
-        return False
-    return _recomputing()
+    if torch.compiler.is_compiling():  # dynamo tracing a block's code
+        return False if _ENGINE_CALLS == 0 else _recomputing_untraced()
+    return _local.recomputing > 0
 
 
 @engine_only
-def _recomputing() -> bool:
+def _recomputing_untraced() -> bool:
     return _local.recomputing > 0
 
 
@@ -216,12 +216,13 @@ def shared_call(slot: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any)
     same slot). Outside the engine (a plain call) this is ``fn(*args, **kwargs)``, with the
     check that ``fn`` did not modify its inputs in place.
     """
-    if _traced_plainly():  # dynamo tracing plain code (fullgraph=True): the call itself
-        return fn(*args, **kwargs)
+    if torch.compiler.is_compiling():  # dynamo tracing a block's code
+        if _ENGINE_CALLS == 0:  # plain code (fullgraph=True): the call itself
+            return fn(*args, **kwargs)
+        return _shared_call_untraced(slot, fn, args, kwargs)  # the engine's: a graph break
     return _shared_call(slot, fn, args, kwargs)
 
 
-@engine_only
 def _shared_call(slot: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
     site = _local.site
     if site is None:
@@ -229,33 +230,46 @@ def _shared_call(slot: int, fn: Callable[..., Any], args: tuple[Any, ...], kwarg
     return site.call(slot, fn, args, kwargs)
 
 
+_shared_call_untraced = engine_only(_shared_call)
+
+
 # -- log-determinants ---------------------------------------------------------------------------
 def wants_logdet(module: nn.Module) -> bool:
     """Whether a caller of ``module`` collects its log-determinant (see :func:`with_logdet`)."""
-    if _traced_plainly():
-        return False
+    if torch.compiler.is_compiling():
+        return False if _ENGINE_CALLS == 0 else _wants_logdet_untraced(module)
     return _wants_logdet(module)
 
 
-@engine_only
 def _wants_logdet(module: nn.Module) -> bool:
     stack = _local.logdet
     return bool(stack) and stack[-1][0] is module
 
 
-@engine_only
+_wants_logdet_untraced = engine_only(_wants_logdet)
+
+
 def report_logdet(module: nn.Module, logdet: Tensor) -> None:
     """Add ``logdet`` (per sample, shape ``(batch,)``) to what ``module``'s caller collects.
 
     A no-op unless :func:`wants_logdet`; only the module whose ``forward_with_logdet`` runs
     reports, never a sub-module of it.
     """
+    if torch.compiler.is_compiling():
+        _report_logdet_untraced(module, logdet)
+        return
+    _report_logdet(module, logdet)
+
+
+def _report_logdet(module: nn.Module, logdet: Tensor) -> None:
     stack = _local.logdet
     if stack and stack[-1][0] is module:
         stack[-1][1].append(logdet)
 
 
-@engine_only
+_report_logdet_untraced = engine_only(_report_logdet)
+
+
 def with_logdet(
     module: nn.Module, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any
 ) -> tuple[Tensor, Tensor]:
@@ -265,6 +279,14 @@ def with_logdet(
     ``nn.Module.__call__``, so forward hooks (FSDP's unshard among them) fire as for a
     plain forward. The log-determinant is zeros of shape ``(batch,)`` if nothing reported.
     """
+    if torch.compiler.is_compiling():
+        return _with_logdet_untraced(module, fn, x, *args, **kwargs)
+    return _with_logdet(module, fn, x, *args, **kwargs)
+
+
+def _with_logdet(
+    module: nn.Module, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
     parts: list[Tensor] = []
     _local.logdet.append((module, parts))
     try:
@@ -278,6 +300,9 @@ def with_logdet(
     for p in parts[1:]:
         total = total + p
     return y, total
+
+
+_with_logdet_untraced = engine_only(_with_logdet)
 
 
 def call_with_logdet(block: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
@@ -523,7 +548,6 @@ def _copy_with_strides(t: Tensor) -> Tensor:
     return t.clone()
 
 
-@engine_only
 def guarded_call(
     fn: Callable[..., Any],
     args: tuple[Any, ...],
@@ -557,8 +581,11 @@ def guarded_call(
         for t in (*args, *kwargs.values())
         if isinstance(t, Tensor) and not any(t is c for c, _ in copies)
     ]
-    with protecting([c for c, _ in copies]), compiled_as(compiled):
-        out = run_compiled(fn, args, kwargs)  # calls inside fn see the copies as protected
+    if copies or compiled is not None:
+        with protecting([c for c, _ in copies]), compiled_as(compiled):
+            out = run_compiled(fn, args, kwargs)  # calls inside see the copies as protected
+    else:
+        out = fn(*args, **kwargs)
     for t, version in copies:
         if t._version != version:
             raise _in_place_error(fn, shielded=True)
