@@ -122,3 +122,12 @@ def test_a_non_positive_value_is_a_usage_error_not_a_traceback(
     assert exit_.value.code == 2
     err = capsys.readouterr().err
     assert f"argument {option}: must be greater than 0, got 0" in err and "Traceback" not in err
+
+
+def test_an_unknown_model_is_one_line_before_anything_starts(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    assert demo.main(["--model", "nosuchnet", "--quiet"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("invertible-demo: error: model.name must be one of")
+    assert len(err.splitlines()) == 1

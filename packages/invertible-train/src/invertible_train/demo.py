@@ -26,6 +26,7 @@ import math
 import os
 import sys
 import tempfile
+import textwrap
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
@@ -34,6 +35,7 @@ import torch.nn.functional as F
 
 from invertible_models.profiler import TrainingStep, measure_step_memory, median_step_seconds
 from invertible_train.checkpoint import CheckpointError
+from invertible_train.cli import check_experiment
 from invertible_train.config import ConfigError, apply_values, load_experiment
 from invertible_train.interrupts import Interrupted
 from invertible_train.model import build_model
@@ -44,6 +46,15 @@ from invertible_train.trainer import NonFiniteLossError, Trainer
 __all__ = ["choose_threads", "main"]
 
 MIB = 2**20
+
+#: what the closing table's figures mean, printed under it.
+_MEANING = (
+    "activations: what the forward pass keeps for the backward pass; memory saving stores "
+    "only a little of it and recomputes the rest during backward",
+    "step peak: the most memory one whole step (forward, loss, backward, optimizer update) "
+    "holds at once, beyond the weights, their gradients and momentum",
+    "memory: exact (the PyTorch profiler's allocations); time: median of 5 interleaved steps each",
+)
 
 
 def _positive(kind: Callable[[str], float]) -> Callable[[str], float]:
@@ -171,6 +182,7 @@ def _demo(args: argparse.Namespace) -> int:
         },
         source="invertible-demo",
     )
+    check_experiment(cfg)  # an unknown --model is one line before anything starts
     progress: ProgressMode
     if args.quiet:
         progress = "none"
@@ -216,14 +228,9 @@ def _demo(args: argparse.Namespace) -> int:
             f"{'on' if saving else 'off':<15}{memory[saving].activation_bytes / MIB:>17.2f}"
             f"{memory[saving].step_peak_bytes / MIB:>15.2f}{seconds[saving] * 1e3:>14.0f}"
         )
-    print(
-        "\nactivations: what the forward pass keeps for the backward pass (memory saving "
-        "stores only a little of it and recomputes the rest during backward)\n"
-        "step peak: the most memory one whole step (forward, loss, backward, optimizer "
-        "update) holds at once, beyond the weights, their gradients and momentum\n"
-        "memory: exact (the PyTorch profiler's allocations); time: median of 5 steps each, "
-        "interleaved"
-    )
+    print()
+    for line in _MEANING:
+        print(textwrap.fill(line, width=88, subsequent_indent="  "))
     on, off = memory[True], memory[False]
     if on.activation_bytes > 0 and on.step_peak_bytes > 0:
         print(
