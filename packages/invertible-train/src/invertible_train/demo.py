@@ -7,13 +7,13 @@ with the measurement ``invertible-profile`` uses
 (:func:`invertible_models.profiler.measure_step_memory`, exact on the CPU), and the time
 (median of interleaved steps). Its closing lines say what the two memory figures mean and
 what the saving costs in time. It needs no download and no GPU: with one thread it took
-about 45 s on a 2-core machine whose other core was busy (see the package README).
+41 to 88 s on a shared 2-core machine (see the package README).
 
 Threads: torch's default of one thread per core turns into a crawl when other work holds
-some of the cores (the threads wait on each other; measured here: 4x slower with 2 threads
-on 2 cores, one of them busy). Unless ``--threads`` says otherwise (or ``OMP_NUM_THREADS``
-is set), the demo uses the whole cores the 1-minute load average leaves idle, at least one
-(:func:`choose_threads`), and says how many it chose and why.
+some of the cores (the threads wait on each other; on a shared 2-core machine the demo took
+3.7x to 18x as long with 2 threads as with 1). Unless ``--threads`` says otherwise (or
+``OMP_NUM_THREADS`` is set), the demo uses the whole cores the 1-minute load average leaves
+idle, at least one (:func:`choose_threads`), and says how many it chose and why.
 
 Progress: a progress bar on a terminal; when stdout is not a terminal (a log file, a
 pipe, CI), one line per logged step instead, so a slow machine is never silent.
