@@ -39,6 +39,7 @@ CASES = {
         {"profiles", "ratios"},
     ),
     "bench_budget.py": (["--quick"], "--json", {"results", "targets", "environment"}),
+    "bench_demo.py": (["--quick", "--threads", "1", "auto"], "--json", {"runs", "environment"}),
     "bench_train.py": (
         ["--iterations", "4", "--repeats", "1", "--image-size", "8"],
         "--output",

@@ -455,10 +455,18 @@ def build_parser() -> argparse.ArgumentParser:
         "models", nargs="*", metavar="MODEL", help="model names (--list shows them)"
     )
     parser.add_argument("--list", action="store_true", help="print the model names and exit")
-    parser.add_argument("--batch-size", type=_at_least(1), default=32, help="images per step")
-    parser.add_argument("--image-size", type=_at_least(1), default=32, help="image side")
-    parser.add_argument("--num-classes", type=_at_least(1), default=10, help="classes")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
+    parser.add_argument(
+        "--batch-size", type=_at_least(1), default=32, help="images per step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--image-size", type=_at_least(1), default=32, help="image side (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--num-classes", type=_at_least(1), default=10, help="classes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="device (default: %(default)s)"
+    )
     parser.add_argument(
         "--steps",
         type=_at_least(1),
