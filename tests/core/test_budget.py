@@ -12,7 +12,7 @@ import copy
 import itertools
 import json
 import math
-from typing import Any, cast
+from typing import Any
 
 import pytest
 import torch
@@ -28,6 +28,7 @@ from invertible_core import (
     MemoryBudgetError,
     MemoryPlan,
     MemoryProfile,
+    MemorySwitches,
     PlanMismatchError,
     ReversibleSequence,
     fit_memory_budget,
@@ -38,7 +39,6 @@ from invertible_core import (
     measure_minimum_peak,
     parse_bytes,
 )
-from invertible_core.memory_plan import plannable_units
 
 MiB = 2**20
 
@@ -104,11 +104,8 @@ def profile() -> MemoryProfile:
 
 def plain_reference(model: nn.Module) -> nn.Module:
     ref = copy.deepcopy(model)
-    sequences, checkpointables = plannable_units(ref)
-    for seq in sequences.values():
-        seq.memory_saving = False
-    for module in checkpointables.values():
-        cast(Checkpointable, module).checkpointed = False
+    switches = MemorySwitches(ref)
+    switches.set(switches.uniform(recompute=False))
     return ref
 
 
@@ -174,9 +171,9 @@ def test_a_module_with_a_bool_checkpointed_switch_is_checkpointable() -> None:
 
 
 def test_the_switches_of_a_network_are_found_by_module_path() -> None:
-    sequences, checkpointables = plannable_units(net())
-    assert list(sequences) == ["body", "top"]
-    assert list(checkpointables) == ["stem", "middle"]
+    switches = MemorySwitches(net())
+    assert list(switches.sequences) == ["body", "top"]
+    assert list(switches.checkpointables) == ["stem", "middle"]
 
 
 # -- measuring phases ---------------------------------------------------------------------
@@ -377,7 +374,7 @@ def test_a_sequence_run_through_forward_with_logdet_is_planned_too() -> None:
     nll = lambda out: out.mean()  # noqa: E731
     profile = MemoryProfile.measure(model, x, loss_fn=nll, repeats=1)
     assert [u.name for u in profile.units] == [f"flow[{i}]" for i in range(4)]
-    assert all(u.activation_bytes > 0 for u in profile.units)
+    assert all(u.stored_bytes > 0 for u in profile.units)
     reference = copy.deepcopy(model)
     reference.flow.memory_saving = False
     for point in profile.frontier():
@@ -438,10 +435,10 @@ def test_a_plan_applied_to_another_network_is_a_clear_error(
 ) -> None:
     plan = profile.plan(profile.plain_peak_bytes)
     target = net(**other)  # type: ignore[arg-type]
-    before = [seq.keep_blocks for seq in plannable_units(target)[0].values()]
+    before = [seq.keep_blocks for seq in MemorySwitches(target).sequences.values()]
     with pytest.raises(PlanMismatchError, match=match):
         plan.apply(target)
-    assert [seq.keep_blocks for seq in plannable_units(target)[0].values()] == before
+    assert [seq.keep_blocks for seq in MemorySwitches(target).sequences.values()] == before
 
 
 def test_a_plan_names_the_switches_a_network_lacks_or_has_beyond_it(
@@ -492,10 +489,9 @@ def test_a_plan_is_applied_again_without_measuring(profile: MemoryProfile) -> No
     fresh.register_forward_pre_hook(lambda *args: calls.append(1))
     MemoryPlan.from_json(plan.to_json()).apply(fresh)
     assert not calls  # no step ran
-    sequences, checkpointables = plannable_units(fresh)
-    assert {n: s.keep_blocks for n, s in sequences.items()} == dict(plan.keep)
-    assert {n: m.checkpointed for n, m in checkpointables.items()} == dict(plan.checkpointed)  # type: ignore[union-attr]
-    assert all(s.memory_saving for s in sequences.values())
+    state = MemorySwitches(fresh).state()
+    assert state.keep == dict(plan.keep) and state.checkpointed == dict(plan.checkpointed)
+    assert all(state.saving.values())
 
 
 def test_a_printed_plan_is_a_table_of_switches_and_figures(profile: MemoryProfile) -> None:
@@ -503,7 +499,7 @@ def test_a_printed_plan_is_a_table_of_switches_and_figures(profile: MemoryProfil
     plan = fit_memory_budget(profile.module, budget=(lo + hi) // 2, profile=profile, repeats=1)
     text = str(plan)
     assert text.startswith(f"memory plan: budget {format_bytes(plan.budget_bytes)} on cpu")
-    assert "switch" in text and "choice" in text and "activations" in text
+    assert "switch" in text and "choice" in text and "stored" in text
     assert "stem" in text and "middle" in text
     assert "body[" in text and "top[" in text  # runs of blocks with one choice, grouped
     assert f"measured {format_bytes(plan.measured_peak_bytes or 0)}" in text

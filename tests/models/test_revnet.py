@@ -65,9 +65,11 @@ def test_memory_saving_can_be_toggled_on_a_built_model() -> None:
     model = _small_revnet()
     model.memory_saving = False
     assert not model.memory_saving
-    assert all(not s.blocks.memory_saving and not s.checkpoint_transition for s in model.stages)
+    assert all(
+        not s.blocks.memory_saving and not s.transition.checkpointed for s in model.stages[1:]
+    )
     model.memory_saving = True
-    assert all(s.blocks.memory_saving and s.checkpoint_transition for s in model.stages[1:])
+    assert all(s.blocks.memory_saving and s.transition.checkpointed for s in model.stages[1:])
 
 
 @pytest.mark.parametrize("block", ["basic", "bottleneck"])
