@@ -29,8 +29,10 @@ from invertible_core import (
     MemoryPlan,
     MemoryProfile,
     MemorySwitches,
+    NonFiniteLossError,
     PlanMismatchError,
     ReversibleSequence,
+    TrainingStep,
     fit_memory_budget,
     format_bytes,
     is_checkpointable,
@@ -251,6 +253,42 @@ def test_blocks_that_cost_the_same_are_kept_from_the_end(profile: MemoryProfile)
                 if i in point.stored and u.owner == name
             )  # type: ignore[type-var]
             assert kept == list(range(length - len(kept), length)), (name, kept)
+
+
+def test_the_optimizers_state_and_step_are_measured_with_the_rest() -> None:
+    """With the caller's optimizer the planner measures its step and its state (allocated
+    by the first step) instead of taking an estimate in ``reserved_bytes``."""
+    parameter_bytes = sum(p.numel() * p.element_size() for p in net().parameters())
+    one, two = net(), net()
+    plain_sgd = measure_minimum_peak(
+        one, batch(), loss_fn=square, optimizer=torch.optim.SGD(one.parameters(), lr=0.1)
+    )
+    momentum = measure_minimum_peak(
+        two,
+        batch(),
+        loss_fn=square,
+        optimizer=torch.optim.SGD(two.parameters(), lr=0.1, momentum=0.9),
+    )
+    assert momentum - plain_sgd == parameter_bytes  # the momentum buffers, to the byte
+
+
+def test_a_training_step_is_planned_as_it_is_and_left_as_it_was() -> None:
+    model = net()
+    optimizer = torch.optim.Adam(model.parameters(), lr=0.1)
+    step = TrainingStep(model, batch(), loss_fn=square, optimizer=optimizer)
+    params = [p.detach().clone() for p in model.parameters()]
+    plan = fit_memory_budget(step, budget="1GiB", repeats=1)
+    assert plan.measured_peak_bytes is not None
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), params))
+    assert not optimizer.state and step.calls == 0  # the optimizer is as it was: unstepped
+    with pytest.raises(ValueError, match="a TrainingStep has its own loss_fn, optimizer"):
+        fit_memory_budget(step, budget="1GiB", loss_fn=square, optimizer=optimizer)
+
+
+def test_planning_a_step_whose_loss_is_not_finite_stops_with_the_reason() -> None:
+    nan = lambda out: out.sum() * torch.tensor(float("nan"))  # noqa: E731
+    with pytest.raises(NonFiniteLossError, match="loss of training step 1 is nan"):
+        fit_memory_budget(net(), batch(), budget="1GiB", loss_fn=nan)
 
 
 def test_the_minimum_measured_alone_is_the_profiles() -> None:

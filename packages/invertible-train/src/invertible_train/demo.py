@@ -4,7 +4,7 @@ Trains a small reversible network (``revnet38`` by default, on 16x16 CIFAR-like 
 images) for a few hundred steps with the full harness, prints its test accuracy, then
 measures one training step of the same network with and without memory saving, with the
 measurement ``invertible-profile`` uses
-(:func:`invertible_models.profiler.measure_step_memory`, exact on the CPU), and prints
+(:func:`invertible_core.measure_step_memory`, exact on the CPU), and prints
 both. It needs no download and no GPU, and takes about a minute or two on two cores with
 the defaults.
 """
@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from invertible_models.profiler import TrainingStep, measure_step_memory
+from invertible_core import measure_step_memory
+from invertible_models.step import training_step
 from invertible_train.config import ConfigError, apply_values, load_experiment
 from invertible_train.model import build_model
 from invertible_train.trainer import Trainer
@@ -120,7 +121,7 @@ def _demo(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         variant = apply_values(cfg, {"model.memory_saving": saving})
         model = build_model(variant.model, trainer.data.num_classes)
-        step = TrainingStep(model, images=x, labels=y, loss=F.cross_entropy)
+        step = training_step(model, images=x, labels=y, loss=F.cross_entropy)
         rows.append((saving, measure_step_memory(step)))
     print(f"\none training step of {cfg.model.name}, batch {x.shape[0]}, measured exactly:")
     print(f"{'memory saving':<15}{'activations MiB':>17}{'step peak MiB':>15}")

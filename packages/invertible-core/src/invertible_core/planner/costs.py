@@ -9,7 +9,6 @@ step with everything recomputed (:func:`phase_peaks`). The step is the project's
 
 from __future__ import annotations
 
-import copy
 import gc
 import statistics
 import time
@@ -23,7 +22,13 @@ from torch import Tensor, nn
 
 from invertible_core.contract import is_recomputing
 from invertible_core.memory import mark_phase, measure_memory, measure_memory_phases
-from invertible_core.planner.step import TrainingStep, storage_key, synchronize, tensors
+from invertible_core.planner.step import (
+    StateSnapshot,
+    TrainingStep,
+    storage_key,
+    synchronize,
+    tensors,
+)
 from invertible_core.planner.switches import MemorySwitches, SwitchState
 from invertible_core.sequence import ReversibleSequence
 from invertible_core.steps import is_fused
@@ -132,18 +137,16 @@ def instrumented(
 @contextmanager
 def preserved(step: TrainingStep) -> Iterator[None]:
     """Everything the planner's steps change, put back afterwards: parameters (ActNorm
-    initialises its own), buffers, gradients, the optimizer's and the scaler's state, the
-    training flag, the switches, the random state. Copies go to the CPU, so that they take
-    no device memory."""
+    initialises its own), buffers, the optimizer's and the scaler's state
+    (:class:`~invertible_core.planner.step.StateSnapshot`), gradients, the training flag,
+    the switches, the random state. Copies go to the CPU, so that they take no device
+    memory."""
     module = step.module
-    params = [(p, p.detach().to("cpu", copy=True)) for p in module.parameters()]
-    buffers = [(b, b.detach().to("cpu", copy=True)) for b in module.buffers()]
+    snapshot = StateSnapshot(step)
     grads = [
         (t, None if t.grad is None else t.grad.detach().to("cpu", copy=True))
         for t in step.gradient_holders()
     ]
-    optimizer = None if step.optimizer is None else _to_cpu(step.optimizer.state_dict())
-    scaler = None if step.scaler is None else copy.deepcopy(step.scaler.state_dict())
     switches = MemorySwitches(module)
     setting = switches.state()
     training = module.training
@@ -153,29 +156,13 @@ def preserved(step: TrainingStep) -> Iterator[None]:
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
+        snapshot.restore()
         with torch.no_grad():
-            for t, saved in [*params, *buffers]:
-                t.copy_(saved)
             for t, saved_grad in grads:
                 t.grad = None if saved_grad is None else saved_grad.to(t.device)
-        if step.optimizer is not None and optimizer is not None:
-            step.optimizer.load_state_dict(optimizer)
-        if step.scaler is not None and scaler is not None:
-            step.scaler.load_state_dict(scaler)
         module.train(training)
         switches.set(setting)
         step.calls = calls
-
-
-def _to_cpu(value: Any) -> Any:
-    """A deep copy of ``value`` with every tensor on the CPU."""
-    if isinstance(value, Tensor):
-        return value.detach().to("cpu", copy=True)
-    if isinstance(value, dict):
-        return {k: _to_cpu(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return type(value)(_to_cpu(v) for v in value)
-    return copy.deepcopy(value)
 
 
 def detached(value: Any) -> Any:

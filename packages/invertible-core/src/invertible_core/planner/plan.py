@@ -34,6 +34,7 @@ from typing import Any, Literal
 from torch import nn
 
 from invertible_core.planner.switches import MemorySwitches, SwitchState
+from invertible_core.sequence import ReversibleSequence
 
 __all__ = [
     "MemoryBudgetError",
@@ -233,7 +234,7 @@ class MemoryPlan:
         )
 
     def _mismatches(
-        self, sequences: Mapping[str, nn.Module], checkpointables: Mapping[str, Any]
+        self, sequences: Mapping[str, ReversibleSequence], checkpointables: Mapping[str, Any]
     ) -> Iterator[str]:
         for name in sorted(set(self.sequence_lengths) - set(sequences)):
             yield f"it has no reversible sequence {_shown(name)}"

@@ -28,13 +28,18 @@ The quantities, one name each (bytes; tensors that share a storage count once):
     what memory saving reduces.
 
 :func:`measure_step_memory` measures them (exactly on the CPU, with the allocator's counters
-on CUDA) and :func:`median_step_seconds` times steps. A step whose loss is not finite
-raises :class:`NonFiniteLossError` before its backward: the cost of NaN arithmetic is not
-the cost of training, and a measurement that meets one records nothing.
+on CUDA) and :func:`median_step_seconds` times steps. Both *rewind*: every measured step
+starts from one state of the model (:class:`StateSnapshot`: parameters, buffers, the
+optimizer's and the scaler's state, put back between steps, outside what is measured), so
+they measure what a step costs at that state, whatever the learning rate, and never carry
+the model off to NaN. A step whose loss is not finite raises :class:`NonFiniteLossError`
+before its backward: the cost of NaN arithmetic is not the cost of training, and a
+measurement that meets one records nothing.
 """
 
 from __future__ import annotations
 
+import copy
 import gc
 import math
 import statistics
@@ -52,6 +57,7 @@ from invertible_core.memory import measure_memory
 __all__ = [
     "Clock",
     "NonFiniteLossError",
+    "StateSnapshot",
     "StepMemory",
     "TrainingStep",
     "measure_step_memory",
@@ -156,9 +162,9 @@ class TrainingStep:
             value = float(loss.detach())
             if not math.isfinite(value):
                 raise NonFiniteLossError(
-                    f"the loss of training step {self.calls + 1} is {value}: the step "
-                    "diverged, and what it costs is not a training step's cost (lower the "
-                    "learning rate, or measure an earlier state of the model)",
+                    f"the loss of training step {self.calls + 1} is {value}: the model (or its "
+                    "learning rate) has diverged, and NaN arithmetic is not what a training "
+                    "step costs",
                     value,
                     self.calls,
                 )
@@ -268,6 +274,63 @@ class TrainingStep:
         return storage_bytes([*self.state_tensors(), *self.batch_tensors()])
 
 
+class StateSnapshot:
+    """What a step changes, copied to the CPU (taking no device memory): the module's
+    parameters and buffers, the optimizer's state and the scaler's; :meth:`restore` writes
+    it back in place (the same tensors: nothing is allocated anew where a state tensor
+    exists). Gradients are not kept: each step zeroes or frees them first."""
+
+    def __init__(self, step: TrainingStep) -> None:
+        self.step = step
+        module = step.module
+        self.tensors = [
+            (t, t.detach().to("cpu", copy=True)) for t in [*module.parameters(), *module.buffers()]
+        ]
+        self.optimizer: dict[Any, dict[str, Any]] | None = None
+        if step.optimizer is not None:
+            self.optimizer = {
+                param: {key: _cpu_copy(value) for key, value in state.items()}
+                for param, state in step.optimizer.state.items()
+            }
+        self.scaler = None if step.scaler is None else _cpu_copy(step.scaler.state_dict())
+
+    def restore(self) -> None:
+        """Put the module, the optimizer and the scaler back as they were."""
+        step = self.step
+        with torch.no_grad():
+            for t, saved in self.tensors:
+                t.copy_(saved)
+            if step.optimizer is not None and self.optimizer is not None:
+                states = step.optimizer.state
+                for param in [p for p in states if p not in self.optimizer]:
+                    del states[param]
+                for param, saved_state in self.optimizer.items():
+                    current = states[param]
+                    for key in [k for k in current if k not in saved_state]:
+                        del current[key]
+                    for key, value in saved_state.items():
+                        now = current.get(key)
+                        if isinstance(value, Tensor) and isinstance(now, Tensor):
+                            now.copy_(value)
+                        elif isinstance(value, Tensor):
+                            current[key] = value.to(param.device, copy=True)
+                        else:
+                            current[key] = copy.deepcopy(value)
+        if step.scaler is not None and self.scaler is not None:
+            step.scaler.load_state_dict(self.scaler)
+
+
+def _cpu_copy(value: Any) -> Any:
+    """A deep copy of ``value`` with every tensor on the CPU."""
+    if isinstance(value, Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {k: _cpu_copy(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(_cpu_copy(v) for v in value)
+    return copy.deepcopy(value)
+
+
 @dataclass(frozen=True)
 class StepMemory:
     """What one steady-state training step costs in memory, in bytes (the quantities of
@@ -289,20 +352,32 @@ def measure_step_memory(step: TrainingStep, warmup: int = 2) -> StepMemory:
     """Measure one steady-state step of ``step`` (:func:`~invertible_core.measure_memory`).
 
     ``warmup`` steps run first (gradients and the optimizer's state allocated, one-off
-    initialisations done), then one measured step, then one measured forward pass. The
-    steps update the step's module: measure a copy when it must stay as it was. Raises
-    :class:`NonFiniteLossError` (nothing measured) when a loss on the way is not finite.
+    initialisations such as ActNorm's done), then one measured step, then one measured
+    forward pass. Every step after the first starts from the state the first left (a
+    :class:`StateSnapshot`, restored between steps), and the module is left in that state:
+    measure a copy when it must stay as it was. Raises :class:`NonFiniteLossError`
+    (nothing measured) when a loss on the way is not finite.
     """
     if warmup < 0:
         raise ValueError(f"warmup must be at least 0, got {warmup}")
+    snapshot: StateSnapshot | None = None
     for _ in range(warmup):
+        if snapshot is not None:
+            snapshot.restore()
         step()
+        snapshot = snapshot or StateSnapshot(step)
+    if snapshot is not None:
+        snapshot.restore()
     step.release_gradients()
     gc.collect()  # garbage of the warm-up is freed now, not inside the measurement
     state, batch, held = step.state_bytes(), step.batch_bytes(), step.held_bytes()
     _, stats = measure_memory(step, device=step.device)
+    if snapshot is not None:
+        snapshot.restore()
     output, forward = measure_memory(step.forward, device=step.device)
     del output
+    if snapshot is not None:
+        snapshot.restore()  # the forward moved BatchNorm's statistics
     return StepMemory(
         activation_bytes=forward.retained_bytes,
         step_peak_bytes=stats.peak_bytes,
@@ -316,11 +391,20 @@ def median_step_seconds(
     steps: Sequence[TrainingStep], repeats: int, clock: Clock = "wall"
 ) -> list[float]:
     """Median time of a step of each of ``steps``, timed in interleaved rounds (A, B, A,
-    B...), so that load on a shared machine falls on all alike and their ratios hold."""
+    B...), so that load on a shared machine falls on all alike and their ratios hold.
+
+    Every timed step starts from the state its step was in when this was called (a
+    :class:`StateSnapshot` restored before each, untimed), and is left there; warm the
+    steps up first. Raises :class:`NonFiniteLossError` when a loss is not finite.
+    """
+    snapshots = [StateSnapshot(step) for step in steps]
     times: list[list[float]] = [[] for _ in steps]
     for _ in range(repeats):
-        for record, step in zip(times, steps):
+        for record, step, snapshot in zip(times, steps, snapshots):
+            snapshot.restore()
             record.append(step.seconds(clock))
+    for snapshot in snapshots:
+        snapshot.restore()
     return [statistics.median(record) for record in times]
 
 
