@@ -76,24 +76,32 @@ class BatchSearch:
     Attributes:
         fit_batch: the largest batch measured to fit (``None``: not even the smallest tried).
         exact: whether ``fit_batch + 1`` was measured not to fit.
-        tries: every try: ``{"batch", "peak_bytes" (None: out of memory), "fits"}``.
+        tries: every try: ``{"batch", "peak_bytes" (None: out of memory), "fits", "how"}``.
+        stopped: whether ``stop`` ended the search before it was exact.
     """
 
     fit_batch: int | None
     exact: bool
     tries: list[dict[str, Any]] = field(default_factory=list)
+    stopped: bool = False
 
 
 def largest_fitting_batch(
-    peak_of: Callable[[int], int | None], budget: int, start: int = 32, max_tries: int = 12
+    peak_of: Callable[[int], int | None],
+    budget: int,
+    start: int = 32,
+    max_tries: int = 12,
+    stop: Callable[[int, list[dict[str, Any]]], bool] | None = None,
 ) -> BatchSearch:
     """The largest batch ``b`` with ``peak_of(b) <= budget`` (``peak_of`` returns ``None``
-    for a batch that ran out of memory), in at most ``max_tries`` tries.
+    for a batch that ran out of memory), in at most ``max_tries`` tries; ``stop(batch,
+    tries)``, asked before every try but the first, may end the search there (a time box).
 
     Doubling (or halving) from ``start`` brackets the answer; inside the bracket, the batch
     the line through the two nearest measurements predicts, then its neighbour (one more if
-    it fitted, one less if not) to confirm the boundary; every third try bisects, so that a
-    line that keeps missing cannot stall the search.
+    it fitted, one less if not) to confirm the boundary; every third try bisects, and so
+    does a try whose line points outside the bracket (out of memory below the budget), so
+    that a line that keeps missing cannot stall the search.
     """
     if start < 1 or max_tries < 1:
         raise ValueError(f"start and max_tries must be >= 1, got {start} and {max_tries}")
@@ -104,7 +112,11 @@ def largest_fitting_batch(
     batch: int | None = start
     kind = "start"
     inside = 0  # tries made inside the bracket
+    stopped = False
     while batch is not None and len(tries) < max_tries:
+        if tries and stop is not None and stop(batch, tries):
+            stopped = True
+            break
         peak = peak_of(batch)
         fits = peak is not None and peak <= budget
         peaks[batch] = peak
@@ -132,11 +144,13 @@ def largest_fitting_batch(
         guess = _predicted(peaks, budget)
         if kind == "line" and inside % 3 != 0:
             batch, kind = (lo + 1, "check") if fits else (hi - 1, "check")
-        elif guess is None or inside % 3 == 0:
+        elif guess is None or inside % 3 == 0 or not lo < guess < hi:
+            # no line, every third try, or a line that misses the bracket (a batch ran out
+            # of device memory below the budget, so memory is not what the line says)
             batch, kind = (lo + hi) // 2, "bisect"
         else:
             batch, kind = min(max(guess, lo + 1), hi - 1), "line"
-    return BatchSearch(lo, lo is not None and hi == lo + 1, tries)
+    return BatchSearch(lo, lo is not None and hi == lo + 1, tries, stopped)
 
 
 def _predicted(peaks: dict[int, int | None], budget: int) -> int | None:

@@ -23,8 +23,10 @@ Memory is exact: on the CPU the sum of the PyTorch profiler's allocation events,
 ``torch.cuda.max_memory_allocated`` (:func:`invertible_core.measure_step_memory`). Memory
 and time are measured in separate runs, because the CPU profiler slows the work it records,
 and every measured step starts from one state of the model (the measurements rewind), so a
-model that training would carry off to NaN is measured where it is. A step whose loss is
-not finite is never timed: the profiler says so and records nothing for that model.
+model that training would carry off to NaN is measured where it is. The step times of the
+models named are taken in interleaved rounds (A, B, A, B...), so that their ratios hold on
+a loaded machine. A step whose loss is not finite is never timed: the profiler says so and
+records nothing for that model.
 ``--plot FILE`` draws memory against depth per model family and saving mode (needs
 matplotlib: ``pip install invertible-models[plot]``).
 """
@@ -36,7 +38,7 @@ import json
 import re
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
@@ -58,7 +60,9 @@ __all__ = [
     "compare",
     "format_comparisons",
     "format_table",
+    "interleaved_seconds",
     "main",
+    "model_step",
     "plot_profiles",
     "profile_model",
     "profile_step",
@@ -136,15 +140,54 @@ def profile_model(
     """
     if steps < 0:
         raise ValueError(f"steps must be at least 0, got {steps}")
+    step = model_step(
+        name,
+        batch_size=batch_size,
+        image_size=image_size,
+        num_classes=num_classes,
+        device=device,
+        seed=seed,
+        **options,
+    )
+    return profile_step(step, name=name, label=label, steps=steps, options=options)
+
+
+def model_step(
+    name: str,
+    *,
+    batch_size: int = 32,
+    image_size: int = 32,
+    num_classes: int = 10,
+    device: str = "cpu",
+    seed: int = 0,
+    **options: Any,
+) -> TrainingStep:
+    """The zoo's training step of model ``name`` (built with ``options``, weights and batch
+    from ``seed``), as :func:`profile_model` measures it."""
     torch.manual_seed(seed)
-    step = training_step(
+    return training_step(
         build_model(name, image_size=image_size, num_classes=num_classes, **options),
         batch_size=batch_size,
         image_size=image_size,
         num_classes=num_classes,
         device=device,
     )
-    return profile_step(step, name=name, label=label, steps=steps, options=options)
+
+
+def interleaved_seconds(steps: Sequence[TrainingStep], repeats: int) -> list[float | None]:
+    """Median step time of each step, timed in interleaved rounds so that their ratios hold
+    on a loaded machine; ``None`` for a step whose loss is not finite (then the others are
+    timed one by one)."""
+    try:
+        return list(median_step_seconds(steps, repeats))
+    except NonFiniteLossError:
+        times: list[float | None] = []
+        for step in steps:
+            try:
+                times.append(median_step_seconds([step], repeats)[0])
+            except NonFiniteLossError:
+                times.append(None)
+        return times
 
 
 def profile_step(
@@ -456,26 +499,39 @@ def main(argv: Sequence[str] | None = None) -> int:
                 json_path=args.json,
             )
         )
-    profiles: list[ModelProfile] = []
+    # memory one model at a time (under the CPU profiler), then time all of them in
+    # interleaved rounds, so that the ratios of the comparisons hold on a loaded machine
+    measured: list[tuple[ModelProfile, TrainingStep]] = []
     failed: list[dict[str, str]] = []
     for name in args.models:
         for saving in _savings(args.memory_saving):
             options: dict[str, Any] = {} if saving is None else {"memory_saving": saving}
+            step = model_step(
+                name,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                num_classes=args.num_classes,
+                device=args.device,
+                **options,
+            )
             try:
-                profiles.append(
-                    profile_model(
-                        name,
-                        batch_size=args.batch_size,
-                        image_size=args.image_size,
-                        num_classes=args.num_classes,
-                        device=args.device,
-                        steps=args.steps if args.steps is not None else 3,
-                        **options,
-                    )
-                )
+                profile = profile_step(step, name=name, steps=0, options=options)
             except NonFiniteLossError as exc:
                 print(f"invertible-profile: {name}: {exc}; nothing recorded", file=sys.stderr)
                 failed.append({"model": name, "error": str(exc)})
+                continue
+            measured.append((profile, step))
+    repeats = args.steps if args.steps is not None else 3
+    times = interleaved_seconds([step for _, step in measured], repeats)
+    profiles: list[ModelProfile] = []
+    for (profile, _), seconds in zip(measured, times):
+        if seconds is None:
+            error = "a timed step's loss was not finite"
+            print(f"invertible-profile: {profile.name}: {error}; nothing recorded", file=sys.stderr)
+            failed.append({"model": profile.name, "error": error})
+        else:
+            profiles.append(replace(profile, step_seconds=seconds))
+    del measured
     print(
         f"batch {args.batch_size}, {args.image_size}x{args.image_size} images, "
         f"{args.num_classes} classes, device {args.device}, torch {torch.__version__}"

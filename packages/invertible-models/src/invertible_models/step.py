@@ -62,10 +62,13 @@ def training_step(
     loss: Callable[[Any, torch.Tensor], torch.Tensor] | None = None,
     optimizer: Callable[[nn.Module], torch.optim.Optimizer] | None = None,
     autocast_dtype: torch.dtype | None = None,
+    scaler: torch.amp.GradScaler | None = None,
+    check_finite: bool = True,
 ) -> TrainingStep:
     """The training step of ``model`` (moved to the device, in training mode), as the module
     docstring says; ``images``, ``labels``, ``loss(output, labels)`` and ``optimizer(model)``
-    (a factory) replace the defaults."""
+    (a factory) replace the defaults; ``autocast_dtype``, ``scaler`` and ``check_finite`` are
+    the :class:`~invertible_core.TrainingStep`'s."""
     device = torch.device(device) if images is None else images.device
     model = model.to(device).train()
     density = is_density_model(model)
@@ -96,5 +99,7 @@ def training_step(
         targets=labels,
         loss_fn=loss,
         optimizer=made,
+        scaler=scaler,
         autocast_dtype=autocast_dtype,
+        check_finite=check_finite,
     )
