@@ -26,14 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from invertible_core import (
-    MemoryBudgetError,
-    MemoryPlan,
-    NonFiniteLossError,
-    PlanMismatchError,
-    parse_bytes,
-)
-from invertible_core import fit_memory_budget as fit
+from invertible_core import MemoryBudgetError, MemoryPlan, PlanMismatchError, parse_bytes
 from invertible_train.config import ConfigError
 
 __all__ = ["apply_plan", "plan_memory", "planning_batch", "reusable_plan"]
@@ -85,9 +78,12 @@ def plan_memory(
     the budget is below the step's minimum (the message says the minimum), the model has
     nothing to plan, or a measured step's loss is not finite.
     """
+    # the planner's measuring machinery loads only when a run has a budget
+    from invertible_core import NonFiniteLossError, fit_memory_budget
+
     key = "train.memory_budget"
     try:
-        plan = fit(
+        plan = fit_memory_budget(
             module,
             images,
             budget=budget,

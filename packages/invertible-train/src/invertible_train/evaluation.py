@@ -29,7 +29,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from invertible_core import NonFiniteLossError, TrainingStep, measure_step_memory
 from invertible_train.data import make_loader
 from invertible_train.strategy import Distribution
 from invertible_train.tasks import Task
@@ -119,6 +118,9 @@ class Evaluator:
         loss is not finite (a run that diverged), nothing is measured: a warning says so
         and both figures are ``None``.
         """
+        # the measuring machinery loads only when a run measures
+        from invertible_core import NonFiniteLossError, TrainingStep, measure_step_memory
+
         images, labels, indices = next(self.batches())
         n = min(batch_size, labels.shape[0])
         x = self.task.test_view(images[:n], indices[:n])
