@@ -100,7 +100,7 @@ def test_the_gpu_suite_reads_the_fitted_batch_from_the_json(
     try:
         import stage_fit_batch
 
-        found = stage_fit_batch._find_batch(data)
+        found = stage_fit_batch.fitted_batch(data)
     finally:
         for name in ("stage_fit_batch", "common", "plan", "record"):
             sys.modules.pop(name, None)

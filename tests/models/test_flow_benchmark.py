@@ -12,9 +12,12 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 BENCH = Path(__file__).resolve().parents[2] / "benchmarks" / "bench_models.py"
 
 
+@pytest.mark.slow  # about 14 s on 2 cores: a benchmark in a fresh interpreter
 def test_glow_rows_of_the_model_benchmark_run_and_write_json(tmp_path: Path) -> None:
     out = tmp_path / "models.json"
     done = subprocess.run(

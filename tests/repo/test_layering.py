@@ -123,6 +123,7 @@ def _modules_after_import(package: str) -> set[str]:
     return {name.split(".")[0] for name in _loaded_after(f"import {package}")}
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
 @pytest.mark.parametrize(
     ("package", "absent"),
     [
@@ -139,6 +140,7 @@ def test_importing_a_layer_loads_nothing_from_above_it(package, absent):
     assert loaded & absent == set()
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
 def test_importing_train_works():
     assert "invertible_train" in _modules_after_import("invertible_train")
 
@@ -155,6 +157,7 @@ MEASURING = {
 }
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch (three)
 def test_importing_the_core_or_the_training_cli_loads_no_measuring_machinery():
     assert _loaded_after("import invertible_core") & MEASURING == set()
     assert _loaded_after("import invertible_train.cli") & MEASURING == set()
