@@ -44,6 +44,7 @@ def test_the_plan_is_made_before_training_and_recorded_in_the_summary(
     assert MemoryPlan.from_dict(saved["memory_plan"]) == plan
 
 
+@pytest.mark.slow  # about 8 s on 2 cores: four runs, three plans
 def test_a_resumed_run_reuses_the_plan_of_the_same_budget_and_plans_a_new_one(
     run_cli: Run, tmp_path: Path
 ) -> None:

@@ -4,7 +4,7 @@ Trains a small reversible network (``revnet38`` by default, on 16x16 CIFAR-like 
 images) for a few hundred steps with the full harness, prints its test accuracy, then
 measures one training step of the same network with and without memory saving: the memory
 with the measurement ``invertible-profile`` uses
-(:func:`invertible_models.profiler.measure_step_memory`, exact on the CPU), and the time
+(:func:`invertible_core.measure_step_memory`, exact on the CPU), and the time
 (median of interleaved steps). Its closing lines say what the two memory figures mean and
 what the saving costs in time. It needs no download and no GPU: with one thread it took
 41 to 88 s on a shared 2-core machine (see the package README).
@@ -33,7 +33,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from invertible_models.profiler import TrainingStep, measure_step_memory, median_step_seconds
+from invertible_core import measure_step_memory, median_step_seconds
+from invertible_models.step import training_step
 from invertible_train.checkpoint import CheckpointError
 from invertible_train.cli import check_experiment
 from invertible_train.config import ConfigError, apply_values, load_experiment
@@ -216,7 +217,7 @@ def _demo(args: argparse.Namespace) -> int:
         torch.manual_seed(args.seed)
         variant = apply_values(cfg, {"model.memory_saving": saving})
         model = build_model(variant.model, trainer.data.num_classes)
-        steps_of[saving] = TrainingStep(model, images=x, labels=y, loss=F.cross_entropy)
+        steps_of[saving] = training_step(model, images=x, labels=y, loss=F.cross_entropy)
         memory[saving] = measure_step_memory(steps_of[saving])
     seconds = dict(
         zip((True, False), median_step_seconds([steps_of[True], steps_of[False]], repeats=5))
