@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from invertible_core.memory_plan import parse_bytes
+from invertible_core import parse_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -73,10 +74,12 @@ class ModelConfig:
     """Which network to build: a name from ``invertible_models.list_models()``."""
 
     name: str = ""
-    #: for models with a ``memory_saving`` switch (RevNets): recompute instead of storing
-    #: activations. May change when a run resumes: it changes what is stored, not what is
+    #: for models with a ``memory_saving`` switch: recompute instead of storing activations
+    #: (reversible networks rebuild them, plain ones checkpoint their blocks). Unset: the
+    #: model's own default, as timm has it (reversible networks save, plain ones train
+    #: plainly). May change when a run resumes: it changes what is stored, not what is
     #: computed.
-    memory_saving: bool = True
+    memory_saving: bool | None = None
     #: extra keyword arguments for ``create_model`` (e.g. a width), passed through as-is.
     options: dict[str, Any] = field(default_factory=dict)
 
@@ -351,6 +354,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     """Check ``value`` against a schema type; ints are accepted for floats."""
     origin = typing.get_origin(hint)
     ok: bool
+    optional = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(optional) == 1:
+        return None if value is None else _coerce(value, optional[0], key, source)
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
