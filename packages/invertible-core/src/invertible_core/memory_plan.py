@@ -87,7 +87,7 @@ def is_checkpointable(module: object) -> bool:
 
 class MemoryBudgetError(ValueError):
     """The budget is below the least memory the step can run in (every block rebuilt or
-    checkpointed); :attr:`minimum_bytes` is that least memory."""
+    checkpointed); ``minimum_bytes`` is that least memory."""
 
     def __init__(self, message: str, budget_bytes: int, minimum_bytes: int) -> None:
         super().__init__(message)
