@@ -18,7 +18,7 @@ import invertible_core  # noqa: E402  (the installed package; its version names 
 
 project = "invertible"
 author = "the invertible developers"
-copyright = "the invertible developers, MIT licence"  # noqa: A001  (Sphinx's name)
+copyright = "the invertible developers, MIT licence"
 release = invertible_core.__version__
 version = release
 

@@ -27,13 +27,12 @@ from pathlib import Path
 from typing import Any
 
 from docutils import nodes
+from site_links import broken_links
 from sphinx.addnodes import pending_xref
 from sphinx.application import Sphinx
 from sphinx.environment import BuildEnvironment
 from sphinx.ext.napoleon import _process_docstring as napoleon_process_docstring
 from sphinx.util import logging
-
-from site_links import broken_links
 
 PACKAGES = ("invertible_core", "invertible_models", "invertible_train")
 
@@ -103,9 +102,7 @@ def resolve_public(
             env, node["refdoc"], app.builder, node["reftype"], public, node, contnode
         )
         if ref is None:  # e.g. :func: for a class: any role that finds the entry will do
-            ref = domain.resolve_any_xref(
-                env, node["refdoc"], app.builder, public, node, contnode
-            )
+            ref = domain.resolve_any_xref(env, node["refdoc"], app.builder, public, node, contnode)
             ref = ref[0][1] if ref else None
         if ref is not None:
             return ref

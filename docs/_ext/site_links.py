@@ -95,7 +95,9 @@ def broken_links(site: Path) -> list[BrokenLink]:
             anchors = pages[target].anchors if target in pages else _parse(target).anchors
             if fragment not in anchors:
                 broken.append(
-                    BrokenLink(where, href, f"{target.relative_to(site).as_posix()} has no #{fragment}")
+                    BrokenLink(
+                        where, href, f"{target.relative_to(site).as_posix()} has no #{fragment}"
+                    )
                 )
     return broken
 
