@@ -20,7 +20,7 @@ project = "invertible"
 author = "the invertible developers"
 copyright = "the invertible developers, MIT licence"
 release = invertible_core.__version__
-version = release
+version = release.split("+")[0]  # 0.1.0.dev165, without the local part
 
 extensions = [
     "sphinx.ext.autodoc",
@@ -69,7 +69,7 @@ myst_heading_anchors = 3
 myst_enable_extensions = ["colon_fence", "deflist"]
 
 html_theme = "furo"
-html_title = f"invertible {release}"
+html_title = f"invertible {version}"
 html_static_path: list[str] = []
 html_theme_options = {
     "source_edit_link": None,

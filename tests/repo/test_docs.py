@@ -7,7 +7,9 @@
   (``docs/api/*.rst``), a docstring of its own and a fully annotated signature; the
   reference documents nothing else. The strict Sphinx build (``tox -e docs``) checks the
   same from the rendered site, and fails on any warning.
-- The installation page gives the README's two commands.
+- The installation page gives the README's two commands, and every ``invertible-train``
+  command line shown on a page (``torchrun ... -m invertible_train`` included) is one the
+  command's parser accepts.
 - The link check the build runs on the rendered site finds a missing page and a missing
   anchor.
 """
@@ -19,6 +21,7 @@ import importlib.util
 import inspect
 import os
 import re
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -193,6 +196,35 @@ def test_the_installation_page_gives_the_readme_quick_start_commands():
     install = (DOCS / "installation.md").read_text(encoding="utf-8")
     first_block = code_blocks(install, "bash")[0][1]
     assert shell_commands(f"```bash\n{first_block}```\n") == readme_commands
+
+
+def train_command_lines() -> list[tuple[str, list[str]]]:
+    """(page, arguments) of every ``invertible-train`` command in the pages' shell blocks."""
+    found = []
+    for page in PAGES:
+        text = page.read_text(encoding="utf-8").replace("\\\n", " ")
+        for line in shell_commands(text):
+            words = shlex.split(line.split(" #")[0])
+            for start in ("invertible-train", "invertible_train"):
+                if start in words:
+                    found.append(
+                        (page.relative_to(DOCS).as_posix(), words[words.index(start) + 1 :])
+                    )
+    return found
+
+
+def test_every_train_command_on_a_page_parses(capsys: pytest.CaptureFixture[str]):
+    from invertible_train.cli import build_parser
+
+    commands = train_command_lines()
+    assert len(commands) >= 5, commands
+    for page, arguments in commands:
+        try:
+            build_parser().parse_args(arguments)
+        except SystemExit as stop:  # --help and --version exit 0; an unknown option 2
+            assert stop.code == 0, (
+                f"{page}: invertible-train {shlex.join(arguments)}: {capsys.readouterr().err}"
+            )
 
 
 def load_site_links() -> ModuleType:

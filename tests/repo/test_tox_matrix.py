@@ -14,7 +14,7 @@ def tox_ini() -> configparser.ConfigParser:
     return parser
 
 
-def test_plain_tox_runs_lint_type_build_and_every_test_env_but_not_bench():
+def test_plain_tox_runs_lint_type_build_every_test_env_and_the_docs_but_not_bench():
     env_list = tox_ini()["tox"]["env_list"].split()
     assert env_list == [
         "lint",
@@ -23,6 +23,7 @@ def test_plain_tox_runs_lint_type_build_and_every_test_env_but_not_bench():
         "core-torch{oldest,2.13,latest}",
         "models",
         "train",
+        "docs",
     ]
 
 
@@ -36,6 +37,7 @@ def test_every_documented_env_is_defined():
         "type",
         "build",
         "bench",
+        "docs",
     ]:
         assert f"testenv:{env}" in sections
 
