@@ -73,7 +73,7 @@ class RevNetStage(nn.Module):
         num_blocks: blocks in the stage, the transition included.
         stride: stride of the stage's first block.
         preactivate_first: whether the first block starts with BN + ReLU.
-        memory_saving, anchor_every: passed to the :class:`ReversibleSequence`.
+        memory_saving, anchor_every: passed to the :class:`~invertible_core.ReversibleSequence`.
         fixed_point_bits: grid of the reversible blocks' additions (see :class:`RevNet`).
     """
 
