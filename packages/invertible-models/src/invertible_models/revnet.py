@@ -136,7 +136,7 @@ class RevNet(MemorySaving, nn.Module):
         stem: ``"cifar"`` (conv3x3) or ``"imagenet"`` (conv7x7 stride 2 + max-pool).
         in_channels: image channels.
         memory_saving: run the reversible stages without storing activations. Can be
-            changed later through the :attr:`memory_saving` attribute; parameters and
+            changed later through the ``memory_saving`` attribute; parameters and
             ``state_dict`` keys are the same either way.
         checkpoint_transitions: while saving memory in training, also recompute the stem
             and the transition blocks in backward (default True; see the module docstring).
