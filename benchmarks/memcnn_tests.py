@@ -43,10 +43,10 @@ ALIAS = {
     "from torch.utils.checkpoint import get_device_states, set_device_states\n",
 }
 NOT_COPIED = ("test_amp.py", "test_resnet.py", "test_memory_saving.py")
-INTACT = '''def is_memory_cleared(var, isclear, shape):
+INTACT = """def is_memory_cleared(var, isclear, shape):
     # invertible-core never frees a caller's storage (MemCNN freed it): intact either way
     return var.storage().size() > 0 and var.shape == shape
-'''
+"""
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -74,13 +74,26 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
         run = subprocess.run(
-            [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-W", "ignore", str(target)],
+            [
+                sys.executable,
+                "-m",
+                "pytest",
+                "-q",
+                "-p",
+                "no:cacheprovider",
+                "-W",
+                "ignore",
+                str(target),
+            ],
             cwd=root,
             capture_output=True,
             text=True,
         )
     tail = run.stdout.strip().splitlines()
-    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail[-1] if tail else "")}
+    counts = {
+        k: int(v)
+        for v, k in re.findall(r"(\d+) (passed|failed|skipped|error)", tail[-1] if tail else "")
+    }
     failed = [line.split(" ")[1] for line in tail if line.startswith("FAILED")]
     print(f"MemCNN {metadata.version('memcnn')}'s model tests against invertible-core: {counts}")
     for name in failed:

@@ -214,7 +214,10 @@ def test_an_unset_option_is_left_out_of_the_toml_and_reads_back_unset() -> None:
     text = dump_toml(config_to_dict(cfg))
     assert "memory_saving" not in text
     assert config_from_dict(tomllib.loads(text)).model.memory_saving is None
-    assert config_from_dict({"model": {"name": "x", "memory_saving": False}}).model.memory_saving is False
+    assert (
+        config_from_dict({"model": {"name": "x", "memory_saving": False}}).model.memory_saving
+        is False
+    )
 
 
 def test_run_name_defaults_to_model_and_dataset() -> None:

@@ -446,7 +446,7 @@ class Trainer(Run):
         seconds = self._clock.total_seconds
         timed = (self.iteration - self._trained["since_iteration"]) * self.cfg.data.batch_size
         saving = (
-            {"memory_saving": bool(getattr(self.model, "memory_saving"))}
+            {"memory_saving": bool(self.model.memory_saving)}
             if has_memory_saving(self.model)
             else {}
         )
