@@ -177,7 +177,9 @@ def _has_forward_hooks(module: nn.Module) -> bool:
 
 def _pack(t: Tensor) -> Any:
     frame = current_site()
-    if not isinstance(frame, Frame):
+    if not isinstance(frame, Frame) or torch.compiler.is_compiling():
+        # (while torch.compile traces, on fake tensors, the tensors are not the run's: on
+        # torch releases whose AOTAutograd traces under the caller's saved-tensor hooks)
         return t
     return frame.pack(t)
 
