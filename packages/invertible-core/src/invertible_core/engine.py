@@ -175,11 +175,15 @@ def _has_forward_hooks(module: nn.Module) -> bool:
     )
 
 
+_PLAIN = (Tensor, nn.Parameter)
+
+
 def _pack(t: Tensor) -> Any:
     frame = current_site()
-    if not isinstance(frame, Frame) or torch.compiler.is_compiling():
-        # (while torch.compile traces, on fake tensors, the tensors are not the run's: on
-        # torch releases whose AOTAutograd traces under the caller's saved-tensor hooks)
+    if not isinstance(frame, Frame) or type(t) not in _PLAIN or torch.compiler.is_compiling():
+        # Only the run's own tensors are dropped and rebuilt. A tensor subclass is kept as it
+        # is: the fake and functional tensors torch.compile traces with (AOTAutograd of torch
+        # 2.4 traces under the caller's saved-tensor hooks), or a user's subclass.
         return t
     return frame.pack(t)
 
