@@ -6,8 +6,10 @@ inverse calls the functions its forward calls shares them (:func:`shared_call`) 
 recomputed once. Couplings turn any functions into such blocks; invertible layers (:class:`InvertibleDownsampling`,
 :class:`HaarDownsampling`, :class:`InvertibleConv1x1`, :class:`ActNorm`,
 :class:`Permutation`) change shape or mix channels and report their log-determinants, for
-fully invertible nets and flows. A :class:`ReversibleSequence` trains a chain of any of
-them with memory flat in depth; the :class:`InvertibleModuleWrapper` (MemCNN's API) saves
+fully invertible nets and flows, in 1D, 2D and 3D; :class:`OrthogonalDownsampling` and
+:class:`OrthogonalUpsampling` learn it (iUNets), :class:`ChannelSplit` and
+:class:`ChannelConcat` factor channels out and back in. A :class:`ReversibleSequence` trains
+a chain of any of them with memory flat in depth; the :class:`InvertibleModuleWrapper` (MemCNN's API) saves
 memory around any single invertible module; :func:`is_invertible_module` checks
 invertibility without side effects. :func:`fit_memory_budget` chooses, for a memory budget,
 which blocks keep their activations and which recompute them (a :class:`MemoryPlan`).
@@ -22,6 +24,7 @@ from invertible_core.budget import (
     measure_minimum_peak,
 )
 from invertible_core.channel_mixing import InvertibleConv1x1, Permutation
+from invertible_core.channel_split import ChannelConcat, ChannelSplit
 from invertible_core.checks import is_invertible_module
 from invertible_core.contract import InvertibleBlock, LogDetBlock
 from invertible_core.couplings import (
@@ -46,6 +49,7 @@ from invertible_core.memory_plan import (
     is_checkpointable,
     parse_bytes,
 )
+from invertible_core.orthogonal_resampling import OrthogonalDownsampling, OrthogonalUpsampling
 from invertible_core.recompute import (
     call_with_logdet,
     is_recomputing,
@@ -64,6 +68,8 @@ __all__ = [
     "AffineAdapterNaive",
     "AffineAdapterSigmoid",
     "AffineCoupling",
+    "ChannelConcat",
+    "ChannelSplit",
     "Checkpointable",
     "Coupling",
     "FrontierPoint",
@@ -77,6 +83,8 @@ __all__ = [
     "MemoryPlan",
     "MemoryProfile",
     "MemoryStats",
+    "OrthogonalDownsampling",
+    "OrthogonalUpsampling",
     "Partition",
     "Permutation",
     "PlanMismatchError",
