@@ -9,7 +9,7 @@ recomputed once. Couplings turn any functions into such blocks; invertible layer
 fully invertible nets and flows, in 1D, 2D and 3D; :class:`OrthogonalDownsampling` and
 :class:`OrthogonalUpsampling` learn it (iUNets), :class:`ChannelSplit` and
 :class:`ChannelConcat` factor channels out and back in. A :class:`ReversibleSequence` trains
-a chain of any of them with memory flat in depth; the :class:`InvertibleModuleWrapper` (MemCNN's API) saves
+a chain of any of them with memory flat in depth, a :class:`ReversibleUNet` a U of them; the :class:`InvertibleModuleWrapper` (MemCNN's API) saves
 memory around any single invertible module; :func:`is_invertible_module` checks
 invertibility without side effects. :func:`fit_memory_budget` chooses, for a memory budget,
 which blocks keep their activations and which recompute them (a :class:`MemoryPlan`).
@@ -60,6 +60,7 @@ from invertible_core.recompute import (
 )
 from invertible_core.resampling import HaarDownsampling, InvertibleDownsampling
 from invertible_core.sequence import ReversibleSequence
+from invertible_core.unet import ReversibleUNet
 from invertible_core.wrapper import InvertibleModuleWrapper, ReversibleBlock
 
 __all__ = [
@@ -90,6 +91,7 @@ __all__ = [
     "PlanMismatchError",
     "ReversibleBlock",
     "ReversibleSequence",
+    "ReversibleUNet",
     "UnitCost",
     "UnknownCouplingError",
     "__version__",
