@@ -65,7 +65,7 @@ def test_cli_prints_a_row_per_model_writes_valid_json_and_plots(
 
 def test_cli_rejects_unknown_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["resnet33"]) == 2
-    assert "known models: glow, irevnet, resnet32" in capsys.readouterr().err
+    assert "known models: glow, irevnet, iunet, iunet3d, resnet32" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")

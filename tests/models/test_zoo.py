@@ -72,7 +72,7 @@ def test_create_model_passes_memory_saving_to_every_zoo_model(name: str) -> None
 def test_unknown_model_name_lists_the_known_ones() -> None:
     with pytest.raises(
         ValueError,
-        match="unknown model 'revnet56'; known models: glow, irevnet, resnet32, resnet110",
+        match="unknown model .revnet56.; known models: glow, irevnet, iunet, iunet3d, resnet32",
     ):
         create_model("revnet56")
 

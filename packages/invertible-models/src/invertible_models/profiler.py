@@ -53,6 +53,7 @@ __all__ = [
     "build_model",
     "format_table",
     "is_density_model",
+    "is_segmentation_model",
     "main",
     "measure_step_memory",
     "median_step_seconds",
@@ -113,7 +114,10 @@ class TrainingStep:
     images, random labels) and the loss is cross-entropy. A density model (one with
     ``log_prob``, such as ``glow``, whose forward is its per-sample log-likelihood) gets
     images in ``[0, 1]`` with the model's ``in_channels`` and the mean negative
-    log-likelihood per dimension as its loss. A caller with a batch and a loss of its own
+    log-likelihood per dimension as its loss. A segmentation model (one with
+    ``spatial_dims``, such as ``iunet`` and ``unet``) gets ``batch_size`` random inputs of
+    its ``in_channels`` with ``spatial_dims`` axes of ``image_size`` (volumes for 3D), a random
+    class per position, and cross-entropy over the positions. A caller with a batch and a loss of its own
     (a training harness) passes ``images``, ``labels`` and ``loss(output, labels)``;
     ``amp_dtype`` runs the forward under ``torch.autocast``.
     """
@@ -139,16 +143,26 @@ class TrainingStep:
         # is not what training costs; 1e-3 stays finite
         lr = 1e-3 if density else 0.01
         self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
+        segmentation = is_segmentation_model(model)
         if images is None:
-            channels = int(getattr(model, "in_channels", 3)) if density else 3
-            shape = (batch_size, channels, image_size, image_size)
+            channels = int(getattr(model, "in_channels", 3)) if density or segmentation else 3
+            axes = int(getattr(model, "spatial_dims", 2))
+            shape = (batch_size, channels, *([image_size] * axes))
             images = (
                 torch.rand(shape, device=self.device)
                 if density
                 else torch.randn(shape, device=self.device)
             )
         if labels is None:
-            labels = torch.randint(0, num_classes, (images.shape[0],), device=self.device)
+            # a segmentation model: one class per position, from its own number of classes
+            classes = int(getattr(model, "num_classes", num_classes))
+            positions = tuple(images.shape[2:]) if segmentation else ()
+            labels = torch.randint(
+                0,
+                classes if segmentation else num_classes,
+                (images.shape[0], *positions),
+                device=self.device,
+            )
         self.images = images
         self.labels = labels
         dims = images[0].numel()
@@ -240,6 +254,12 @@ def measure_step_memory(step: TrainingStep, warmup: int = 2) -> StepMemory:
 def is_density_model(model: nn.Module) -> bool:
     """Whether ``model`` is a density model (it has ``log_prob``; its forward is that)."""
     return callable(getattr(model, "log_prob", None))
+
+
+def is_segmentation_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a segmentation model: it declares ``spatial_dims`` (2 or 3) and
+    returns class logits per position, ``(batch, num_classes, *spatial)``."""
+    return isinstance(getattr(model, "spatial_dims", None), int)
 
 
 def negative_log_likelihood(log_prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
