@@ -39,6 +39,8 @@ CASES = {
         {"profiles", "ratios"},
     ),
     "bench_budget.py": (["--quick"], "--json", {"results", "targets", "environment"}),
+    "bench_unet.py": (["--quick", "--steps", "1"], "--json", {"profiles", "ratios", "sizes"}),
+    "bench_resampling.py": (["--quick"], "--json", {"outputs", "flows"}),
     "bench_train.py": (
         ["--iterations", "4", "--repeats", "1", "--image-size", "8"],
         "--output",
