@@ -488,7 +488,7 @@ class Trainer:
             if self._resumed_from is not None:
                 record["checkpoint"] = str(self._resumed_from.relative_to(self.results_dir))
             self.log.log(record)
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(self.task.sums_size, dtype=torch.float64, device=self.device)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         checked = self.iteration
         # Throughput counts everything the loop does (data, augmentation, logging, progress)
