@@ -52,7 +52,9 @@ def coupling(channels: int) -> AdditiveCoupling:
 
 def _compare(modules: list[nn.Module], inputs: list[Tensor], run) -> None:  # type: ignore[no-untyped-def]
     run().square().sum().backward()
-    saved = [p.grad.clone() for m in modules for p in m.parameters()] + [x.grad.clone() for x in inputs]  # type: ignore[union-attr]
+    saved = [p.grad.clone() for m in modules for p in m.parameters()] + [
+        x.grad.clone() for x in inputs
+    ]  # type: ignore[union-attr]
     for m in modules:
         for sub in m.modules():
             if isinstance(sub, ReversibleSequence):

@@ -592,7 +592,9 @@ class Frame:
             self.storage = None
         self.rebuilt, self.rebuilt_task = inputs, task
         self.pending = set(self.claimants)
-        for consumer in {id(s.consumer): s.consumer for s in self.sources if s is not None}.values():
+        for consumer in {
+            id(s.consumer): s.consumer for s in self.sources if s is not None
+        }.values():
             consumer.pending.discard(id(self))
             if not consumer.pending and consumer.kept_input is None:
                 consumer.rebuilt = None  # taken by every frame that needed it

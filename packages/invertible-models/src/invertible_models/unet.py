@@ -14,9 +14,9 @@ computes the same function as a fresh :class:`~invertible_models.iunet.IUNet` of
 arguments (every block starts as the identity); a test checks both that and the equal
 parameter count.
 
-``memory_saving`` is the zoo's switch (as a ResNet's): each block is recomputed in backward
-with ``torch.utils.checkpoint`` (its input stored; still growing with depth); ``False`` is
-plain autograd, the twin the iUNet's memory is measured against.
+``memory_saving`` is the zoo's switch (as a ResNet's, off by default as timm has it): on,
+each block is recomputed in backward with ``torch.utils.checkpoint`` (its input stored; still
+growing with depth); off, plain autograd, the twin the iUNet's memory is measured against.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from invertible_models.blocks import CheckpointSwitch
+from invertible_core import CheckpointableModule, MemorySaving
 from invertible_models.registry import register_model
 from invertible_models.unet_blocks import (
     ResidualFunction,
@@ -41,7 +41,7 @@ from invertible_models.unet_blocks import (
 __all__ = ["UNet", "UNetBlock", "unet", "unet3d"]
 
 
-class UNetBlock(CheckpointSwitch):
+class UNetBlock(CheckpointableModule):
     """``x + R(x)``, ``R`` a residual function ``C -> C / 2 -> C``; checkpointable."""
 
     def __init__(self, dim: int, channels: int) -> None:
@@ -67,13 +67,14 @@ def _upsampling(dim: int, channels: int) -> nn.Module:
     return conv
 
 
-class UNet(nn.Module):
+class UNet(MemorySaving, nn.Module):
     """A residual U-Net, the plain twin of :class:`~invertible_models.iunet.IUNet`.
 
     Takes :class:`~invertible_models.iunet.IUNet`'s arguments (``in_channels``,
-    ``num_classes``, ``dim``, ``depth``, ``width``, ``levels``, ``memory_saving``) with the
-    same meaning; ``method`` is accepted for the same signature and ignored (nothing here is
-    orthogonal).
+    ``num_classes``, ``dim``, ``depth``, ``width``, ``levels``) with the same meaning;
+    ``method`` is accepted for the same signature and ignored (nothing here is orthogonal).
+    ``memory_saving`` is the zoo's switch with a plain network's default, as timm has it: off
+    (plain autograd, what the iUNet is compared with); on, every block is checkpointed.
     """
 
     spatial_dims: int
@@ -88,7 +89,7 @@ class UNet(nn.Module):
         width: int = 16,
         levels: int = 3,
         method: str = "exp",
-        memory_saving: bool = True,
+        memory_saving: bool = False,
     ) -> None:
         super().__init__()
         del method
@@ -114,17 +115,6 @@ class UNet(nn.Module):
         self.head = SegmentationHead(dim, width, num_classes)
         self.memory_saving = memory_saving
 
-    @property
-    def memory_saving(self) -> bool:
-        """Whether every block is checkpointed while training."""
-        return all(b.checkpointed for b in self.modules() if isinstance(b, UNetBlock))
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        for block in self.modules():
-            if isinstance(block, UNetBlock):
-                block.checkpointed = bool(value)
-
     def features(self, x: Tensor) -> Tensor:
         """The top level's features ``(batch, width, *spatial)``."""
         check_volume(x, self.in_channels, self.layout)
@@ -147,13 +137,13 @@ class UNet(nn.Module):
 
 
 @register_model
-def unet(num_classes: int = 2, memory_saving: bool = True, **options: Any) -> UNet:
+def unet(num_classes: int = 2, memory_saving: bool = False, **options: Any) -> UNet:
     """The plain twin of ``iunet``, with its arguments and its parameter count."""
     return UNet(num_classes=num_classes, memory_saving=memory_saving, **options)
 
 
 @register_model
-def unet3d(num_classes: int = 2, memory_saving: bool = True, **options: Any) -> UNet:
+def unet3d(num_classes: int = 2, memory_saving: bool = False, **options: Any) -> UNet:
     """The plain twin of ``iunet3d``."""
     config: dict[str, Any] = {"dim": 3, "width": 8, **options}
     return UNet(num_classes=num_classes, memory_saving=memory_saving, **config)

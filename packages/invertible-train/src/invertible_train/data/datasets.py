@@ -15,7 +15,7 @@ offline; the optional extra ``invertible-train[digits]``), ``imagefolder:PATH``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
