@@ -10,6 +10,12 @@ Build a model by name::
     model = create_model("revnet110", num_classes=100)  # reversible stages save memory
     plain = create_model("revnet110", num_classes=100, memory_saving=False)
 
+Or make an existing residual network reversible, with its weights::
+
+    from invertible_models import make_reversible
+
+    model = make_reversible(torchvision.models.resnet50(), method="momentum")
+
 Run ``invertible-profile revnet110 resnet110`` to see what reversibility buys.
 """
 
@@ -22,6 +28,8 @@ from invertible_models.blocks import (
     ResidualBlock,
     reversible_block,
 )
+from invertible_models.conversion import CoefficientSchedule, ConvertedModel
+from invertible_models.convert import ConversionError, make_reversible
 from invertible_models.glow import Glow
 from invertible_models.irevnet import IRevNet
 from invertible_models.registry import create_model, list_models, register_model
@@ -37,6 +45,9 @@ __all__ = [
     "BasicResidual",
     "Bottleneck",
     "BottleneckResidual",
+    "CoefficientSchedule",
+    "ConversionError",
+    "ConvertedModel",
     "Glow",
     "IRevNet",
     "ResNet",
@@ -48,6 +59,7 @@ __all__ = [
     "__version__",
     "create_model",
     "list_models",
+    "make_reversible",
     "register_model",
     "reversible_block",
 ]
