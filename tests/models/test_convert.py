@@ -153,6 +153,21 @@ def test_stack_gradients_with_memory_saving_equal_plain_autograd(method, block, 
     assert error <= 1e-10, error
 
 
+def test_under_autocast_the_stream_stays_float32_and_saving_changes_no_gradient():
+    original = encoder(norm_first=True).float()
+    converted = make_reversible(original, "momentum")
+    x = torch.randn(BATCH, TOKENS, WIDTH)
+
+    def run() -> Tensor:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return converted(x.bfloat16()).float()
+
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert converted.runs()[0](x.bfloat16()).dtype == torch.float32
+    error = saving_gradient_error(converted, run)
+    assert error <= 1e-6, error
+
+
 # -- where the converted network starts ------------------------------------------------------------
 @pytest.mark.parametrize(
     ("method", "far", "near"),

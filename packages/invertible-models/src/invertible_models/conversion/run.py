@@ -3,7 +3,9 @@
 :class:`ReversibleRun` lifts its input into the method's two-part state (velocity and
 activation, or two streams), runs the units' couplings through ONE
 ``invertible_core.ReversibleSequence``, and lowers the result back to an activation of the
-input's shape. While training with ``memory_saving`` on, the sequence keeps only its final
+input's shape (in float32 when the input is half precision, as under autocast: the
+units compute in half precision, the sums stay float32). While training with
+``memory_saving`` on, the sequence keeps only its final
 state (twice the activation) and rebuilds every unit's input in backward, so the run's
 memory does not grow with the number of units; off, it is plain autograd with the same
 parameters. Side inputs (attention masks) reach every unit.
@@ -16,6 +18,7 @@ from typing import Any
 from torch import Tensor, nn
 
 from invertible_core import ReversibleSequence
+from invertible_models.blocks import float32_stream
 from invertible_models.conversion.method import Coefficients, ConversionMethod
 from invertible_models.conversion.units import ResidualUnit
 
@@ -53,7 +56,10 @@ class ReversibleRun(nn.Module):
         )
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
-        out = self.blocks(self.method.lift(x), *args, **kwargs)
+        # under autocast the units compute in half precision, but the stream they add into
+        # stays float32 (the zoo's reversible chains do the same): rebuilding inputs by
+        # subtraction in 8 bits of mantissa would drift
+        out = self.blocks(self.method.lift(float32_stream(x)), *args, **kwargs)
         return self.method.lower(out, x.shape[0])
 
     def extra_repr(self) -> str:
