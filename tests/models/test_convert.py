@@ -404,6 +404,18 @@ def test_the_converted_network_keeps_the_original_class_and_its_methods():
     assert converted.conversion.runs == [("encoder.layers.0-2", 6)]
 
 
+def test_inside_nn_transformer_the_encoder_is_converted_and_the_decoder_kept():
+    original = nn.Transformer(
+        WIDTH, 4, num_encoder_layers=2, num_decoder_layers=1, dim_feedforward=2 * WIDTH,
+        dropout=0.0, batch_first=True,
+    ).double()  # fmt: skip
+    converted = make_reversible(original, "two_stream", beta=1e-6)
+    assert isinstance(converted.encoder, ReversibleEncoder)
+    assert converted.decoder is original.decoder
+    src, tgt = tokens(), torch.randn(BATCH, 3, WIDTH, dtype=torch.float64)
+    assert output_distance(converted, original, lambda m: m(src, tgt)) < 1e-4
+
+
 def test_the_converted_network_pickles_and_deep_copies():
     converted = make_reversible(stack(), "two_stream", residual="x + net(x)", beta=0.3)
     x = tokens()

@@ -12,8 +12,9 @@ input, :meth:`ConversionMethod.lower` takes the run's output from it.
 The method's scalars (momentum's ``gamma``, the two-stream ``alpha`` and ``beta``) live in
 one :class:`Coefficients` object shared by all couplings of a converted network and read
 at every call, so a schedule (:class:`~invertible_models.conversion.CoefficientSchedule`)
-or the user can change them between steps. They are configuration, not weights: no
-parameter and no ``state_dict`` key.
+or the user can change them between steps (never between a forward pass and its backward:
+the memory-saving backward recomputes with the values it finds). They are configuration,
+not weights: no parameter and no ``state_dict`` key.
 """
 
 from __future__ import annotations
