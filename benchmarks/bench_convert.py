@@ -15,7 +15,9 @@ Five measurements (``--sections`` picks some):
 * ``schedule``: the two-stream path from ``alpha = 1, beta = 0.1`` (near the original) to
   ``alpha = 0, beta = 1`` (RevNet couplings), which ``CoefficientSchedule`` walks during
   fine-tuning: distance to the original, float32 reconstruction error and float32
-  gradient error (memory saving against plain autograd, train mode) at five points.
+  gradient error (memory saving against plain autograd, train mode) at five points; the
+  gradient error and the forward-retained memory also with an anchor (the exact state kept)
+  after every coupling, the remedy while the inverse is ill-conditioned.
 * ``memory``: forward-retained memory (what a training-mode forward keeps for backward,
   exact: ``invertible_core.measure_memory``'s allocation events) and the step time
   relative to the original, for torchvision's resnet50 with ``layer3`` at 6 (resnet50), 12
@@ -62,6 +64,7 @@ from torch.utils.checkpoint import checkpoint
 
 import invertible_core
 import invertible_models
+from invertible_core import measure_memory
 from invertible_models import CoefficientSchedule, make_reversible
 from invertible_models.profiler import TrainingStep, measure_step_memory, median_step_seconds
 
@@ -307,7 +310,8 @@ def schedule_path(
     name: str, original: nn.Module, call: Callable[[nn.Module, torch.dtype], Tensor], points: int
 ) -> list[dict[str, Any]]:
     """Distance, float32 reconstruction and float32 gradient error at ``points`` points of
-    the two-stream schedule."""
+    the two-stream schedule; the gradient error and the forward-retained memory also with
+    an anchor after every coupling (``anchor_every=1``)."""
     rows = []
     original.double()
     converted = make_reversible(original, "two_stream")
@@ -316,19 +320,23 @@ def schedule_path(
         converted.eval(), original.eval()
         with torch.no_grad():
             distance = relative_l2(call(converted, torch.float64), call(original, torch.float64))
-        twin = copy.deepcopy(converted).float().train()
-        plain = _grads(twin, lambda: call(twin, torch.float32), saving=False)
-        saved = _grads(twin, lambda: call(twin, torch.float32), saving=True)
-        rows.append(
-            {
-                "network": name,
-                "point": point,
-                **converted.coefficients.as_dict(),
-                "distance": distance,
-                "reconstruction_f32": reconstruction_error(converted, call),
-                "gradient_error_f32": relative_l2(saved, plain),
-            }
-        )
+        row: dict[str, Any] = {
+            "network": name,
+            "point": point,
+            **converted.coefficients.as_dict(),
+            "distance": distance,
+            "reconstruction_f32": reconstruction_error(converted, call),
+        }
+        for anchors, suffix in ((0, ""), (1, "_anchored")):
+            twin = copy.deepcopy(converted).float().train()
+            for run in twin.runs():
+                run.blocks.anchor_every = anchors
+            plain = _grads(twin, lambda: call(twin, torch.float32), saving=False)
+            saved = _grads(twin, lambda: call(twin, torch.float32), saving=True)
+            row[f"gradient_error_f32{suffix}"] = relative_l2(saved, plain)
+            _, stats = measure_memory(lambda: call(twin, torch.float32))
+            row[f"retained_mib{suffix}"] = stats.retained_bytes / 2**20
+        rows.append(row)
         if point < points - 1:
             schedule.step()
     original.float()
@@ -611,13 +619,22 @@ def print_tables(result: dict[str, Any]) -> None:
                 f"| {r['network']} | {r['method']} | {coef} | {_fmt(r['distance'], '.2e')} | {_fmt(r['reconstruction_f32'], '.2e')} | {_fmt(r.get('accuracy'), '.4f')} |"
             )
     if "schedule" in result:
-        print("\nThe two-stream schedule's path (alpha 1 -> 0, beta 0.1 -> 1)")
         print(
-            "| network | alpha | beta | distance | reconstruction f32 | gradient error f32 |\n|---|---|---|---|---|---|"
+            "\nThe two-stream schedule's path (alpha 1 -> 0, beta 0.1 -> 1): distance to the "
+            "original, float32 reconstruction and gradient errors, forward-retained memory; "
+            "without anchors and with one after every coupling"
+        )
+        print(
+            "| network | alpha | beta | distance | reconstruction f32 | gradient error f32 | "
+            "retained MiB | anchored: gradient error f32 | retained MiB |\n"
+            "|---|---|---|---|---|---|---|---|---|"
         )
         for r in result["schedule"]:
             print(
-                f"| {r['network']} | {r['alpha']:.2f} | {r['beta']:.3f} | {_fmt(r['distance'], '.2e')} | {_fmt(r['reconstruction_f32'], '.2e')} | {_fmt(r['gradient_error_f32'], '.2e')} |"
+                f"| {r['network']} | {r['alpha']:.2f} | {r['beta']:.3f} | "
+                f"{_fmt(r['distance'], '.2e')} | {_fmt(r['reconstruction_f32'], '.2e')} | "
+                f"{_fmt(r['gradient_error_f32'], '.2e')} | {r['retained_mib']:.2f} | "
+                f"{_fmt(r['gradient_error_f32_anchored'], '.2e')} | {r['retained_mib_anchored']:.2f} |"
             )
     if "memory" in result:
         print(

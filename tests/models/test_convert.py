@@ -370,6 +370,19 @@ def test_the_schedule_ends_on_a_well_conditioned_inverse():
     assert start > 1e-2 and end < 1e-5, (start, end)
 
 
+def test_anchors_make_an_ill_conditioned_run_s_gradients_exact_again():
+    original = encoder(norm_first=True, layers=6).float()
+    x = torch.randn(BATCH, TOKENS, WIDTH)
+    errors = {}
+    for anchors in (0, 1):
+        converted = make_reversible(original, "two_stream", anchor_every=anchors)
+        assert all(run.blocks.anchor_every == anchors for run in converted.runs())
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", RuntimeWarning)  # the drift check, tested below
+            errors[anchors] = saving_gradient_error(converted, lambda: converted(x))
+    assert errors[0] > 1e-1 and errors[1] < 1e-5, errors
+
+
 def test_an_ill_conditioned_reconstruction_is_not_silent():
     converted = make_reversible(encoder(True, layers=4).float(), "two_stream", beta=1e-3)
     x = torch.randn(BATCH, TOKENS, WIDTH, requires_grad=True)

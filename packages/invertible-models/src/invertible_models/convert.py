@@ -73,6 +73,7 @@ def make_reversible(
     at: str | Sequence[str] | None = None,
     memory_saving: bool = True,
     checkpoint_kept: bool = True,
+    anchor_every: int = 0,
     **options: float,
 ) -> ConvertedModel:
     """The reversible counterpart of ``model``, computing with the same parameter objects.
@@ -94,6 +95,10 @@ def make_reversible(
         checkpoint_kept: while saving memory, also recompute the blocks kept as they were
             inside converted stages (a ResNet's downsampling blocks) with
             ``torch.utils.checkpoint`` (default True, as a RevNet's transitions).
+        anchor_every: keep the exact state after every k-th coupling of each run (0, the
+            default: none), bounding the float rounding of rebuilt activations where the
+            inverse is ill-conditioned (two-stream with a small ``beta`` on long runs: see
+            the package README); costs one state per anchor.
         **options: the method's coefficients: ``gamma`` (momentum, default 0.9);
             ``alpha`` (default 1) and ``beta`` (default 0.1) for two-stream.
 
@@ -121,7 +126,9 @@ def make_reversible(
         )
     chosen = METHODS[method]
     coefficients = chosen.coefficients(dict(options))
-    ctx = ConversionContext(chosen, coefficients, bool(memory_saving), bool(checkpoint_kept))
+    ctx = ConversionContext(
+        chosen, coefficients, bool(memory_saving), bool(checkpoint_kept), anchor_every
+    )
     if residual is not None:
         unit_of = parse_residual(residual)
         paths = [""] if at is None else [at] if isinstance(at, str) else list(at)

@@ -67,6 +67,7 @@ class ConversionContext:
     coefficients: Coefficients
     memory_saving: bool
     checkpoint_kept: bool
+    anchor_every: int = 0
     record: ConversionRecord = field(init=False)
 
     def __post_init__(self) -> None:
@@ -75,7 +76,9 @@ class ConversionContext:
     def run(self, units: list[ResidualUnit], where: str) -> ReversibleRun:
         """One reversible run of ``units`` (recorded under ``where``)."""
         self.record.runs.append((where, len(units)))
-        return ReversibleRun(units, self.method, self.coefficients, self.memory_saving)
+        return ReversibleRun(
+            units, self.method, self.coefficients, self.memory_saving, self.anchor_every
+        )
 
     def stage(
         self, blocks: Iterable[tuple[str, nn.Module]], units_of: UnitsOf, where: str

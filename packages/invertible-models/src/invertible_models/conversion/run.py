@@ -33,6 +33,8 @@ class ReversibleRun(nn.Module):
         method: the conversion method (momentum or two-stream).
         coefficients: the method's coefficients, shared with the network's other runs.
         memory_saving: rebuild activations in backward instead of storing them.
+        anchor_every: keep the exact state after every k-th coupling (0: none), bounding
+            how far float rounding of the rebuilt activations can grow (the core's option).
 
     Attributes:
         blocks: the ``ReversibleSequence`` of couplings (its ``keep_blocks``,
@@ -45,6 +47,7 @@ class ReversibleRun(nn.Module):
         method: ConversionMethod,
         coefficients: Coefficients,
         memory_saving: bool = True,
+        anchor_every: int = 0,
     ) -> None:
         super().__init__()
         if not units:
@@ -52,7 +55,9 @@ class ReversibleRun(nn.Module):
         self.method = method
         self.num_units = len(units)
         self.blocks = ReversibleSequence(
-            method.couplings(units, coefficients), memory_saving=memory_saving
+            method.couplings(units, coefficients),
+            memory_saving=memory_saving,
+            anchor_every=anchor_every,
         )
 
     def forward(self, x: Tensor, *args: Any, **kwargs: Any) -> Tensor:
