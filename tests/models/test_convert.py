@@ -381,6 +381,11 @@ def test_anchors_make_an_ill_conditioned_run_s_gradients_exact_again():
             warnings.simplefilter("ignore", RuntimeWarning)  # the drift check, tested below
             errors[anchors] = saving_gradient_error(converted, lambda: converted(x))
     assert errors[0] > 1e-1 and errors[1] < 1e-5, errors
+    converted.anchor_every = 0  # one switch for every run, as the schedule lowers alpha
+    assert converted.anchor_every == 0
+    assert all(run.blocks.anchor_every == 0 for run in converted.runs())
+    with pytest.raises(ValueError, match="anchor_every must be an int >= 0"):
+        converted.anchor_every = -1
 
 
 def test_an_ill_conditioned_reconstruction_is_not_silent():

@@ -150,7 +150,9 @@ def make_reversible(
         )
     if converted is model:
         converted = shallow_copy(model)
-    return adopt(model, converted, ctx.record, coefficients, memory_saving, checkpoint_kept)
+    return adopt(
+        model, converted, ctx.record, coefficients, memory_saving, checkpoint_kept, anchor_every
+    )
 
 
 def _rewire_known(module: nn.Module, ctx: ConversionContext, path: str) -> nn.Module | None:

@@ -102,6 +102,7 @@ class ConvertedModel(nn.Module):
     coefficients: Coefficients
     _memory_saving: bool
     _checkpoint_kept: bool
+    _anchor_every: int
     _base_class: type[nn.Module]
     _original_keys: dict[str, str]
     _converted_keys: dict[str, str]
@@ -137,6 +138,21 @@ class ConvertedModel(nn.Module):
     def checkpoint_kept(self, value: bool) -> None:
         self._checkpoint_kept = bool(value)
         self.memory_saving = self._memory_saving
+
+    @property
+    def anchor_every(self) -> int:
+        """Keep the exact state after every k-th coupling of each run (0: none): bounds the
+        float rounding of rebuilt activations where the inverse is ill-conditioned, at one
+        stored state per anchor. Setting it applies to every run at once."""
+        return self._anchor_every
+
+    @anchor_every.setter
+    def anchor_every(self, value: int) -> None:
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f"anchor_every must be an int >= 0, got {value!r}")
+        for run in self.runs():
+            run.blocks.anchor_every = value
+        self._anchor_every = value
 
     def runs(self) -> list[ReversibleRun]:
         """The reversible runs, in module order."""
@@ -263,6 +279,7 @@ def adopt(
     coefficients: Coefficients,
     memory_saving: bool,
     checkpoint_kept: bool,
+    anchor_every: int = 0,
 ) -> ConvertedModel:
     """Make ``converted`` (a new object: a shallow copy or a new module) the converted
     network of ``original``: mix :class:`ConvertedModel` into its class, record the
@@ -281,6 +298,7 @@ def adopt(
         _original_order={key: i for i, key in enumerate(original.state_dict())},
         _memory_saving=bool(memory_saving),
         _checkpoint_kept=bool(checkpoint_kept),
+        _anchor_every=anchor_every,
         conversion=record,
         coefficients=coefficients,
     )
