@@ -47,8 +47,10 @@ from __future__ import annotations
 
 import argparse
 import copy
+import datetime
 import importlib
 import json
+import math
 import platform
 import statistics
 import sys
@@ -69,6 +71,17 @@ from invertible_models import CoefficientSchedule, make_reversible
 from invertible_models.profiler import TrainingStep, measure_step_memory, median_step_seconds
 
 METHODS = ("momentum", "two_stream")
+#: the conversions the gradient and memory sections measure: label -> (method, options).
+#: two_stream near the original (its defaults: alpha 1, beta 0.1, an anchor after every
+#: coupling) and at the schedule's end (alpha 0, beta 1, where anchors can go)
+CONVERSIONS: dict[str, tuple[str, dict[str, Any]]] = {
+    "momentum": ("momentum", {}),
+    "two_stream": ("two_stream", {}),
+    "two_stream alpha 0, no anchors": (
+        "two_stream",
+        {"alpha": 0.0, "beta": 1.0, "anchor_every": 0},
+    ),
+}
 SECTIONS = ("gradients", "distance", "schedule", "memory", "parity")
 #: the coefficient grid of the distance section, per method
 GRID = {
@@ -191,12 +204,12 @@ def bench_gradients(args: argparse.Namespace) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name, original, call in gradient_cases(args.quick):
         original.double()
-        for method in METHODS:
+        for label, (method, options) in CONVERSIONS.items():
             residual = {"residual": "x + net(x)"} if name.startswith("nn.Sequential") else {}
-            converted = make_reversible(original, method, **residual).train()
+            converted = make_reversible(original, method, **residual, **options).train()
             plain = _grads(converted, lambda: call(converted, torch.float64), saving=False)
             saved = _grads(converted, lambda: call(converted, torch.float64), saving=True)
-            rows.append({"network": name, "method": method, "error": relative_l2(saved, plain)})
+            rows.append({"network": name, "method": label, "error": relative_l2(saved, plain)})
     module, version = momentumnet()
     if module is None:
         rows.append(
@@ -242,7 +255,10 @@ def reconstruction_error(
     for run, x in zip(twin.runs(), inputs):
         state = run.method.lift(x)
         with torch.no_grad():
-            worst = max(worst, relative_l2(run.blocks.inverse(run.blocks(state)), state))
+            error = relative_l2(run.blocks.inverse(run.blocks(state)), state)
+            worst = error if not math.isfinite(error) else max(worst, error)
+            if not math.isfinite(worst):
+                break  # overflowed: nan or inf is the answer
     return worst
 
 
@@ -399,8 +415,8 @@ def memory_variants(kind: str, depth: int, args: argparse.Namespace) -> dict[str
         "original": original,
         "original + checkpoint per block": baseline,
     }
-    for method in METHODS:
-        variants[f"make_reversible {method}"] = make_reversible(original, method)
+    for label, (method, options) in CONVERSIONS.items():
+        variants[f"make_reversible {label}"] = make_reversible(original, method, **options)
     module, version = momentumnet()
     label = "momentumnet transform_to_momentumnet"
     if module is None:
@@ -691,6 +707,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--clock", choices=("cpu", "wall"), default="cpu")
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/convert.json"))
+    parser.add_argument(
+        "--merge",
+        action="store_true",
+        help="keep the sections of an existing --json file that this run does not measure "
+        "(each section records the run that measured it)",
+    )
     args = parser.parse_args(argv)
     quick = args.quick
     args.seeds = args.seeds or (2 if quick else 3)
@@ -729,11 +751,23 @@ def main(argv: list[str] | None = None) -> int:
         result["memory"] = bench_memory(args)
     print_tables(result)
     _, momentumnet_version = momentumnet()
+    config = {
+        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"
+    }
+    config["date"] = datetime.date.today().isoformat()
+    measured_by = {section: config for section in result}
+    if args.merge and args.json.is_file():
+        earlier = json.loads(args.json.read_text())
+        for section in SECTIONS:
+            if section in earlier and section not in result:
+                result[section] = earlier[section]
+                measured_by[section] = earlier.get("measured_by", {}).get(
+                    section, earlier["config"]
+                )
     payload = {
         "benchmark": "convert",
-        "config": {
-            k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items() if k != "json"
-        },
+        "config": config,
+        "measured_by": measured_by,
         "environment": {
             "torch": torch.__version__,
             "invertible_core": invertible_core.__version__,

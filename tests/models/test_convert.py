@@ -370,6 +370,15 @@ def test_the_schedule_ends_on_a_well_conditioned_inverse():
     assert start > 1e-2 and end < 1e-5, (start, end)
 
 
+def test_two_stream_anchors_every_coupling_by_default_so_its_gradients_are_exact():
+    original = encoder(norm_first=True, layers=6).float()
+    converted = make_reversible(original, "two_stream")
+    assert converted.anchor_every == 1
+    assert make_reversible(original, "momentum").anchor_every == 0
+    x = torch.randn(BATCH, TOKENS, WIDTH)
+    assert saving_gradient_error(converted, lambda: converted(x)) < 1e-5
+
+
 def test_anchors_make_an_ill_conditioned_run_s_gradients_exact_again():
     original = encoder(norm_first=True, layers=6).float()
     x = torch.randn(BATCH, TOKENS, WIDTH)
@@ -389,7 +398,9 @@ def test_anchors_make_an_ill_conditioned_run_s_gradients_exact_again():
 
 
 def test_an_ill_conditioned_reconstruction_is_not_silent():
-    converted = make_reversible(encoder(True, layers=4).float(), "two_stream", beta=1e-3)
+    converted = make_reversible(
+        encoder(True, layers=4).float(), "two_stream", beta=1e-3, anchor_every=0
+    )
     x = torch.randn(BATCH, TOKENS, WIDTH, requires_grad=True)
     converted.train()
     with warnings.catch_warnings(record=True) as caught:

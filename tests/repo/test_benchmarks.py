@@ -317,7 +317,8 @@ def test_convert_memory_of_the_conversions_is_flat_in_depth(
 ) -> None:
     rows = [r for r in convert[0]["memory"] if "retained_mib" in r]
     for network in ("resnet50", "ViT-S"):
-        for variant in ("make_reversible momentum", "make_reversible two_stream", "original"):
+        flat = ("make_reversible momentum", "make_reversible two_stream alpha 0, no anchors")
+        for variant in (*flat, "original"):
             by_depth = [r for r in rows if r["network"] == network and r["variant"] == variant]
             assert len(by_depth) == 2, (network, variant)
             lo, hi = sorted(by_depth, key=lambda r: r["depth"])

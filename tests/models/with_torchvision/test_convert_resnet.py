@@ -84,10 +84,15 @@ def test_resnet_training_memory_is_flat_in_depth_and_kept_blocks_are_checkpointe
     x = images(32, 2, torch.float32)
     shallow = ResNet(Bottleneck, [1, 2, 2, 1], num_classes=10)
     deep = ResNet(Bottleneck, [1, 2, 6, 1], num_classes=10)
-    saving = [_retained(make_reversible(m, "two_stream"), x) for m in (shallow, deep)]
+    saving = [_retained(make_reversible(m, "momentum"), x) for m in (shallow, deep)]
     assert saving[0] == saving[1]
     assert _retained(deep, x) > 3 * saving[1]
-    converted = make_reversible(deep, "two_stream", checkpoint_kept=False)
+    flat = [_retained(make_reversible(m, "two_stream", anchor_every=0), x) for m in (shallow, deep)]
+    assert flat[0] == flat[1]
+    anchored = [_retained(make_reversible(m, "two_stream"), x) for m in (shallow, deep)]
+    # an anchor after each coupling of layer3 (1 coupling shallow, 3 deep) is stored
+    assert anchored[0] == flat[0] and anchored[1] > flat[1]
+    converted = make_reversible(deep, "momentum", checkpoint_kept=False)
     assert not any(block.checkpointed for block in converted.kept_blocks())
     assert _retained(converted, x) > saving[1]
     converted.checkpoint_kept = True

@@ -73,7 +73,7 @@ def make_reversible(
     at: str | Sequence[str] | None = None,
     memory_saving: bool = True,
     checkpoint_kept: bool = True,
-    anchor_every: int = 0,
+    anchor_every: int | None = None,
     **options: float,
 ) -> ConvertedModel:
     """The reversible counterpart of ``model``, computing with the same parameter objects.
@@ -95,10 +95,12 @@ def make_reversible(
         checkpoint_kept: while saving memory, also recompute the blocks kept as they were
             inside converted stages (a ResNet's downsampling blocks) with
             ``torch.utils.checkpoint`` (default True, as a RevNet's transitions).
-        anchor_every: keep the exact state after every k-th coupling of each run (0, the
-            default: none), bounding the float rounding of rebuilt activations where the
-            inverse is ill-conditioned (two-stream with a small ``beta`` on long runs: see
-            the package README); costs one state per anchor.
+        anchor_every: keep the exact state after every k-th coupling of each run (0: none),
+            bounding the float rounding of rebuilt activations where the inverse is
+            ill-conditioned; costs one state per anchor. Default: the method's (momentum: 0;
+            two-stream: 1, since near the original its inverse is ill-conditioned on long
+            runs; set ``model.anchor_every = 0`` once a schedule has lowered ``alpha``, see
+            the package README).
         **options: the method's coefficients: ``gamma`` (momentum, default 0.9);
             ``alpha`` (default 1) and ``beta`` (default 0.1) for two-stream.
 
@@ -126,6 +128,8 @@ def make_reversible(
         )
     chosen = METHODS[method]
     coefficients = chosen.coefficients(dict(options))
+    if anchor_every is None:
+        anchor_every = chosen.default_anchor_every
     ctx = ConversionContext(
         chosen, coefficients, bool(memory_saving), bool(checkpoint_kept), anchor_every
     )

@@ -86,6 +86,9 @@ class ConversionMethod:
     name: str = ""
     #: the class of the method's coefficients
     coefficients_type: type[Coefficients] = Coefficients
+    #: anchors (``anchor_every``) where ``make_reversible`` is given none: what the method's
+    #: default coefficients need for memory-saving gradients to equal plain autograd's
+    default_anchor_every: int = 0
 
     def coefficients(self, options: dict[str, Any]) -> Coefficients:
         """The coefficients from ``make_reversible``'s options (defaults for the rest);
