@@ -53,14 +53,16 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-import invertible_core
 from chains import Chain, conv_chain, transformer_chain
 from invertible_core import (
     AdditiveCoupling,
     MemoryProfile,
+    MemorySwitches,
     ReversibleSequence,
+    SwitchState,
+    TrainingStep,
     fit_memory_budget,
-    measure_memory,
+    measure_step_memory,
 )
 from invertible_models import create_model
 from measure import round_robin
@@ -72,32 +74,18 @@ QUICK_NETWORKS = ("conv", "transformer", "revnet38")
 
 
 class Network:
-    """A module, its example input and loss, and the sequences its checkpoint rows segment."""
+    """A module, its example input and loss (as the project's one training step, without an
+    optimizer: the planner's default), and the sequences its checkpoint rows segment."""
 
     def __init__(
         self, name: str, module: nn.Module, x: Tensor, loss: Callable[[Any], Tensor]
     ) -> None:
         self.name = name
         self.module = module
-        self.x = x
-        self.loss = loss
+        self.step = TrainingStep(module, x, loss_fn=loss)
         self.sequences = [m for m in module.modules() if isinstance(m, ReversibleSequence)]
         #: blocks per sequence at most: the checkpoint rows' k runs over 1 .. this
         self.depth = max(len(s) for s in self.sequences)
-
-    def step(self) -> None:
-        with torch.no_grad():
-            for t in [*self.module.parameters(), self.x]:
-                if t.grad is not None:
-                    t.grad.zero_()
-        self.loss(self.module(self.x)).backward()
-
-    def held_bytes(self) -> int:
-        """Parameters, buffers, the input and their gradients (distinct storages)."""
-        tensors = [*self.module.parameters(), *self.module.buffers(), self.x]
-        tensors += [t.grad for t in tensors if t.grad is not None]
-        storages = {t.untyped_storage().data_ptr(): t.untyped_storage().nbytes() for t in tensors}
-        return sum(storages.values())
 
 
 def _chain_network(chain: Chain, device: torch.device) -> Network:
@@ -146,24 +134,19 @@ def checkpoint_every(net: Network, k: int) -> Iterator[None]:
 
         seq.forward = forward  # type: ignore[method-assign]
         saved.append(seq)
-    switches = [m for m in net.module.modules() if invertible_core.is_checkpointable(m)]
-    before = [m.checkpointed for m in switches]  # type: ignore[union-attr]
-    for m in switches:
-        m.checkpointed = True  # type: ignore[union-attr]
+    switches = MemorySwitches(net.module)
     try:
-        yield
+        with switches.restored():
+            switches.set(SwitchState(checkpointed=dict.fromkeys(switches.checkpointables, True)))
+            yield
     finally:
         for seq in saved:
             del seq.forward
-        for m, value in zip(switches, before):
-            m.checkpointed = value  # type: ignore[union-attr]
 
 
-def peak_bytes(net: Network, device: torch.device) -> int:
-    """Exact peak of one step, everything it holds included (after a warm-up step)."""
-    net.step()
-    _, stats = measure_memory(net.step, device)
-    return net.held_bytes() + stats.peak_bytes
+def peak_bytes(net: Network) -> int:
+    """Exact ``peak_bytes`` of one step, everything it holds included (after a warm-up)."""
+    return measure_step_memory(net.step, warmup=1).peak_bytes
 
 
 def budgets(profile: MemoryProfile, extra: list[int], points: int) -> list[int]:
@@ -173,12 +156,12 @@ def budgets(profile: MemoryProfile, extra: list[int], points: int) -> list[int]:
 
 
 def bench_network(net: Network, args: argparse.Namespace, device: torch.device) -> dict[str, Any]:
-    profile = MemoryProfile.measure(net.module, net.x, loss_fn=net.loss, repeats=args.repeats)
+    profile = MemoryProfile.measure(net.step, repeats=args.repeats)
     plain, minimum = profile.plain_peak_bytes, profile.minimum_peak_bytes
     checkpoint_rows = []
     for k in range(1, net.depth + 1) if not args.quick else (1, 2):
         with checkpoint_every(net, k):
-            checkpoint_rows.append({"k": k, "peak_bytes": peak_bytes(net, device)})
+            checkpoint_rows.append({"k": k, "peak_bytes": peak_bytes(net)})
     per_block = checkpoint_rows[0]["peak_bytes"]
     half = plain // 2
     plans = []

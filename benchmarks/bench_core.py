@@ -55,9 +55,14 @@ import invertible_core
 from chains import Chain, conv_chain, transformer_chain
 from compiled import bench_compile, print_compile
 from flatness import bench_flatness, print_flatness
-from invertible_core import AdditiveCoupling, InvertibleModuleWrapper, ReversibleSequence
-from measure import (
+from invertible_core import (
+    AdditiveCoupling,
+    InvertibleModuleWrapper,
+    ReversibleSequence,
     TrainingStep,
+)
+from measure import (
+    chain_step,
     describe,
     gradients,
     peak_mib,
@@ -111,11 +116,8 @@ def build_ours(method: str, chain: Chain) -> nn.Module:
 
 def method_step(model: nn.Module, x: Tensor, keep_grads: bool = False) -> TrainingStep:
     """One training step of ``model`` on a fresh copy of ``x`` that requires grad, as the
-    output of a stem would: RevTorch, revlib and reformer backpropagate only from an input
-    that requires grad (their autograd functions do not take the parameters), and MemCNN's
-    wrapper frees and refills its input's storage. The copy and its gradient count in
-    every method's peak alike."""
-    return TrainingStep(model.parameters(), square_loss(model), x, keep_grads)
+    output of a stem would (:func:`measure.chain_step`)."""
+    return chain_step(square_loss(model), model.parameters(), x, keep_grads)
 
 
 def build_models(
@@ -195,9 +197,9 @@ def bench_chain(
     steps = {name: method_step(m, chain.inputs) for name, m in models.items()}
     for name in list(steps):
         try:
-            rows[name]["peak_mib"] = peak_mib(steps[name], device)
+            rows[name]["peak_mib"] = peak_mib(steps[name])
             kept = method_step(models[name], chain.inputs, keep_grads=True)
-            rows[name]["peak_kept_grads_mib"] = peak_mib(kept, device)
+            rows[name]["peak_kept_grads_mib"] = peak_mib(kept)
         except Exception as exc:
             rows[name].update(status="failed", error=describe(exc))
             del steps[name]

@@ -55,21 +55,17 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 import torch
 
 from flows import (
-    LikelihoodStep,
     digits,
     format_reconstruction,
     glow_bits_per_dim,
     glow_model,
     irevnet_reconstruction,
+    likelihood_step,
 )
+from invertible_core import TrainingStep, median_step_seconds
 from invertible_models import create_model
-from invertible_models.profiler import (
-    ModelProfile,
-    TrainingStep,
-    format_table,
-    median_step_seconds,
-    profile_step,
-)
+from invertible_models.profiler import ModelProfile, format_table, profile_step
+from invertible_models.step import training_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "models.json"
 
@@ -143,15 +139,15 @@ CONFIGS: list[Config] = [
 
 #: (description, numerator label, denominator label, field, target upper bound)
 RATIOS: list[tuple[str, str, str, str, float | None]] = [
-    ("revnet164 peak / resnet164 peak", "revnet164", "resnet164", "peak_step_mib", 0.15),
-    ("revnet110 peak / revnet38 peak", "revnet110", "revnet38", "peak_step_mib", 1.10),
+    ("revnet164 peak / resnet164 peak", "revnet164", "resnet164", "step_peak_mib", 0.15),
+    ("revnet110 peak / revnet38 peak", "revnet110", "revnet38", "step_peak_mib", 1.10),
     ("revnet110 step: saving / nosave", "revnet110", "revnet110 nosave", "step_seconds", 1.35),
     ("revnet164 step: saving / nosave", "revnet164", "revnet164 nosave", "step_seconds", 1.35),
     (
         "revnet110 peak / resnet110+ckpt peak",
         "revnet110",
         "resnet110 +checkpoint",
-        "peak_step_mib",
+        "step_peak_mib",
         None,
     ),
     (
@@ -165,7 +161,7 @@ RATIOS: list[tuple[str, str, str, str, float | None]] = [
         "revnet164 peak / resnet164+ckpt peak",
         "revnet164",
         "resnet164 +checkpoint",
-        "peak_step_mib",
+        "step_peak_mib",
         None,
     ),
     (
@@ -175,7 +171,7 @@ RATIOS: list[tuple[str, str, str, str, float | None]] = [
         "step_seconds",
         None,
     ),
-    ("revvit_tiny peak: d24 / d6", "revvit_tiny d24", "revvit_tiny d6", "peak_step_mib", 1.10),
+    ("revvit_tiny peak: d24 / d6", "revvit_tiny d24", "revvit_tiny d6", "step_peak_mib", 1.10),
     (
         "revvit_tiny activ.: d24 / d6",
         "revvit_tiny d24",
@@ -183,9 +179,9 @@ RATIOS: list[tuple[str, str, str, str, float | None]] = [
         "activation_mib",
         1.10,
     ),
-    ("vit_tiny peak: d24 / d6", "vit_tiny d24", "vit_tiny d6", "peak_step_mib", None),
+    ("vit_tiny peak: d24 / d6", "vit_tiny d24", "vit_tiny d6", "step_peak_mib", None),
     *(
-        (f"revvit / vit peak, d{d}", f"revvit_tiny d{d}", f"vit_tiny d{d}", "peak_step_mib", None)
+        (f"revvit / vit peak, d{d}", f"revvit_tiny d{d}", f"vit_tiny d{d}", "step_peak_mib", None)
         for d in DEPTHS
     ),
     *(
@@ -196,7 +192,7 @@ RATIOS: list[tuple[str, str, str, str, float | None]] = [
         "revvit / vit+ckpt peak, d24",
         "revvit_tiny d24",
         "vit_tiny d24 +ckpt",
-        "peak_step_mib",
+        "step_peak_mib",
         None,
     ),
     (
@@ -206,15 +202,15 @@ RATIOS: list[tuple[str, str, str, str, float | None]] = [
         "step_seconds",
         None,
     ),
-    ("irevnet peak: d9 / d3", "irevnet d9", "irevnet d3", "peak_step_mib", 1.10),
+    ("irevnet peak: d9 / d3", "irevnet d9", "irevnet d3", "step_peak_mib", 1.10),
     ("irevnet activ.: d9 / d3", "irevnet d9", "irevnet d3", "activation_mib", 1.10),
-    ("irevnet peak: saving / nosave, d9", "irevnet d9", "irevnet d9 nosave", "peak_step_mib", None),
+    ("irevnet peak: saving / nosave, d9", "irevnet d9", "irevnet d9 nosave", "step_peak_mib", None),
     ("irevnet step: saving / nosave, d9", "irevnet d9", "irevnet d9 nosave", "step_seconds", None),
-    ("glow peak: saving / nosave, K32", "glow K32", "glow K32 nosave", "peak_step_mib", 0.25),
-    ("glow peak / freia peak, K32", "glow K32", "freia glow K32", "peak_step_mib", None),
-    ("glow nosave / freia peak, K32", "glow K32 nosave", "freia glow K32", "peak_step_mib", None),
-    ("glow peak: K32 / K8", "glow K32", "glow K8", "peak_step_mib", None),
-    ("freia peak: K32 / K8", "freia glow K32", "freia glow K8", "peak_step_mib", None),
+    ("glow peak: saving / nosave, K32", "glow K32", "glow K32 nosave", "step_peak_mib", 0.25),
+    ("glow peak / freia peak, K32", "glow K32", "freia glow K32", "step_peak_mib", None),
+    ("glow nosave / freia peak, K32", "glow K32 nosave", "freia glow K32", "step_peak_mib", None),
+    ("glow peak: K32 / K8", "glow K32", "glow K8", "step_peak_mib", None),
+    ("freia peak: K32 / K8", "freia glow K32", "freia glow K8", "step_peak_mib", None),
     ("glow step: saving / nosave, K32", "glow K32", "glow K32 nosave", "step_seconds", None),
     ("glow step / freia step, K32", "glow K32", "freia glow K32", "step_seconds", None),
 ]
@@ -265,7 +261,7 @@ def depth_growth(profiles: list[ModelProfile]) -> list[dict[str, Any]]:
             {
                 "model": family,
                 "depths": [DEPTHS[0], DEPTHS[-1]],
-                "peak_growth_mib": by_label[high].peak_step_mib - by_label[low].peak_step_mib,
+                "peak_growth_mib": by_label[high].step_peak_mib - by_label[low].step_peak_mib,
                 "parameter_growth_mib": by_label[high].parameter_mib - by_label[low].parameter_mib,
             }
         )
@@ -335,7 +331,7 @@ def main(argv: list[str] | None = None) -> int:
     def build_step(config: Config) -> TrainingStep:
         torch.manual_seed(0)
         if config.kind == "classifier":
-            return TrainingStep(
+            return training_step(
                 create_model(config.name, **config.options),
                 batch_size=batch_of(config),
                 image_size=32,
@@ -346,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
             config.kind, config.options["steps"], glow_hidden, config.options["memory_saving"]
         )
         assert glow_images is not None
-        return LikelihoodStep(model, glow_images, device=args.device)
+        return likelihood_step(model, glow_images, device=args.device)
 
     # Memory first, one configuration at a time, under the allocation profiler.
     memory = {}

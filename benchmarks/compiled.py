@@ -25,7 +25,7 @@ from torch import nn
 
 from chains import Chain, transformer_chain
 from invertible_core import AdditiveCoupling, ReversibleSequence
-from measure import TrainingStep, gradients, relative_error, round_robin, square_loss, timed
+from measure import chain_step, gradients, relative_error, round_robin, square_loss, timed
 
 #: compiled and eager gradients must agree to this relative L2 error
 EQUAL = 1e-4
@@ -101,7 +101,7 @@ def bench_compile(args: argparse.Namespace, device: torch.device) -> dict[str, A
         gradients(square_loss(models[name]), chain.inputs, params)
         calls[name] = backend.calls - before
     steps = {
-        name: TrainingStep(model.parameters(), square_loss(model), chain.inputs)
+        name: chain_step(square_loss(model), model.parameters(), chain.inputs)
         for name, model in models.items()
     }
     medians, failed = round_robin(steps, device, args.warmup, args.repeats)

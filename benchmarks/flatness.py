@@ -32,7 +32,7 @@ from torch import Tensor, nn
 
 from chains import conditioned_transformer_chain, flow_chain, flow_nll
 from invertible_core import AdditiveCoupling, ReversibleSequence
-from measure import TrainingStep, gradients, peak_mib, relative_error
+from measure import chain_step, gradients, peak_mib, relative_error
 
 #: the flatness target: peak at the deep N over the shallow N, with memory saving
 FLAT = 1.1
@@ -103,8 +103,8 @@ def bench_flatness(args: argparse.Namespace, device: torch.device) -> dict[str, 
             param_grad_mib[str(depth)] = sum(p.numel() * p.element_size() for p in params) / 2**20
             for mode, keep in MODES.items():
                 for method, loss in losses.items():
-                    step = TrainingStep(params, loss, x, keep)
-                    peaks[mode][method][str(depth)] = peak_mib(step, device)
+                    step = chain_step(loss, params, x, keep)
+                    peaks[mode][method][str(depth)] = peak_mib(step)
         ratios = {
             mode: {m: p[str(hi)] / p[str(lo)] for m, p in by_method.items()}
             for mode, by_method in peaks.items()

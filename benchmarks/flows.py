@@ -21,10 +21,10 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from invertible_core import round_to_grid
+from invertible_core import TrainingStep, round_to_grid
 from invertible_models import Glow, create_model
 from invertible_models.flow_blocks import CouplingNetwork, dequantize
-from invertible_models.profiler import TrainingStep
+from invertible_models.step import training_step
 
 #: Glow on 8 x 8 digits: 2 levels, 17 levels per value (the digits are 0..16).
 DIGITS_GLOW: dict[str, Any] = {"in_channels": 1, "image_size": 8, "levels": 2, "num_bins": 17}
@@ -39,25 +39,20 @@ def digits() -> tuple[Tensor, Tensor]:
     return images[:1500], images[1500:]
 
 
-class LikelihoodStep(TrainingStep):
-    """One SGD step (learning rate 1e-3) of a likelihood model (``model(x)`` is the
-    per-sample log-likelihood) on a fixed batch ``images``: the loss is the negative
-    log-likelihood per value (nats), ``-model(images).mean() / values per image``."""
-
-    def __init__(self, model: nn.Module, images: Tensor, device: str = "cpu") -> None:
-        super().__init__(model, batch_size=1, image_size=1, num_classes=1, device=device)
-        # at the classifiers' 0.01 both Glows (ours and FrEIA's) reach NaN within a few steps
-        # on one batch, and a NaN step is not a training step's cost; at 1e-3 they stay finite
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=1e-3, momentum=0.9)
-        self.images = images.to(self.device)
-
-    def __call__(self) -> None:
-        self.optimizer.zero_grad(set_to_none=False)
-        (-self.model(self.images).mean() / self.images[0].numel()).backward()
-        self.optimizer.step()
-
-    def forward(self) -> Tensor:
-        return self.model(self.images)  # type: ignore[no-any-return]
+def likelihood_step(model: nn.Module, images: Tensor, device: str = "cpu") -> TrainingStep:
+    """The training step of a likelihood model (``model(x)`` is the per-sample
+    log-likelihood) on a fixed batch ``images``: the negative log-likelihood per value
+    (nats), ``-model(images).mean() / values per image``, SGD with momentum at 1e-3 (the
+    zoo's step for flows, :func:`invertible_models.step.training_step`, which FrEIA's Glow,
+    having no ``log_prob``, would otherwise take for a classifier)."""
+    images = images.to(device)
+    values = images[0].numel()
+    return training_step(
+        model,
+        images=images,
+        loss=lambda log_prob, _: -log_prob.mean() / values,
+        optimizer=lambda m: torch.optim.SGD(m.parameters(), lr=1e-3, momentum=0.9),
+    )
 
 
 class FreiaGlow(nn.Module):

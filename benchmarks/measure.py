@@ -1,14 +1,16 @@
 """How bench_core measures: exact peak memory, interleaved timing, gradient error.
 
-- Memory: :func:`invertible_core.measure_memory` around one training step, after a warm-up
-  step (allocator, BatchNorm, ActNorm's initialisation). Exact to the byte on the CPU
-  (profiler allocation events) and on CUDA (the allocator's peak counter), because the
-  measured step frees nothing that existed before it (see :class:`TrainingStep`). Two ways:
-  gradients freed before each step (``zero_grad()``'s default: the peak counts the
-  parameter gradients the step creates, which grow with depth for every method), and
-  gradients kept allocated and zeroed in place (the peak beyond the model state: what the
-  step adds to parameters and gradients; a method that holds a second copy of some
-  gradients at once shows it here).
+- The step: the project's one training step (:class:`invertible_core.TrainingStep`: forward,
+  loss, backward, SGD step) of a chain's loss on a fresh leaf copy of the batch
+  (:func:`chain_step`).
+- Memory: :func:`invertible_core.measure_step_memory` (its ``step_peak_bytes``) after a
+  warm-up step (allocator, BatchNorm, ActNorm's initialisation). Exact to the byte on the
+  CPU (profiler allocation events) and on CUDA (the allocator's peak counter), because the
+  measured step frees nothing that existed before it. Two ways: gradients freed before each
+  step (``zero_grad()``'s default: the peak counts the parameter gradients the step
+  creates, which grow with depth for every method), and gradients kept allocated and zeroed
+  in place (the peak beyond the model state: what the step adds to parameters and
+  gradients; a method that holds a second copy of some gradients at once shows it here).
 - Time: round robin. Every method runs one step in turn, ``repeats`` rounds after
   ``warmup`` rounds, and each method's median is taken: load on a shared machine falls on
   all methods alike, so their ratios hold where their absolute times do not.
@@ -18,7 +20,6 @@
 
 from __future__ import annotations
 
-import gc
 import statistics
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -26,45 +27,48 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 import torch
 from torch import Tensor, nn
 
-from invertible_core import measure_memory
+from invertible_core import TrainingStep, measure_step_memory
 
 
-class TrainingStep:
-    """Forward, loss, backward, SGD step: what one method's row times and measures.
+class FreshInput(nn.Module):
+    """``loss(fresh(x))``: a chain's loss of a new leaf copy of its input at every call.
 
-    Each step computes ``loss(fresh(x))``: a fresh copy of the batch, requiring grad as the
-    output of a stem would, so that nothing allocated before the step is freed by it. A
-    free of memory allocated outside a profiling session is invisible to the profiler (or,
-    worse, booked with the size of whatever lived at that address before), so the only
-    exact measurement is of a step that frees none of it.
-
-    ``keep_grads=False`` frees the gradients before each step (``zero_grad()``'s default),
-    so a step's peak includes the gradients it creates; ``True`` zeroes them in place, so
-    that after the first step they are part of the model state, as in a loop that
-    accumulates gradients, and a step's peak counts only what it adds on top of them.
+    The copy requires grad, as the output of a stem would: RevTorch, revlib and reformer
+    backpropagate only from an input that requires grad (their autograd functions do not
+    take the parameters), and MemCNN's wrapper frees and refills its input's storage. Made
+    inside the step, the copy and its gradient count in every method's peak alike, and the
+    step frees nothing allocated before it (a free of memory allocated outside a profiling
+    session is invisible to the profiler, or booked with the wrong size).
     """
 
-    def __init__(
-        self,
-        params: Iterable[nn.Parameter],
-        loss: Callable[[Tensor], Tensor],
-        x: Tensor,
-        keep_grads: bool = False,
-    ) -> None:
-        self.optimizer = torch.optim.SGD(list(params), lr=1e-3)
+    def __init__(self, loss: Callable[[Tensor], Tensor], params: Iterable[nn.Parameter]):
+        super().__init__()
         self.loss = loss
-        self.x = x
-        self.keep_grads = keep_grads
+        self.chain_parameters = nn.ParameterList(params)  # the chain's own, not copies
 
-    def __call__(self) -> None:
-        self.optimizer.zero_grad(set_to_none=not self.keep_grads)
-        self.loss(fresh(self.x)).backward()
-        self.optimizer.step()
+    def forward(self, x: Tensor) -> Tensor:
+        return self.loss(fresh(x))
 
-    def release_gradients(self) -> None:
-        """Free the gradients now, so that the next step, which would free them, does not."""
-        if not self.keep_grads:
-            self.optimizer.zero_grad(set_to_none=True)
+
+def chain_step(
+    loss: Callable[[Tensor], Tensor],
+    params: Iterable[nn.Parameter],
+    x: Tensor,
+    keep_grads: bool = False,
+) -> TrainingStep:
+    """The training step of ``loss`` on ``x`` (a fresh copy each step), SGD at 1e-3 on
+    ``params``. ``keep_grads=False`` frees the gradients before each step (``zero_grad()``'s
+    default), so a step's peak includes the gradients it creates; ``True`` zeroes them in
+    place, so that after the first step they are part of the held state, as in a loop that
+    accumulates gradients, and a step's peak counts only what it adds on top of them."""
+    module = FreshInput(loss, params)
+    return TrainingStep(
+        module,
+        x,
+        loss_fn=lambda out: out,  # the module returns the loss
+        optimizer=torch.optim.SGD(module.parameters(), lr=1e-3),
+        set_to_none=not keep_grads,
+    )
 
 
 def square_loss(model: nn.Module) -> Callable[[Tensor], Tensor]:
@@ -90,14 +94,10 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
     return time.perf_counter() - start
 
 
-def peak_mib(step: TrainingStep, device: torch.device) -> float:
-    """Peak memory of one step, after one warm-up step, in MiB, beyond what exists before
-    it: parameters, and with ``keep_grads`` their gradients."""
-    step()
-    step.release_gradients()
-    gc.collect()  # garbage of the warm-up step is freed now, not inside the measurement
-    _, stats = measure_memory(step, device)
-    return stats.peak_mib
+def peak_mib(step: TrainingStep) -> float:
+    """The ``step_peak_bytes`` of one step after one warm-up step, in MiB: beyond what the
+    step holds before it (parameters, with ``keep_grads`` their gradients)."""
+    return measure_step_memory(step, warmup=1).step_peak_bytes / 2**20
 
 
 def round_robin(

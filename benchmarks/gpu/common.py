@@ -6,10 +6,11 @@ whose estimated time no longer fits, so a slow stage ends with most of its rows 
 instead of being killed half-way. Its result file is rewritten after every row, so even a
 killed stage leaves the rows it finished.
 
-The training step here is the zoo profiler's (forward, cross-entropy, backward, SGD with
-momentum; gradients zeroed in place so that the model state stays allocated between steps)
-with mixed precision added: autocast for bf16 and fp16, and a ``torch.amp.GradScaler`` for
-fp16, as a user trains.
+The training step is the project's one (:class:`invertible_core.TrainingStep`), as the zoo's
+profiler makes it (:func:`invertible_models.step.training_step`: forward, cross-entropy,
+backward, SGD with momentum; gradients zeroed in place so that the model state stays
+allocated between steps), in the precision of the row: autocast for bf16 and fp16, and a
+``torch.amp.GradScaler`` for fp16, as a user trains.
 """
 
 from __future__ import annotations
@@ -24,9 +25,9 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.nn.functional as F
-from record import NOT_AVAILABLE, write_json
-from torch import nn
+from record import write_json
+
+from invertible_core import TrainingStep
 
 #: autocast dtype of each precision the suite measures (``None``: float32, no autocast)
 AMP_DTYPES: dict[str, torch.dtype | None] = {
@@ -159,14 +160,6 @@ def run_rows(
         print(f"{row['status']}: {spec} ({seconds:.1f} s)", flush=True)
 
 
-def not_available_rows(
-    result: StageResult, specs: Iterable[dict[str, Any]], why: str = NOT_AVAILABLE
-) -> None:
-    """Record each spec as a row that this build cannot run."""
-    for spec in specs:
-        result.add_row({**spec, "status": "not available", "note": why})
-
-
 def error_text(exc: BaseException, limit: int = 2000) -> str:
     """The exception's type and message, then the tail of its traceback."""
     trace = "".join(traceback.format_exception(type(exc), exc, exc.__traceback__))
@@ -186,122 +179,40 @@ def release(device: torch.device) -> None:
         torch.cuda.empty_cache()
 
 
-def is_registered(name: str) -> bool:
-    """Whether the zoo of this checkout registers a model called ``name``."""
-    from invertible_models import list_models
-
-    return name in list_models()
-
-
-def build_model(name: str, saving: bool, num_classes: int = 10) -> tuple[nn.Module, str]:
-    """The zoo model ``name`` with memory saving on or off, and how saving was switched.
-
-    For reversible networks saving is ``memory_saving``. Plain ResNets have nothing to
-    rebuild; their saving is checkpointing every block (``torch.utils.checkpoint``), asked
-    for with ``memory_saving`` where the zoo maps it so, else with ``checkpoint_blocks``.
-    """
+def training_step(
+    name: str,
+    saving: bool | None,
+    *,
+    batch_size: int,
+    image_size: int,
+    num_classes: int,
+    device: torch.device,
+    precision: str,
+    check_finite: bool = True,
+) -> TrainingStep:
+    """The zoo's training step of model ``name`` with ``memory_saving=saving`` (``None``: the
+    model's default: a RevNet saves, a ResNet trains plainly), on a synthetic batch made on
+    the device, in ``precision`` (``fp32``, ``bf16`` or ``fp16`` with a ``GradScaler``). A
+    ResNet's saving is checkpointing every residual block."""
     from invertible_models import create_model
+    from invertible_models.step import training_step as zoo_step
 
+    if precision not in AMP_DTYPES:
+        raise ValueError(f"precision must be one of {sorted(AMP_DTYPES)}, got {precision!r}")
     torch.manual_seed(0)
     model = create_model(name, num_classes=num_classes, memory_saving=saving)
-    if not saving:
-        return model, "off"
-    if getattr(model, "memory_saving", False):
-        return model, "memory_saving"
-    if hasattr(model, "checkpoint_blocks"):
-        torch.manual_seed(0)
-        return create_model(name, num_classes=num_classes, checkpoint_blocks=True), (
-            "checkpoint_blocks"
-        )
-    return model, "none"
+    return zoo_step(
+        model,
+        batch_size=batch_size,
+        image_size=image_size,
+        num_classes=num_classes,
+        device=device,
+        autocast_dtype=AMP_DTYPES[precision],
+        scaler=torch.amp.GradScaler(device.type) if precision == "fp16" else None,
+        check_finite=check_finite,
+    )
 
 
-def make_scaler(device_type: str, enabled: bool) -> Any:
-    """A ``torch.amp.GradScaler`` (torch >= 2.3), or the older per-device class."""
-    amp = getattr(torch, "amp", None)
-    if amp is not None and hasattr(amp, "GradScaler"):
-        return amp.GradScaler(device_type, enabled=enabled)
-    if device_type == "cuda":  # pragma: no cover - torch < 2.3
-        return torch.cuda.amp.GradScaler(enabled=enabled)
-    return torch.cpu.amp.GradScaler(enabled=enabled)  # type: ignore[attr-defined]  # pragma: no cover
-
-
-class AmpTrainingStep:
-    """One SGD training step on a fixed synthetic batch, in a given precision, repeatable.
-
-    Forward and loss run under autocast (bf16, fp16) or in float32 (fp32); fp16 scales the
-    loss with a GradScaler. Gradients are zeroed in place, so after the first call the
-    parameters, gradients, momentum buffers and the batch stay allocated between calls
-    (:attr:`held_bytes`), and a call's peak beyond them is what the step itself needs.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        batch_size: int,
-        image_size: int,
-        num_classes: int,
-        device: torch.device,
-        precision: str,
-        channels_last: bool = False,
-    ) -> None:
-        if precision not in AMP_DTYPES:
-            raise ValueError(f"precision must be one of {sorted(AMP_DTYPES)}, got {precision!r}")
-        self.device = device
-        self.dtype = AMP_DTYPES[precision]
-        memory_format = torch.channels_last if channels_last else torch.contiguous_format
-        self.model = model.to(device).to(memory_format=memory_format).train()
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=0.01, momentum=0.9)
-        self.scaler = make_scaler(device.type, enabled=precision == "fp16")
-        self.image_size = image_size
-        self.num_classes = num_classes
-        self.memory_format = memory_format
-        self.images, self.labels = self._batch(batch_size)
-
-    def _batch(self, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:
-        # made on the device: a batch of ten thousand images is slow to make on the CPU
-        shape = (batch_size, 3, self.image_size, self.image_size)
-        images = torch.randn(shape, device=self.device).contiguous(memory_format=self.memory_format)
-        labels = torch.randint(0, self.num_classes, (batch_size,), device=self.device)
-        return images, labels
-
-    def set_batch_size(self, batch_size: int) -> None:
-        """Train on a new synthetic batch of ``batch_size`` images (same image size)."""
-        del self.images, self.labels  # free the old batch before allocating the new one
-        self.images, self.labels = self._batch(batch_size)
-
-    @property
-    def batch_size(self) -> int:
-        return self.images.shape[0]
-
-    def __call__(self) -> None:
-        self.optimizer.zero_grad(set_to_none=False)
-        with torch.autocast(
-            self.device.type, dtype=self.dtype or torch.bfloat16, enabled=self.dtype is not None
-        ):
-            loss = F.cross_entropy(self.model(self.images), self.labels)
-        self.scaler.scale(loss).backward()
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-
-    def seconds(self) -> float:
-        """Wall time of one step, synchronised before and after on CUDA."""
-        synchronize(self.device)
-        start = time.perf_counter()
-        self()
-        synchronize(self.device)
-        return time.perf_counter() - start
-
-    @property
-    def held_bytes(self) -> int:
-        """Bytes of parameters, gradients, optimizer buffers and the batch."""
-        tensors: list[torch.Tensor] = [*self.model.parameters(), self.images, self.labels]
-        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
-        for state in self.optimizer.state.values():
-            tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-
-def parameter_count(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters())
+def parameter_count(step: TrainingStep) -> int:
+    """Parameters of a step's model."""
+    return sum(p.numel() for p in step.module.parameters())

@@ -19,9 +19,6 @@ AMPS = ("bf16", "fp16")
 #: stage "fit_batch": the cheap search first, its figure is nearly free
 FIT_BATCH_MODELS = ("resnet164", "revnet164")
 
-#: stage "overlap": the chains timed with overlapped recompute off and on
-OVERLAP_CHAINS = ("conv", "transformer")
-
 #: MemCNN's published activation memory of training on a GPU (MB, batch 128, CIFAR-10),
 #: from MemCNN's README: its ResNets without saving, its RevNets with saving.
 MEMCNN_ACTIVATION_MB = {

@@ -16,15 +16,12 @@ from typing import Any
 #: What a stage (or one row of a stage) can end as.
 #: ``ok``: ran and passed; ``partial``: ran, but the stage's time box ended it before every
 #: row; ``failed``: ran, and a test or a check failed; ``timeout``: killed at its time box;
-#: ``error``: crashed; ``not available``: this build lacks the feature; ``skipped``: not run
-#: (deselected, or the suite's deadline had passed).
-STATUSES = ("ok", "partial", "failed", "timeout", "error", "not available", "skipped")
+#: ``error``: crashed; ``skipped``: not run (deselected, or the suite's deadline had passed).
+STATUSES = ("ok", "partial", "failed", "timeout", "error", "skipped")
 
-#: The note for a feature that this checkout does not have yet.
-NOT_AVAILABLE = "not available in this build"
-
-#: Version of the JSON layout (bump when a field changes meaning).
-SCHEMA = 1
+#: Version of the JSON layout (bump when a field changes meaning). 2: the memory stage's
+#: rows are the profiler's (``step_peak_mib``, ``activation_mib``), no overlap stage.
+SCHEMA = 2
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -17,10 +17,8 @@ from plan import (
     MEMCNN_ACTIVATION_MB,
     MEMORY_MODELS,
     MEMORY_PRECISIONS,
-    OVERLAP_CHAINS,
     THROUGHPUT_MODELS,
 )
-from record import NOT_AVAILABLE
 
 TO_BE_MEASURED = "to be measured"
 NOT_RUN = "not run"
@@ -70,8 +68,6 @@ def cell(record: Record, row: Row | None, value: Callable[[Row], str]) -> str:
         except (KeyError, TypeError, ValueError, ZeroDivisionError):
             return "error"
         return text if status == "ok" else f"{text} (failed)"
-    if status == "not available":
-        return NOT_AVAILABLE
     if status == "skipped":
         return NOT_RUN
     if status == "running":  # the stage was killed while it measured this row
@@ -150,15 +146,18 @@ def memory_table(record: Record) -> str:
             line = [model, _saving_label(model, saving), "" if memcnn is None else f"{memcnn}"]
             for precision in MEMORY_PRECISIONS:
                 row = find(rows, model=model, precision=precision, saving=saving)
-                line.append(cell(record, row, lambda r: mib(r["activation_bytes"])))
+                line.append(cell(record, row, lambda r: f"{r['step_peak_mib']:.1f}"))
                 line.append(cell(record, row, lambda r: ms(r["step_seconds"])))
             body.append(line)
     header = ["model", "saving", "MemCNN (MB)"]
     for precision in MEMORY_PRECISIONS:
-        header += [f"{precision} activations (MiB)", f"{precision} step (ms)"]
+        header += [f"{precision} step peak (MiB)", f"{precision} step (ms)"]
     text = table(header, body)
     ratio = _ratio(record, rows)
-    return f"{text}\n\nRevNet-164 / ResNet-164 activation memory, fp32: {ratio} (MemCNN: 17.6%)."
+    return (
+        f"{text}\n\nRevNet-164 (saving) / ResNet-164 (plain) step peak, fp32: {ratio} "
+        "(MemCNN: 17.6%)."
+    )
 
 
 def _ratio(record: Record, rows: list[Row]) -> str:
@@ -166,9 +165,9 @@ def _ratio(record: Record, rows: list[Row]) -> str:
         return TO_BE_MEASURED
     rev = find(rows, model="revnet164", precision="fp32", saving=True, status="ok")
     res = find(rows, model="resnet164", precision="fp32", saving=False, status="ok")
-    if rev is None or res is None or not res.get("activation_bytes"):
+    if rev is None or res is None or not res.get("step_peak_mib"):
         return NOT_RUN
-    return f"{100 * rev['activation_bytes'] / res['activation_bytes']:.1f}%"
+    return f"{100 * rev['step_peak_mib'] / res['step_peak_mib']:.1f}%"
 
 
 def throughput_table(record: Record) -> str:
@@ -205,8 +204,6 @@ def _profiler_cell(record: Record, row: Row | None) -> str:
     status = profiler.get("status")
     if status == "ok" and profiler.get("largest_batch") is not None:
         return f"{profiler['largest_batch']:,}"
-    if status == "not available":
-        return NOT_AVAILABLE
     return str(status or NOT_RUN)
 
 
@@ -233,30 +230,6 @@ def fit_batch_table(record: Record) -> str:
     return table(header, body)
 
 
-def _gradients(row: Row) -> str:
-    if row.get("grads_identical"):
-        return "identical"
-    return f"max relative error {row['grad_max_rel_error']:.1e}"
-
-
-def overlap_table(record: Record) -> str:
-    rows: list[Row] = result_of(record, "overlap").get("rows", [])
-    body = []
-    for chain in OVERLAP_CHAINS:
-        row = find(rows, chain=chain)
-        body.append(
-            [
-                chain,
-                cell(record, row, lambda r: ms(r["overlap_off_seconds"])),
-                cell(record, row, lambda r: ms(r["overlap_on_seconds"])),
-                cell(record, row, lambda r: f"{r['speedup']:.2f}x"),
-                cell(record, row, _gradients),
-            ]
-        )
-    header = ["chain", "overlap off: step (ms)", "overlap on: step (ms)", "speed-up", "gradients"]
-    return table(header, body)
-
-
 #: the README's GPU tables, by the name of their markers (see fill_readme.py)
 README_TABLES: dict[str, Callable[[Record], str]] = {
     "environment": environment_table,
@@ -264,7 +237,6 @@ README_TABLES: dict[str, Callable[[Record], str]] = {
     "memory": memory_table,
     "throughput": throughput_table,
     "fit-batch": fit_batch_table,
-    "overlap": overlap_table,
 }
 
 
@@ -343,8 +315,6 @@ def suite_markdown(record: dict[str, Any]) -> str:
         throughput_table(record),
         "## Largest batch within the budget",
         fit_batch_table(record),
-        "## Overlapped recompute",
-        overlap_table(record),
     ]
     tails = _tails(record)
     if tails:
@@ -361,6 +331,5 @@ def summary_text(record: dict[str, Any]) -> str:
             memory_table(record),
             throughput_table(record),
             fit_batch_table(record),
-            overlap_table(record),
         ]
     )

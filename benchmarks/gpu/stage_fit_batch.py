@@ -1,24 +1,22 @@
 """Stage 4 of the GPU suite: the largest batch of RevNet-164 and ResNet-164 that fits 40 GiB.
 
-"Fits" means: the peak of one float32 training step (forward, loss, backward, SGD step),
-parameters, gradients, momentum and the batch included, stays within the budget, as
-``torch.cuda.max_memory_allocated`` counts it (tensor memory; neither the caching
-allocator's reserve nor the CUDA context). RevNet-164 runs with memory saving on, ResNet-164
-as it is: the comparison of the RevNet paper. The H200 has more than 40 GiB, so a step
-above the budget runs and is measured rather than failing (an out-of-memory error counts as
-"does not fit" all the same).
+"Fits" means: the step's peak (the project's one definition, ``held_bytes +
+step_peak_bytes``: parameters, gradients, momentum and the batch included, and the most the
+step allocates beyond them, as ``torch.cuda.max_memory_allocated`` counts it: tensor memory,
+neither the caching allocator's reserve nor the CUDA context) stays within the budget. The
+H200 has more than 40 GiB, so a step above the budget runs and is measured rather than
+failing (an out-of-memory error counts as "does not fit" all the same).
 
 Two answers per model:
 
-- ``invertible-profile MODEL --budget 40GiB --fit-batch`` (the memory-budget issue adds
-  the flag; until this checkout's profiler offers it the row says "not available in this
-  build");
-- the stage's own search: it measures the step at a small batch and its double, fits a
-  line to peak against batch (activation memory is linear in the batch), and tries the
-  batch the line predicts, then brackets the answer (doubling while there is no upper
-  bound, then bisection steered by the line) to within ``granularity`` images. Tries are
-  capped in number and each is timed beforehand from the last one, so the search stops
-  within its time box and reports the largest batch it verified.
+- ``invertible-profile MODEL --budget 40GiB --fit-batch``: the largest batch whose leanest
+  plan (everything rebuilt or checkpointed) fits, found by the profiler itself;
+- the stage's own search over the model's default float32 step (RevNet-164 saving memory,
+  ResNet-164 the conventional one: the comparison of the RevNet paper), with the profiler's
+  search (:func:`invertible_models.memory_budget.largest_fitting_batch`: doubling, then the
+  line through the nearest measurements and a check of its neighbour) and this stage's time
+  box: each try is timed beforehand from the last ones, and the search stops before a try
+  that would end past its share of the box, reporting the largest batch it verified.
 """
 
 from __future__ import annotations
@@ -28,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -36,16 +33,18 @@ import torch
 from common import (
     GIB,
     MIB,
-    AmpTrainingStep,
     StageResult,
     TimeBox,
-    build_model,
     error_text,
     release,
     start_stage,
+    training_step,
 )
 from plan import FIT_BATCH_MODELS
-from record import NOT_AVAILABLE
+
+from invertible_core import TrainingStep, measure_memory
+from invertible_models.memory_budget import largest_fitting_batch
+from invertible_models.step import training_step as zoo_step
 
 CONFIG: dict[str, dict[str, Any]] = {
     "gpu": {
@@ -54,7 +53,6 @@ CONFIG: dict[str, dict[str, Any]] = {
         "image_size": 32,
         "num_classes": 10,
         "start": 128,
-        "granularity": 64,
         "max_tries": 12,
     },
     "dry": {
@@ -63,7 +61,6 @@ CONFIG: dict[str, dict[str, Any]] = {
         "image_size": 8,
         "num_classes": 10,
         "start": 2,
-        "granularity": 2,
         "max_tries": 8,
     },
 }
@@ -76,96 +73,46 @@ PROFILER_SHARE = {"gpu": 0.6, "dry": 0.35}
 
 
 class BatchProbe:
-    """Peak bytes of one training step of a model at any batch size (its state included)."""
+    """The peak of one training step of a model at any batch size: one model and one
+    optimizer, warmed up (gradients and momentum allocated), a new batch per size."""
 
     def __init__(self, name: str, device: torch.device, image_size: int, num_classes: int):
-        model, self.saving_mode = build_model(name, saving=name.startswith("revnet"))
-        self.device = device
-        self.step = AmpTrainingStep(
-            model,
+        self.first = training_step(
+            name,
+            None,
             batch_size=2,
             image_size=image_size,
             num_classes=num_classes,
             device=device,
             precision="fp32",
         )
-        self.step()
-        self.step()  # gradients and momentum allocated: the state every batch size pays
+        self.memory_saving = bool(getattr(self.first.module, "memory_saving", False))
+        self.device = device
+        self.image_size = image_size
+        self.num_classes = num_classes
+        self.first()
+        self.first()  # gradients and momentum allocated: the state every batch size pays
+
+    def at(self, batch_size: int) -> TrainingStep:
+        """The step at ``batch_size``: the same model and optimizer, a batch of that size."""
+        optimizer = self.first.optimizer
+        assert optimizer is not None
+        return zoo_step(
+            self.first.module,
+            batch_size=batch_size,
+            image_size=self.image_size,
+            num_classes=self.num_classes,
+            device=self.device,
+            optimizer=lambda _: optimizer,
+        )
 
     def peak_bytes(self, batch_size: int) -> int:
-        """Total bytes allocated at the peak of a step at ``batch_size``.
-
-        Raises ``torch.cuda.OutOfMemoryError`` when the device cannot hold the step.
-        """
-        from invertible_core import measure_memory
-
-        self.step.set_batch_size(batch_size)
-        if self.device.type == "cuda":
-            torch.cuda.synchronize(self.device)
-            held = torch.cuda.memory_allocated(self.device)
-        else:
-            held = self.step.held_bytes
-        _, stats = measure_memory(self.step, device=self.device)
+        """``peak_bytes`` of a step at ``batch_size``: what it holds before it plus the most
+        it allocates beyond. Raises ``torch.cuda.OutOfMemoryError`` when it cannot run."""
+        step = self.at(batch_size)
+        held = step.held_bytes()
+        _, stats = measure_memory(step, device=self.device)
         return held + stats.peak_bytes
-
-
-def _round_down(value: float, granularity: int) -> int:
-    return max(granularity, int(value) // granularity * granularity)
-
-
-def predicted_batch(tries: list[dict[str, Any]], budget: int) -> int | None:
-    """The batch at which the line through the two largest measured tries meets the budget."""
-    points = sorted({t["batch"]: t["peak_bytes"] for t in tries if t.get("peak_bytes")}.items())
-    if len(points) < 2:
-        return None
-    (b0, p0), (b1, p1) = points[-2], points[-1]
-    per_image = (p1 - p0) / (b1 - b0)
-    if per_image <= 0:
-        return None
-    return int((budget - (p1 - per_image * b1)) / per_image)
-
-
-#: the furthest the line's prediction may jump past the largest batch known to fit
-MAX_JUMP = 64
-
-
-def next_batch(
-    lo: int | None,
-    hi: int | None,
-    prediction: int | None,
-    granularity: int,
-    bisect: bool,
-) -> int | None:
-    """The next batch to try, or ``None`` when the answer is bracketed to ``granularity``.
-
-    ``lo`` is the largest batch known to fit, ``hi`` the smallest known not to (either may
-    be unknown yet). Without an upper bound: the line's prediction when it lies beyond
-    ``lo`` (at most ``MAX_JUMP`` times ``lo``), else double ``lo``. Within a bracket: the
-    prediction when it falls inside, else (or when ``bisect``) the midpoint; the caller
-    alternates ``bisect``, so the bracket at least halves every second try.
-    """
-    if lo is None:  # nothing fits yet: go down
-        assert hi is not None
-        if hi <= 1:
-            return None
-        candidate = hi // 2
-        if not bisect and prediction is not None and 1 <= prediction < candidate:
-            candidate = prediction
-        return max(1, candidate)
-    if hi is None:  # no upper bound yet: go up
-        if prediction is None:
-            return 2 * lo
-        if prediction >= lo + granularity:
-            return min(_round_down(prediction, granularity), MAX_JUMP * lo)
-        return lo + granularity
-    if hi - lo <= granularity:
-        return None
-    if bisect or prediction is None or not lo < prediction < hi:
-        candidate = _round_down((lo + hi) // 2, granularity)  # a line that missed: bisect
-    else:
-        candidate = _round_down(prediction, granularity)
-    candidate = min(max(candidate, lo + granularity), hi - granularity)
-    return candidate if lo < candidate < hi else None
 
 
 def estimate_seconds(tries: list[dict[str, Any]], batch: int) -> float:
@@ -185,104 +132,71 @@ def estimate_seconds(tries: list[dict[str, Any]], batch: int) -> float:
 
 
 def search(
-    peak_of: Callable[[int], int],
+    probe: Any,
     *,
     budget: int,
     start: int,
-    granularity: int,
     max_tries: int,
     box: TimeBox,
     deadline_s: float,
     tries: list[dict[str, Any]] | None = None,
-    on_try: Callable[[], None] | None = None,
+    on_try: Any = None,
 ) -> dict[str, Any]:
-    """The largest batch whose step peak (``peak_of(batch)``) is within ``budget``.
+    """The largest batch whose step peak (``probe(batch)``) is within ``budget``: the
+    profiler's search, stopped before a try that (by :func:`estimate_seconds`) would end
+    past ``deadline_s`` seconds into the time box.
 
-    Stops when the answer is bracketed to ``granularity``, after ``max_tries`` tries, or
-    when the next try (:func:`estimate_seconds`) would end past ``deadline_s`` seconds into
-    the time box. A batch that raises an out-of-memory error does not fit; any other error
-    at the very first try is raised (the step is broken, not too large), and later ones
-    count as "does not run at this batch". Each try is appended to ``tries`` (a fresh
-    list by default) and ``on_try`` is called after it, so a caller can save progress.
+    A batch that raises an out-of-memory error does not fit; any other error at the very
+    first try is raised (the step is broken, not too large), later ones count as "does not
+    run at this batch". Each try is appended to ``tries`` (a fresh list by default) with its
+    time, and ``on_try`` is called after it, so a caller can save progress.
     """
     tries = [] if tries is None else tries
-    lo: int | None = None
-    hi: int | None = None
-    batch: int | None = start
-    stopped = "bracketed"
-    bisect = False
-    while batch is not None:
-        if len(tries) >= max_tries:
-            stopped = "max_tries"
-            break
-        if tries and box.elapsed() + estimate_seconds(tries, batch) > deadline_s:
-            stopped = "time box"
-            break
+
+    def peak_of(batch: int) -> int | None:
         started = time.monotonic()
         attempt: dict[str, Any] = {"batch": batch}
         try:
-            attempt["peak_bytes"] = peak_of(batch)
-            attempt["fits"] = attempt["peak_bytes"] <= budget
+            attempt["peak_bytes"] = probe(batch)
         except torch.cuda.OutOfMemoryError:
-            attempt.update(peak_bytes=None, fits=False, error="out of memory")
+            attempt.update(peak_bytes=None, error="out of memory")
         except RuntimeError as exc:  # e.g. a kernel's size limit: this batch does not run
             if not tries:
                 raise
-            attempt.update(peak_bytes=None, fits=False, error=error_text(exc, 600))
+            attempt.update(peak_bytes=None, error=error_text(exc, 600))
+        attempt["fits"] = attempt["peak_bytes"] is not None and attempt["peak_bytes"] <= budget
         attempt["seconds"] = time.monotonic() - started
         tries.append(attempt)
         print(f"  try {attempt}", flush=True)
         if on_try is not None:
             on_try()
-        was_bracketed = lo is not None and hi is not None
-        if attempt["fits"]:
-            lo = batch
-        else:
-            hi = batch
-        # within a bracket, alternate the line's guess and the midpoint (line first)
-        bisect = was_bracketed and not bisect
-        batch = next_batch(lo, hi, predicted_batch(tries, budget), granularity, bisect)
+        return attempt["peak_bytes"]  # type: ignore[no-any-return]
+
+    def out_of_time(batch: int, _: list[dict[str, Any]]) -> bool:
+        return box.elapsed() + estimate_seconds(tries, batch) > deadline_s
+
+    found = largest_fitting_batch(peak_of, budget, start, max_tries, stop=out_of_time)
     peak_at = {t["batch"]: t.get("peak_bytes") for t in tries}
+    if found.stopped:
+        stopped = "time box"
+    else:  # the search ends by itself with fewer tries than it may take
+        stopped = "bracketed" if len(tries) < max_tries else "max_tries"
     return {
-        "largest_batch": lo,
-        "peak_bytes_at_largest": peak_at.get(lo) if lo is not None else None,
-        "smallest_not_fitting": hi,
-        "exact": lo is not None and hi is not None and hi - lo <= granularity,
-        "predicted_batch": predicted_batch(tries, budget),
+        "largest_batch": found.fit_batch,
+        "peak_bytes_at_largest": peak_at.get(found.fit_batch) if found.fit_batch else None,
+        "exact": found.exact,
         "stopped": stopped,
         "tries": tries,
     }
 
 
-def profiler_fit_batch_supported() -> bool:
-    """Whether this checkout's ``invertible-profile`` offers ``--fit-batch``."""
-    done = subprocess.run(
-        [sys.executable, "-m", "invertible_models.profiler", "--help"],
-        capture_output=True,
-        text=True,
-        timeout=60,
-    )
-    return done.returncode == 0 and "--fit-batch" in done.stdout
-
-
-def _find_batch(data: Any) -> int | None:
-    """The first integer under a key naming the fitted batch, anywhere in ``data``."""
-    keys = ("fit_batch", "largest_batch", "max_batch_size", "fitted_batch", "batch_size")
-    if isinstance(data, dict):
-        for key in keys:
-            value = data.get(key)
-            if isinstance(value, int) and not isinstance(value, bool):
-                return value
-        children = list(data.values())
-    elif isinstance(data, list):
-        children = data
-    else:
+def fitted_batch(profile: Any) -> int | None:
+    """The batch ``invertible-profile --fit-batch --json`` found (its first model's)."""
+    results = profile.get("results") if isinstance(profile, dict) else None
+    if not results or not isinstance(results[0], dict):
         return None
-    for child in children:
-        found = _find_batch(child)
-        if found is not None:
-            return found
-    return None
+    batch = results[0].get("fit_batch")
+    return batch if isinstance(batch, int) and not isinstance(batch, bool) else None
 
 
 def profiler_fit_batch(
@@ -323,7 +237,7 @@ def profiler_fit_batch(
                 data = json.loads(output.read_text(encoding="utf-8"))
             except ValueError:
                 data = None
-        record["largest_batch"] = _find_batch(data)
+        record["largest_batch"] = fitted_batch(data)
         record["status"] = "ok" if done.returncode == 0 else "error"
         if done.returncode == 0 and record["largest_batch"] is None:
             record["status"] = "error"
@@ -337,16 +251,10 @@ def main(argv: list[str] | None = None) -> int:
     result = StageResult(
         args.result, conditions={**config, "device": str(device), "precision": "fp32"}
     )
-    try:
-        with_profiler = profiler_fit_batch_supported()
-    except (OSError, subprocess.SubprocessError) as exc:
-        with_profiler = False
-        print(f"could not ask the profiler for --fit-batch: {exc}", flush=True)
-    result.data["profiler_fit_batch"] = with_profiler
     for index, name in enumerate(FIT_BATCH_MODELS):
         # each model's search may run until its share of what is left is spent
         left = len(FIT_BATCH_MODELS) - index
-        profiler_s = PROFILER_SHARE[kind] * box.remaining() / left if with_profiler else 0.0
+        profiler_s = PROFILER_SHARE[kind] * box.remaining() / left
         deadline = box.elapsed() + (box.remaining() - profiler_s) / left
         # the row is in the result from the start, its tries saved as they happen, so a
         # search the driver has to kill still shows the batches it verified
@@ -360,13 +268,12 @@ def main(argv: list[str] | None = None) -> int:
         started = time.monotonic()
         try:
             probe = BatchProbe(name, device, config["image_size"], config["num_classes"])
-            row["saving_mode"] = probe.saving_mode
+            row["memory_saving"] = probe.memory_saving
             row.update(
                 search(
                     probe.peak_bytes,
                     budget=config["budget_bytes"],
                     start=config["start"],
-                    granularity=config["granularity"],
                     max_tries=config["max_tries"],
                     box=box,
                     deadline_s=deadline,
@@ -381,10 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         except Exception as exc:
             row.update(status="error", error=error_text(exc))
         release(device)
-        if with_profiler:
-            row["profiler"] = profiler_fit_batch(name, device, config, profiler_s)
-        else:
-            row["profiler"] = {"status": "not available", "note": NOT_AVAILABLE}
+        row["profiler"] = profiler_fit_batch(name, device, config, profiler_s)
         row["seconds"] = time.monotonic() - started
         result.save()
         print(f"{row['status']}: {name}: largest batch {row.get('largest_batch')}", flush=True)

@@ -2,34 +2,30 @@
 
 ResNet-32/110/164 against RevNet-38/110/164 at batch 128, 32x32 images, 10 classes, in
 float32 and under bf16 autocast, with memory saving on and off (for the ResNets "on" is
-``torch.utils.checkpoint`` per block; see ``common.build_model``).
+``torch.utils.checkpoint`` per residual block, the zoo's ``memory_saving``; off, their
+default, is the conventional ResNet).
 
-Activation memory, precisely: the peak bytes allocated during one training step (forward,
-cross-entropy, backward, SGD step with momentum) minus the bytes allocated just before it
-(parameters, gradients, momentum buffers, the input batch), after two warm-up steps have
-allocated that state. On CUDA it comes from ``torch.cuda.max_memory_allocated`` after
-``torch.cuda.reset_peak_memory_stats`` (``invertible_core.measure_memory``), so it is exact
-and does not include the caching allocator's reserve or the CUDA context. Step time is the
-median of several steps, each synchronised. MemCNN's published figures (GPU, batch 128) sit
-beside the float32 rows they correspond to: its ResNets without saving, its RevNets with.
+Each row is the zoo profiler's measurement of the project's one training step
+(:func:`invertible_models.profiler.profile_step`; forward, cross-entropy, backward, SGD step
+with momentum), so its figures mean what ``invertible-profile`` prints: the step peak is the
+most one step allocates beyond what it holds before it (parameters, gradients, momentum
+buffers, the batch), exact on CUDA (``torch.cuda.max_memory_allocated`` after
+``reset_peak_memory_stats``, without the caching allocator's reserve or the CUDA context);
+the activations are what a training-mode forward pass keeps for backward; the step time is
+the median of several steps, each synchronised, each from the same state of the model.
+MemCNN's published figures (GPU, batch 128) sit beside the float32 rows they correspond to:
+its ResNets without saving, its RevNets with.
 """
 
 from __future__ import annotations
 
-import statistics
 from typing import Any
 
 import torch
-from common import (
-    MIB,
-    AmpTrainingStep,
-    StageResult,
-    build_model,
-    parameter_count,
-    run_rows,
-    start_stage,
-)
+from common import StageResult, parameter_count, run_rows, start_stage, training_step
 from plan import MEMCNN_ACTIVATION_MB, MEMORY_MODELS, MEMORY_PRECISIONS
+
+from invertible_models.profiler import profile_step
 
 #: sizes of a real run, and of the dry run (toy sizes, for the CPU)
 SIZES = {
@@ -38,9 +34,9 @@ SIZES = {
 }
 
 DEFINITION = (
-    "activation memory = peak bytes allocated during one training step (forward, loss, "
-    "backward, SGD step) minus the bytes allocated just before it (parameters, gradients, "
-    "momentum buffers, input batch); torch.cuda.max_memory_allocated on CUDA"
+    "step peak = the most one training step (forward, loss, backward, SGD step) allocates "
+    "beyond what it holds before it (parameters, gradients, momentum buffers, input batch); "
+    "torch.cuda.max_memory_allocated on CUDA"
 )
 
 
@@ -64,28 +60,22 @@ def row_specs() -> list[dict[str, Any]]:
 
 
 def measure(spec: dict[str, Any], sizes: dict[str, int], device: torch.device) -> dict[str, Any]:
-    from invertible_core import measure_memory
-
-    model, saving_mode = build_model(spec["model"], spec["saving"], sizes["num_classes"])
-    step = AmpTrainingStep(
-        model,
+    step = training_step(
+        spec["model"],
+        spec["saving"],
         batch_size=sizes["batch_size"],
         image_size=sizes["image_size"],
         num_classes=sizes["num_classes"],
         device=device,
         precision=spec["precision"],
     )
-    step()
-    step()  # warm-up: gradients and momentum allocated, kernels chosen
-    _, stats = measure_memory(step, device=device)
-    times = [step.seconds() for _ in range(sizes["steps"])]
+    profile = profile_step(step, name=spec["model"], steps=sizes["steps"])
     return {
-        "saving_mode": saving_mode,
-        "parameters": parameter_count(step.model),
-        "activation_bytes": stats.peak_bytes,
-        "activation_mib": stats.peak_bytes / MIB,
-        "held_bytes": step.held_bytes,
-        "step_seconds": statistics.median(times),
+        "parameters": parameter_count(step),
+        "step_peak_mib": profile.step_peak_mib,
+        "activation_mib": profile.activation_mib,
+        "state_mib": profile.state_mib,
+        "step_seconds": profile.step_seconds,
         "memcnn_mb": memcnn_reference(spec["model"], spec["precision"], spec["saving"]),
     }
 

@@ -9,7 +9,6 @@
 ``memory``              MemCNN's activation-memory table, fp32 and bf16, saving on/off
 ``throughput``          images/s of the RevNets and the reversible transformer, bf16/fp16
 ``fit_batch``           the largest batch of RevNet-164 and ResNet-164 within 40 GiB
-``overlap``             overlapped recompute off and on (when the build has it)
 ======================  =============================================================
 
 Time: the whole suite ends within ``--deadline-s`` (475 s on the GPU: under 8 minutes, CUDA start-up included,
@@ -69,7 +68,6 @@ STAGES = (
     Stage("memory", "stage_memory.py", 110, 240),
     Stage("throughput", "stage_throughput.py", 95, 180),
     Stage("fit_batch", "stage_fit_batch.py", 100, 180),
-    Stage("overlap", "stage_overlap.py", 40, 120),
 )
 STAGE_NAMES = tuple(s.name for s in STAGES)
 
@@ -79,8 +77,8 @@ DEADLINE_S = {"gpu": 475.0, "dry": 1050.0}
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="benchmarks/gpu/run.sh",
-        description="The GPU suite: CUDA tests, memory table, throughput, largest batch, "
-        "overlapped recompute; one JSON record and a Markdown table.",
+        description="The GPU suite: CUDA tests, memory table, throughput, largest batch; one "
+        "JSON record and a Markdown table.",
     )
     parser.add_argument(
         "--dry-run",

@@ -14,7 +14,6 @@ from invertible_core import (
     AdditiveCoupling,
     AffineAdapterSigmoid,
     AffineCoupling,
-    FusedInvertibleBlock,
     InvertibleBlock,
     InvertibleDownsampling,
     InvertibleModuleWrapper,
@@ -54,7 +53,6 @@ def mixed_chain(depth: int, features: int = 8) -> ReversibleSequence:
 
 def test_a_ten_line_user_block_trains_with_memory_saving_and_exact_gradients() -> None:
     assert isinstance(Leaky(2), InvertibleBlock)
-    assert not isinstance(Leaky(2), FusedInvertibleBlock)
     seq = mixed_chain(3).double()
     ref = plain_copy(seq)
     x = torch.randn(5, 8, dtype=torch.float64)
@@ -84,7 +82,7 @@ def test_a_user_block_chain_keeps_memory_flat() -> None:
 
 def test_couplings_and_layers_honour_the_protocols() -> None:
     coupling = AdditiveCoupling(nn.Identity())
-    assert isinstance(coupling, FusedInvertibleBlock)
+    assert isinstance(coupling, InvertibleBlock)
     assert isinstance(coupling, LogDetBlock)
     assert coupling.partition == Partition(1, None)
     assert isinstance(InvertibleDownsampling(2), LogDetBlock)
@@ -292,3 +290,18 @@ def test_downsampling_keeps_the_grid_so_a_fully_invertible_chain_is_bit_exact() 
     with torch.no_grad():
         grid_x = torch.round(x * 2**16) / 2**16
         assert torch.equal(seq.inverse(seq(x)), grid_x)
+
+
+@pytest.mark.parametrize("path", ["eval", "no_grad", "inverse"])
+def test_leaving_the_exact_range_is_warned_about_on_every_path_not_only_while_saving(path: str) -> None:
+    # an inverse or an eval-mode network relies on the grid as much as memory saving does
+    seq = ReversibleSequence(AdditiveCoupling(nn.Linear(2, 2), fixed_point_bits=16))
+    x = torch.full((3, 4), 300.0)  # 300 > 2**(24 - 16) = 256
+    with pytest.warns(RuntimeWarning, match="left the exact range of fixed_point_bits=16"):
+        if path == "eval":
+            seq.eval()(x)
+        elif path == "no_grad":
+            with torch.no_grad():
+                seq(x)
+        else:
+            seq.inverse(x)

@@ -22,7 +22,7 @@ from invertible_core import (
     Permutation,
     is_invertible_module,
 )
-from invertible_core.contract import recomputing
+from invertible_core.recompute import recomputing
 
 DTYPE = torch.float64
 

@@ -239,34 +239,17 @@ def test_output_modified_in_place_is_an_error() -> None:
         (z.sum() + y.sum()).backward()
 
 
-def test_backward_releases_halves_inside_each_step(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Couplings take ownership of the halves they rebuild from (``backward_state``),
-    so each half is freed as soon as the step is done with it: the backward peak is lower
-    than when the sequence must keep the halves until a step returns (the public protocol
-    a duck-typed block offers)."""
+def test_nothing_of_the_engine_outlives_the_backward_pass() -> None:
+    """The recompute's saved tensors are released as autograd consumes them, and nothing
+    (rebuilt inputs, random states, frames) is left once the backward pass is done."""
     seq = make_sequence(depth=6, channels=8, dtype=torch.float32)
     x = torch.randn(8, 8, 16, 16, requires_grad=True)
-
-    def backward_peak() -> int:
-        # a sum: the incoming gradient is an expanded scalar, so no gradient-sized buffer
-        # held by autograd during the last block's step hides what the steps release
-        loss = seq(x).sum()
-        return measure_memory(loss.backward)[1].peak_bytes
-
-    backward_peak()
-    consuming = backward_peak()
-    original = Coupling.backward_state
-
-    def holding_references(self, state, grads, ctx, *, inverse=False):  # type: ignore[no-untyped-def]
-        kept = list(state)  # the caller keeps the halves alive for the whole step
-        result = original(self, state, grads, ctx, inverse=inverse)
-        del kept
-        return result
-
-    monkeypatch.setattr(Coupling, "backward_state", holding_references)
-    holding = backward_peak()
-    half = x.numel() * x.element_size() // 2
-    assert consuming <= holding - half
+    seq(x).sum().backward()  # the parameters' gradients exist from here on
+    y, forward = measure_memory(lambda: seq(x))
+    _, backward = measure_memory(lambda: y.sum().backward())
+    # afterwards only the output itself is left (the caller holds it)
+    output = y.numel() * y.element_size()
+    assert forward.retained_bytes + backward.retained_bytes <= output + 1024
 
 
 def test_parameters_only_no_input_grad() -> None:
@@ -278,18 +261,27 @@ def test_parameters_only_no_input_grad() -> None:
     assert_same_grads(seq, ref)
 
 
-def test_plain_when_grad_disabled_or_eval() -> None:
+def test_plain_when_grad_disabled_or_eval(monkeypatch: pytest.MonkeyPatch) -> None:
     seq = make_sequence()
     x = torch.randn(2, 4, 4, 4, dtype=torch.float64, requires_grad=True)
+    inverses = 0
+    original = AdditiveCoupling.inverse
+
+    def counting(self, y, *args, **kwargs):  # type: ignore[no-untyped-def]
+        nonlocal inverses
+        inverses += 1
+        return original(self, y, *args, **kwargs)
+
+    monkeypatch.setattr(AdditiveCoupling, "inverse", counting)
     with torch.no_grad():
         y = seq(x)
     assert y.grad_fn is None
     seq.eval()
-    y = seq(x)
-    # eval mode: ordinary autograd graph, not the chain's nodes
-    assert "StepFunction" not in type(y.grad_fn).__name__
+    seq(x).sum().backward()  # eval mode: plain autograd, nothing rebuilt
+    assert inverses == 0
     seq.train()
-    assert "StepFunction" in type(seq(x).grad_fn).__name__
+    seq(x).sum().backward()  # training: every block rebuilt by its inverse
+    assert inverses == len(seq)
 
 
 def test_memory_saving_switch_keeps_parameters_and_state_dict_keys() -> None:
@@ -449,16 +441,27 @@ def test_mixed_split_dims_are_re_cut_between_blocks() -> None:
     _assert_matches_plain(seq, x)
 
 
-def test_fused_block_returning_other_than_two_parts_is_an_error() -> None:
-    class Broken(Coupling):
-        def run_state(self, state, ctx, *, inverse=False):  # type: ignore[no-untyped-def]
-            return (state[0],)
+def test_a_block_returning_a_non_tensor_is_an_error() -> None:
+    class Broken(AdditiveCoupling):
+        def forward(self, x, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return (super().forward(x),)
 
     seq = ReversibleSequence(AdditiveCoupling(nn.Tanh()), Broken(nn.Tanh()))
-    with pytest.raises(TypeError, match=r"block 1 \(Broken\) .*two parts"):
+    with pytest.raises(TypeError, match=r"block 1 \(Broken\) returned a tuple"):
         seq(torch.randn(2, 4, requires_grad=True))
     with pytest.raises(TypeError, match="block 1"), torch.no_grad():
         seq(torch.randn(2, 4))
+
+
+def test_an_inverse_returning_a_non_tensor_is_an_error() -> None:
+    class Broken(AdditiveCoupling):
+        def inverse(self, y, *args, **kwargs):  # type: ignore[no-untyped-def]
+            return 1.0
+
+    seq = ReversibleSequence(AdditiveCoupling(nn.Tanh()), Broken(nn.Tanh()))
+    y = seq(torch.randn(2, 4, requires_grad=True))
+    with pytest.raises(TypeError, match=r"Broken.inverse returned a float"):
+        y.sum().backward()
 
 
 def test_non_tensor_input_is_an_error() -> None:
@@ -484,17 +487,46 @@ class CompiledNet(nn.Module):
         return self.head(self.body(torch.relu(self.stem(x))).mean(dim=(2, 3)))
 
 
-def test_compile_breaks_the_graph_once_at_the_sequence() -> None:
-    graphs: list[int] = []
+def test_compile_captures_graphs_of_fm_and_gm_and_the_recompute_runs_them() -> None:
+    # torch.compile(model): the sequence's bookkeeping is a graph break, its blocks' Fm and Gm
+    # are graphs, and the recompute in backward runs the very graphs the forward pass ran
+    graphs: list[tuple[set[str], list[int]]] = []
 
     def counting_backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
-        graphs.append(len(gm.graph.nodes))
-        return gm.forward
+        targets = {getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes}
+        runs = [0]
+        graphs.append((targets, runs))
+
+        def run(*args):  # type: ignore[no-untyped-def]
+            runs[0] += 1
+            return gm.forward(*args)
+
+        return run
 
     torch._dynamo.reset()
     model = torch.compile(CompiledNet(), backend=counting_backend)
-    model(torch.randn(2, 3, 6, 6)).sum().backward()
-    assert len(graphs) == 2  # stem before the sequence, head after it; the sequence runs eagerly
+    y = model(torch.randn(2, 3, 6, 6))
+    before = [runs[0] for _, runs in graphs]
+    residual = [i for i, (targets, _) in enumerate(graphs) if "batch_norm" in targets]
+    assert residual  # Fm/Gm (conv, batch norm, ReLU) were compiled
+    assert sum(before[i] for i in residual) == 4  # 2 blocks x (Fm, Gm) in the forward pass
+    y.sum().backward()
+    after = [runs[0] for _, runs in graphs]
+    assert sum(after[i] for i in residual) == 8  # and once more each in the recompute
+    assert not any("batch_norm" in t for t, _ in graphs[len(before) :])  # nothing recompiled
+
+
+def test_fullgraph_compiles_plain_autograd_and_refuses_memory_saving_with_a_clear_error() -> None:
+    torch._dynamo.reset()
+    net = CompiledNet()
+    net.body.memory_saving = False
+    x = torch.randn(2, 3, 6, 6)
+    compiled = torch.compile(net, fullgraph=True, backend="eager")
+    torch.testing.assert_close(compiled(x), net(x))  # one graph: plain autograd
+    torch._dynamo.reset()
+    net.body.memory_saving = True
+    with pytest.raises(Exception, match="memory saving"):
+        torch.compile(net, fullgraph=True, backend="eager")(x)
 
 
 def test_compile_trains_and_matches_eager() -> None:

@@ -286,15 +286,19 @@ def test_an_intermediate_output_also_used_by_the_loss_gets_correct_grads() -> No
     _compare_with_plain(chain, run, _x(2, 4, 5, 5))
 
 
-def test_output_feeding_a_wrapped_block_that_misses_the_loss_raises_with_advice() -> None:
-    # Documented limit: block 1 handed its output to block 2 to rebuild, but block 2's
-    # backward never runs.
-    chain = _chain(2)
-    x = leaf_copy(_x(2, 4, 5, 5))
-    h = chain[0](x)
-    chain[1](h)
-    with pytest.raises(RuntimeError, match="keep_input=True"):
-        h.sum().backward()
+def test_output_feeding_a_wrapped_block_that_misses_the_loss_still_gets_plain_gradients() -> None:
+    # Block 1 handed its output to block 2 to rebuild, and block 2's backward never runs:
+    # block 2 rebuilds it anyway, from its own kept output, when block 1 asks.
+    torch.manual_seed(0)
+    first, second = (InvertibleModuleWrapper(make_conv_coupling(4)) for _ in range(2))
+    plain_first = plain_copy(first)
+    x, x_ref = leaf_copy(_x(2, 4, 5, 5)), leaf_copy(_x(2, 4, 5, 5))
+    h = first(x)
+    second(h)
+    _loss(h).backward()
+    _loss(plain_first(x_ref)).backward()
+    torch.testing.assert_close(x.grad, x_ref.grad)
+    assert_grads_close(first, plain_first)
 
 
 def test_output_feeding_a_keep_input_block_that_misses_the_loss_works() -> None:

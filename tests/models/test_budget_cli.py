@@ -5,37 +5,38 @@ from __future__ import annotations
 import json
 import re
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 from torch import nn
 
 from invertible_models import RevNet, register_model, registry
 from invertible_models.memory_budget import (
     largest_fitting_batch,
     minimum_step_peak,
-    optimizer_state_bytes,
     plan_training_step,
 )
-from invertible_models.profiler import TrainingStep, build_model, main, profile_model
+from invertible_models.profiler import main
+from invertible_models.step import build_model, training_step
 
 GPU = Path(__file__).resolve().parents[2] / "benchmarks" / "gpu"
 MiB = 2**20
 
 
-@pytest.fixture
-def tinyrev(monkeypatch: pytest.MonkeyPatch) -> str:
-    monkeypatch.setattr(registry, "_MODELS", dict(registry._MODELS))
+def tinyrev8(num_classes: int = 10, memory_saving: bool = True, **options: Any) -> nn.Module:
+    return RevNet(
+        "basic", (2, 2, 2), (8, 8, 8, 8), num_classes, memory_saving=memory_saving, **options
+    )
 
-    def tinyrev8(num_classes: int = 10, memory_saving: bool = True, **options: Any) -> nn.Module:
-        return RevNet(
-            "basic", (2, 2, 2), (8, 8, 8, 8), num_classes, memory_saving=memory_saving, **options
-        )
 
-    register_model(tinyrev8)
-    return "tinyrev8"
+@pytest.fixture(scope="module")
+def tinyrev() -> Iterator[str]:
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(registry, "_MODELS", dict(registry._MODELS))
+        register_model(tinyrev8)
+        yield "tinyrev8"
 
 
 ARGS = ["--image-size", "8", "--steps", "1"]
@@ -59,15 +60,26 @@ def test_budget_prints_the_plan_with_its_measured_peak_and_time(
     assert set(plan["keep"]) == {"stages.0.blocks", "stages.1.blocks", "stages.2.blocks"}
 
 
+@pytest.fixture(scope="module")
+def fitted(tinyrev: str, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """One ``--fit-batch`` run (its JSON and its printout), read by the tests below."""
+    import contextlib
+    import io
+
+    out = tmp_path_factory.mktemp("fit") / "fit.json"
+    argv = [tinyrev, "--budget", "3MiB", "--fit-batch", "--batch-size", "2", *ARGS]
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        assert main([*argv, "--json", str(out)]) == 0
+    return json.loads(out.read_text()), printed.getvalue()
+
+
 def test_fit_batch_finds_the_largest_batch_whose_leanest_step_fits(
-    tinyrev: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+    tinyrev: str, fitted: tuple[dict[str, Any], str]
 ) -> None:
-    out = tmp_path / "fit.json"
-    budget = "3MiB"
-    argv = [tinyrev, "--budget", budget, "--fit-batch", "--batch-size", "2", *ARGS]
-    assert main([*argv, "--json", str(out)]) == 0
-    assert "largest batch whose leanest step fits" in capsys.readouterr().out
-    (entry,) = json.loads(out.read_text())["results"]
+    data, printed = fitted
+    assert "largest batch whose leanest step fits" in printed
+    (entry,) = data["results"]
     fit = entry["fit_batch"]
     assert isinstance(fit, int) and fit >= 2 and entry["fit_batch_exact"]
     fits = {t["batch"]: t["fits"] for t in entry["tries"]}
@@ -76,25 +88,23 @@ def test_fit_batch_finds_the_largest_batch_whose_leanest_step_fits(
     assert entry["plan"]["extra"]["input_shape"][0] == fit
     # the leanest step of that batch does fit, one image more does not
     model = build_model(tinyrev, image_size=8)
-    assert minimum_step_peak(TrainingStep(model, batch_size=fit, image_size=8)) <= 3 * MiB
-    assert minimum_step_peak(TrainingStep(model, batch_size=fit + 1, image_size=8)) > 3 * MiB
+    assert minimum_step_peak(training_step(model, batch_size=fit, image_size=8)) <= 3 * MiB
+    assert minimum_step_peak(training_step(model, batch_size=fit + 1, image_size=8)) > 3 * MiB
 
 
 def test_the_gpu_suite_reads_the_fitted_batch_from_the_json(
-    tinyrev: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    fitted: tuple[dict[str, Any], str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    out = tmp_path / "fit.json"
-    argv = [tinyrev, "--budget", "3MiB", "--fit-batch", "--batch-size", "2", *ARGS]
-    assert main([*argv, "--json", str(out)]) == 0
+    data, _ = fitted
     monkeypatch.syspath_prepend(str(GPU))
     try:
         import stage_fit_batch
 
-        found = stage_fit_batch._find_batch(json.loads(out.read_text()))
+        found = stage_fit_batch.fitted_batch(data)
     finally:
         for name in ("stage_fit_batch", "common", "plan", "record"):
             sys.modules.pop(name, None)
-    assert found == json.loads(out.read_text())["results"][0]["fit_batch"]
+    assert found == data["results"][0]["fit_batch"]
 
 
 def test_fit_batch_needs_a_budget(capsys: pytest.CaptureFixture[str]) -> None:
@@ -166,32 +176,12 @@ def test_the_search_honours_its_cap_and_reports_what_it_saw_fit() -> None:
         largest_fitting_batch(_linear(1, 0), budget=10, start=0)
 
 
-def test_optimizer_state_is_estimated_before_a_step_and_measured_after() -> None:
-    model = nn.Linear(10, 10)
-    size = sum(p.numel() * p.element_size() for p in model.parameters())
-    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-    assert optimizer_state_bytes(sgd) == size
-    assert optimizer_state_bytes(torch.optim.SGD(model.parameters(), lr=0.1)) == 0
-    adam = torch.optim.Adam(model.parameters())
-    assert optimizer_state_bytes(adam) == 2 * size
-    model(torch.randn(2, 10)).sum().backward()
-    adam.step()
-    assert optimizer_state_bytes(adam) >= 2 * size  # and the step counters
-
-
 # -- density models --------------------------------------------------------------------------
-def test_a_density_model_is_profiled_by_its_likelihood() -> None:
-    profile = profile_model(
-        "glow", batch_size=4, image_size=8, steps=1, levels=2, hidden_channels=8
-    )
-    assert profile.peak_step_mib > 0 and profile.activation_mib > 0
-    assert profile.image_size == 8
-
-
 def test_the_profiler_plans_a_density_model() -> None:
-    model = build_model("glow", image_size=8, levels=2, hidden_channels=8)
-    step = TrainingStep(model, batch_size=4, image_size=8)
-    assert step.images.min() >= 0 and step.images.max() <= 1  # images in [0, 1]
+    model = build_model("glow", image_size=8, levels=2, steps=2, hidden_channels=8)
+    step = training_step(model, batch_size=4, image_size=8)
+    (images,) = step.inputs
+    assert images.min() >= 0 and images.max() <= 1  # images in [0, 1]
     plan = plan_training_step(step, "512MiB", repeats=1)
     assert set(plan.keep) == {"levels.0.flow", "levels.1.flow"}
     assert plan.measured_peak_bytes is not None and plan.measured_peak_bytes <= 512 * MiB

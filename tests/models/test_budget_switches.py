@@ -14,15 +14,16 @@ import torch
 from torch import nn
 
 from invertible_core import (
+    CheckpointableModule,
     MemoryProfile,
+    MemorySwitches,
     ReversibleSequence,
     fit_memory_budget,
     is_checkpointable,
     measure_memory,
 )
-from invertible_core.memory_plan import plannable_units
 from invertible_models import ResNet, RevNet, create_model
-from invertible_models.blocks import BasicResidual, CheckpointSwitch, ResidualBlock, Stem
+from invertible_models.blocks import BasicResidual, ResidualBlock, Stem
 
 
 def _small_resnet(**options: object) -> ResNet:
@@ -34,7 +35,7 @@ def _small_revnet(**options: object) -> RevNet:
 
 
 def _switches(model: nn.Module) -> dict[str, bool]:
-    return {n: m.checkpointed for n, m in plannable_units(model)[1].items()}  # type: ignore[union-attr]
+    return dict(MemorySwitches(model).state().checkpointed)
 
 
 def _grads(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> list[torch.Tensor]:
@@ -54,7 +55,7 @@ def _batch(
 def test_the_zoos_non_reversible_blocks_are_checkpointable() -> None:
     assert is_checkpointable(Stem(3, 8))
     block = ResidualBlock(BasicResidual, 8, 8)
-    assert isinstance(block, CheckpointSwitch) and block.checkpointed is False
+    assert isinstance(block, CheckpointableModule) and block.checkpointed is False
     vit = create_model("vit_tiny", depth=2)
     assert all(is_checkpointable(b) for b in vit.blocks)  # type: ignore[union-attr]
 
@@ -94,8 +95,8 @@ def test_checkpoint_transitions_applies_at_once_while_saving() -> None:
     assert model.stages[0].blocks.memory_saving  # type: ignore[union-attr]
     model.checkpoint_transitions = True
     assert set(_switches(model).values()) == {True}
-    assert model.stages[1].checkpoint_transition is True
-    assert model.stages[0].checkpoint_transition is False  # no transition in stage 1
+    assert model.stages[1].transition.checkpointed is True  # type: ignore[union-attr]
+    assert model.stages[0].transition is None  # no transition in stage 1
 
 
 @pytest.mark.parametrize("name", ["revvit_tiny", "irevnet"])

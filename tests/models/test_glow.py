@@ -307,6 +307,7 @@ def _training_peak(steps: int, saving: bool) -> tuple[int, int]:
     return measure_memory(step)[1].peak_bytes, n_parameters(model) * 4
 
 
+@pytest.mark.slow  # about 8 s on 2 cores: K=32 Glow, saving on and off
 def test_training_memory_is_flat_in_depth_and_a_quarter_of_plain_at_depth_32() -> None:
     (shallow, shallow_params), (deep, deep_params) = (_training_peak(k, True) for k in (8, 32))
     assert deep - shallow <= deep_params - shallow_params + 16 * 1024
@@ -314,6 +315,7 @@ def test_training_memory_is_flat_in_depth_and_a_quarter_of_plain_at_depth_32() -
     assert deep <= 0.25 * plain
 
 
+@pytest.mark.slow  # about 8 s on 2 cores: trains a Glow on the digits
 def test_a_few_steps_on_the_digits_lower_the_bits_per_dim() -> None:
     from sklearn.datasets import load_digits
 

@@ -277,7 +277,10 @@ STEPS = 20
 @pytest.mark.parametrize("cls", CLASSES)
 def test_a_few_adamw_steps_lower_the_loss_with_memory_saving_on(cls: TransformerClass) -> None:
     torch.manual_seed(0)
-    model = cls(32, 2, 2, 4, image_size=8, patch_size=2, in_channels=1, drop_path_rate=0.1)
+    model = cls(
+        32, 2, 2, 4, image_size=8, patch_size=2, in_channels=1, drop_path_rate=0.1,
+        memory_saving=True,
+    )  # fmt: skip
     assert model.memory_saving
     # a learnable task: each class is a fixed random pattern, seen through noise
     generator = torch.Generator().manual_seed(0)

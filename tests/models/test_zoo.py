@@ -63,10 +63,24 @@ def test_list_models_names_the_zoo_by_family_and_depth() -> None:
     assert [name for name in list_models() if name in ZOO] == ZOO
 
 
+#: the zoo's plain networks: they train plainly unless asked, as timm's do
+PLAIN = {"resnet32", "resnet110", "resnet164", "vit_small", "vit_tiny"}
+
+
 @pytest.mark.parametrize("name", ZOO)
-def test_create_model_passes_memory_saving_to_every_zoo_model(name: str) -> None:
-    assert create_model(name, memory_saving=False).memory_saving is False
-    assert create_model(name).memory_saving is True  # the default, on every model
+def test_a_plain_network_trains_plainly_a_reversible_one_saves_and_both_take_the_switch(
+    name: str,
+) -> None:
+    model = create_model(name)
+    plain = name in PLAIN
+    assert model.memory_saving is (not plain)
+    if plain:  # nothing checkpointed: plain autograd, the conventional network
+        assert not any(getattr(m, "checkpointed", False) for m in model.modules())
+    model.set_grad_checkpointing()  # timm's name for memory_saving = True
+    assert model.memory_saving is True
+    model.set_grad_checkpointing(False)
+    assert model.memory_saving is False
+    assert create_model(name, memory_saving=plain).memory_saving is plain  # passed through
 
 
 def test_unknown_model_name_lists_the_known_ones() -> None:

@@ -39,6 +39,7 @@ CASES = {
         {"profiles", "ratios"},
     ),
     "bench_budget.py": (["--quick"], "--json", {"results", "targets", "environment"}),
+    "bench_demo.py": (["--quick", "--threads", "1", "auto"], "--json", {"runs", "environment"}),
     "bench_train.py": (
         ["--iterations", "4", "--repeats", "1", "--image-size", "8"],
         "--output",
@@ -61,6 +62,7 @@ def _run(
     )
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch, then a benchmark at smoke size
 @pytest.mark.parametrize("script", sorted(CASES))
 def test_benchmark_runs_and_writes_json(script: str, tmp_path: Path) -> None:
     args, json_flag, keys = CASES[script]
@@ -97,6 +99,7 @@ def _chains(payload: dict[str, Any]) -> list[tuple[str, dict[str, dict[str, Any]
     ]
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch, then a benchmark at smoke size
 def test_core_prints_a_table_per_chain_and_writes_json(core: tuple[dict[str, Any], str]) -> None:
     payload, stdout = core
     assert {"results", "ratios", "flatness", "compile", "environment"} <= set(payload)
@@ -105,6 +108,7 @@ def test_core_prints_a_table_per_chain_and_writes_json(core: tuple[dict[str, Any
         assert title in stdout
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch, then a benchmark at smoke size
 def test_core_rows_of_ours_are_numbers_with_small_gradient_errors(
     core: tuple[dict[str, Any], str],
 ) -> None:
@@ -124,6 +128,7 @@ def test_core_rows_of_ours_are_numbers_with_small_gradient_errors(
         assert rows["sequence_fixed16"]["grad_error"] <= 1e-6, chain
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch, then a benchmark at smoke size
 def test_core_reports_every_peer_ran_or_why_not(core: tuple[dict[str, Any], str]) -> None:
     payload, _ = core
     for chain, rows in _chains(payload):
@@ -142,6 +147,7 @@ def test_core_reports_every_peer_ran_or_why_not(core: tuple[dict[str, Any], str]
     assert conv[next(iter(conv))]["reformer"]["status"] != "ok"
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch, then a benchmark at smoke size
 def test_core_flatness_checks_report_both_depths_and_gradients(
     core: tuple[dict[str, Any], str],
 ) -> None:
@@ -157,6 +163,7 @@ def test_core_flatness_checks_report_both_depths_and_gradients(
         assert entry["grad_error_at_lo"] <= 1e-4, check
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch, then a benchmark at smoke size
 def test_core_compiled_blocks_run_in_the_recompute_with_equal_gradients(
     core: tuple[dict[str, Any], str],
 ) -> None:
@@ -258,6 +265,7 @@ def test_the_bench_env_installs_every_peer_at_the_version_bench_core_expects(ben
     assert "pip install --no-deps" in commands_pre
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch, then a benchmark at smoke size
 def test_budget_plans_stay_within_their_budgets_and_the_plot_is_drawn(tmp_path: Path) -> None:
     out = tmp_path / "budget.json"
     done = _run("bench_budget.py", ["--quick", "--only", "conv", "revnet38"], "--json", out)

@@ -12,6 +12,7 @@ fresh interpreter and looking at what ended up in ``sys.modules``.
 from __future__ import annotations
 
 import ast
+import functools
 import json
 import subprocess
 import sys
@@ -106,15 +107,23 @@ def test_the_scan_sees_forbidden_imports():
     ]
 
 
-def _modules_after_import(package: str) -> set[str]:
-    code = f"import json, sys, {package}; print(json.dumps(sorted(sys.modules)))"
+@functools.cache
+def _loaded_after(code: str) -> frozenset[str]:
+    """Every module a fresh interpreter holds after running ``code`` (each asked once: an
+    interpreter that imports torch costs seconds)."""
+    code = f"{code}; import json, sys; print(json.dumps(sorted(sys.modules)))"
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, timeout=300, check=False
     )
     assert proc.returncode == 0, proc.stderr
-    return {name.split(".")[0] for name in json.loads(proc.stdout.strip().splitlines()[-1])}
+    return frozenset(json.loads(proc.stdout.strip().splitlines()[-1]))
 
 
+def _modules_after_import(package: str) -> set[str]:
+    return {name.split(".")[0] for name in _loaded_after(f"import {package}")}
+
+
+@pytest.mark.slow  # a fresh interpreter that imports torch
 @pytest.mark.parametrize(
     ("package", "absent"),
     [
@@ -131,5 +140,29 @@ def test_importing_a_layer_loads_nothing_from_above_it(package, absent):
     assert loaded & absent == set()
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch
 def test_importing_train_works():
     assert "invertible_train" in _modules_after_import("invertible_train")
+
+
+#: the measuring machinery: the planner's fitting, costs and step, the memory measurement,
+#: the profiler; none of it may load with the core or the training CLI
+MEASURING = {
+    "invertible_core.planner.fit",
+    "invertible_core.planner.costs",
+    "invertible_core.planner.step",
+    "invertible_core.memory",
+    "invertible_models.profiler",
+    "invertible_models.memory_budget",
+}
+
+
+@pytest.mark.slow  # a fresh interpreter that imports torch (three)
+def test_importing_the_core_or_the_training_cli_loads_no_measuring_machinery():
+    assert _loaded_after("import invertible_core") & MEASURING == set()
+    assert _loaded_after("import invertible_train.cli") & MEASURING == set()
+    # the public names still come from the core, loaded on first use
+    used = _loaded_after(
+        "import invertible_core as c; c.fit_memory_budget, c.TrainingStep, c.measure_memory"
+    )
+    assert MEASURING - used == {"invertible_models.profiler", "invertible_models.memory_budget"}

@@ -62,6 +62,7 @@ def test_the_package_readmes_are_collected():
     ]
 
 
+@pytest.mark.slow  # a fresh interpreter that imports torch per example
 @pytest.mark.parametrize(
     "source",
     [body for _, _, body in ALL_BLOCKS],

@@ -44,6 +44,7 @@ def test_the_plan_is_made_before_training_and_recorded_in_the_summary(
     assert MemoryPlan.from_dict(saved["memory_plan"]) == plan
 
 
+@pytest.mark.slow  # about 8 s on 2 cores: four runs, three plans
 def test_a_resumed_run_reuses_the_plan_of_the_same_budget_and_plans_a_new_one(
     run_cli: Run, tmp_path: Path
 ) -> None:
@@ -63,13 +64,25 @@ def test_a_resumed_run_reuses_the_plan_of_the_same_budget_and_plans_a_new_one(
     assert "train.memory_budget" in RESUMABLE_CHANGES
 
 
-def test_a_budget_below_the_minimum_is_a_usage_error_naming_the_minimum(
-    run_cli: Run, capsys: pytest.CaptureFixture[str]
+def test_a_budget_below_the_minimum_is_a_usage_error_naming_the_minimum_and_writes_nothing(
+    run_cli: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run_cli("revnet38", "synthetic", "--iterations", "2", "--memory-budget", "1MiB") == 2
     err = capsys.readouterr().err
     assert "train.memory_budget: memory budget 1.00 MiB is below the minimum" in err
-    assert "MiB (" in err
+    assert "MiB (" in err and len(err.splitlines()) == 1
+    assert not (tmp_path / "results").exists()  # checked before the first side effect
+
+
+def test_a_budget_below_the_minimum_leaves_a_resumable_run_as_it_was(
+    run_cli: Run, tmp_path: Path
+) -> None:
+    results = tmp_path / "results" / "revnet38-synthetic"
+    assert run_cli("revnet38", "synthetic", "--iterations", "2", *REVNET) == 0
+    before = {p: p.read_bytes() for p in results.rglob("*") if p.is_file()}
+    argv = ["revnet38", "synthetic", "--iterations", "3", "--memory-budget", "1MiB", *REVNET]
+    assert run_cli(*argv) == 2
+    assert {p: p.read_bytes() for p in results.rglob("*") if p.is_file()} == before
 
 
 @pytest.mark.parametrize(("value", "match"), [("9M", "ambiguous"), ("much", "is not a size")])

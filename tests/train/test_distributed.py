@@ -27,7 +27,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from invertible_core.module_state import frozen_norm_statistics
+from invertible_core import AdditiveCoupling, ReversibleSequence
 from invertible_models import create_model
 from invertible_train.checkpoint import load_checkpoint
 from invertible_train.cli import evaluate_main
@@ -129,13 +129,21 @@ def test_sync_batchnorm_in_one_process_is_batchnorm() -> None:
             torch.testing.assert_close(a, b)
 
 
-def test_sync_batchnorm_leaves_detached_running_statistics_alone() -> None:
-    layer = convert_sync_batchnorm(nn.BatchNorm2d(4))
-    before = [b.clone() for b in layer.buffers()]
-    with frozen_norm_statistics([layer]):  # as in a reversible block's recompute
-        out = layer(torch.randn(6, 4, 3, 3))
-    assert out.shape == (6, 4, 3, 3)
-    assert all(torch.equal(a, b) for a, b in zip(layer.buffers(), before, strict=True))
+def test_sync_batchnorm_in_a_reversible_block_counts_each_batch_once() -> None:
+    # the memory-saving recompute runs the layer again; its running statistics must move
+    # once per step, to the values plain autograd gives
+    torch.manual_seed(0)
+    residual = nn.Sequential(nn.Conv2d(2, 2, 3, padding=1), nn.BatchNorm2d(2))
+    saving = ReversibleSequence(AdditiveCoupling(convert_sync_batchnorm(residual)))
+    plain = copy.deepcopy(saving)
+    plain.memory_saving = False
+    x = torch.randn(6, 4, 3, 3)
+    for seq in (saving, plain):
+        seq(x.clone().requires_grad_()).square().sum().backward()
+    for a, b in zip(saving.buffers(), plain.buffers(), strict=True):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    layer = saving[0].Fm[1]
+    assert isinstance(layer, SyncBatchNorm) and int(layer.num_batches_tracked) == 1
 
 
 def test_both_strategies_offer_what_a_trainer_asks_for(tmp_path: Path) -> None:

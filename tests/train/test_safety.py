@@ -19,6 +19,8 @@ from invertible_train.results import MARKER
 from .conftest import FAST
 
 Run = Callable[..., int]
+#: FAST with the console output a user sees
+LOUD = [arg for arg in FAST if arg != "--quiet"]
 
 
 def records(results: Path, kind: str) -> list[dict]:
@@ -48,21 +50,56 @@ def test_a_name_that_is_not_one_folder_name_touches_nothing(
     assert tree(tmp_path) == before
 
 
-def test_fresh_deletes_a_results_folder_of_this_harness_only(
+def test_fresh_deletes_what_the_harness_wrote_and_nothing_else(
     run_cli: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     assert run_cli("tiny", "synthetic", "--iterations", "4") == 0
     results = tmp_path / "results" / "tiny-synthetic"
-    assert (results / MARKER).is_file()
-    (results / "notes.txt").write_text("kept until --fresh")
+    assert set(json.loads((results / MARKER).read_text())["written"]) == {
+        "checkpoints", "config.toml", "metrics.jsonl", "summary.json",
+    }  # fmt: skip
+    (results / "notes.txt").write_text("the user's, kept")
+    (results / "figures").mkdir()
+    (results / "figures" / "curve.png").write_bytes(b"the user's too")
     assert run_cli("tiny", "synthetic", "--iterations", "4", "--fresh") == 0
-    assert not (results / "notes.txt").exists() and (results / MARKER).is_file()
+    assert (results / "notes.txt").read_text() == "the user's, kept"
+    assert (results / "figures" / "curve.png").read_bytes() == b"the user's too"
+    assert not records(results, "resumed")  # started over: what it wrote was deleted
+    assert load_checkpoint(results / "checkpoints" / "last.pt")["iteration"] == 4
 
     # looks like results (config.toml, checkpoints/), but no marker: not ours to delete
     (results / MARKER).unlink()
+    before = tree(results)
+    capsys.readouterr()
     assert run_cli("tiny", "synthetic", "--iterations", "4", "--fresh") == 1
     assert "is not a results folder of invertible-train" in capsys.readouterr().err
-    assert (results / "config.toml").exists()
+    assert tree(results) == before
+
+
+@pytest.mark.parametrize("fresh", [False, True], ids=["resume", "fresh"])
+@pytest.mark.parametrize("name", [None, "mine"], ids=["default-name", "named"])
+def test_a_folder_the_harness_did_not_make_is_refused_in_one_line_and_left_alone(
+    run_cli: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str], name: str | None,
+    fresh: bool,
+) -> None:  # fmt: skip
+    results = tmp_path / "results" / (name or "tiny-synthetic")
+    results.mkdir(parents=True)
+    (results / "notes.txt").write_text("years of work")
+    before = tree(tmp_path)
+    args = [*(["--name", name] if name else []), *(["--fresh"] if fresh else [])]
+    assert run_cli("tiny", "synthetic", "--iterations", "4", *args) == 1
+    err = capsys.readouterr().err
+    assert len(err.splitlines()) == 1 and err.startswith("invertible-train: error: ")
+    assert f"{results} is not a results folder of invertible-train" in err
+    assert "notes.txt" in err and "--name" in err
+    assert tree(tmp_path) == before and not (results / MARKER).exists()
+
+
+def test_an_empty_folder_is_made_a_results_folder(run_cli: Run, tmp_path: Path) -> None:
+    results = tmp_path / "results" / "mine"
+    results.mkdir(parents=True)
+    assert run_cli("tiny", "synthetic", "--iterations", "4", "--name", "mine") == 0
+    assert (results / MARKER).is_file() and (results / "summary.json").is_file()
 
 
 def test_fresh_does_not_follow_a_link_out_of_the_results_folder(
@@ -119,6 +156,58 @@ def test_a_folder_of_results_without_checkpoints_is_never_started_over_silently(
     assert tree(results) == before  # metrics, summary, best.pt, TensorBoard: untouched
     assert run_cli("tiny", "synthetic", "--iterations", "10", "--fresh") == 0
     assert not records(results, "resumed")
+
+
+def test_every_unusable_last_checkpoint_is_kept_numbered(
+    run_cli: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--set", "train.checkpoint_every=5", "--set", "scheduler.name=constant"]
+    run = tmp_path / "results" / "tiny-synthetic"
+    last = run / "checkpoints" / "last.pt"
+    cut = []
+    for iterations in (10, 20, 30):
+        assert run_cli("tiny", "synthetic", "--iterations", str(iterations), *common) == 0
+        if iterations < 30:
+            cut.append(last.read_bytes()[:-1000])  # a copy cut short, twice
+            last.write_bytes(cut[-1])
+    assert (run / "checkpoints" / "last.pt.unusable").read_bytes() == cut[0]
+    assert (run / "checkpoints" / "last.pt.unusable.1").read_bytes() == cut[1]
+    err = capsys.readouterr().err
+    assert "moved it to last.pt.unusable;" in err and "moved it to last.pt.unusable.1;" in err
+    assert load_checkpoint(last)["iteration"] == 30
+
+
+def test_rerunning_a_finished_run_reports_it_and_rewrites_nothing(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    argv = ["tiny", "synthetic", *LOUD, "--iterations", "10", "--results-dir", str(tmp_path)]
+    assert main([*argv, "--set", "train.tensorboard=true"]) == 0
+    results = tmp_path / "tiny-synthetic"
+    summary = json.loads((results / "summary.json").read_text())
+    assert summary["images_per_second"] > 0 and summary["train_seconds"] > 0
+    before = tree(results)
+    capsys.readouterr()
+    assert main([*argv, "--set", "train.tensorboard=true"]) == 0
+    out = capsys.readouterr().out
+    assert "tiny-synthetic: finished earlier (iteration 10" in out and "--fresh" in out
+    assert f"test accuracy {summary['test_accuracy']:.4f}" in out  # its figures, reported
+    assert tree(results) == before  # summary, logs, checkpoints, TensorBoard: as they were
+
+
+def test_a_finished_run_without_its_summary_writes_it_with_the_measured_figures(
+    run_cli: Run, tmp_path: Path
+) -> None:
+    """Killed after its last checkpoint, before its summary: the rerun writes the summary
+    with the training time the checkpoint recorded, not null images/s and zero seconds."""
+    assert run_cli("tiny", "synthetic", "--iterations", "10") == 0
+    results = tmp_path / "results" / "tiny-synthetic"
+    whole = json.loads((results / "summary.json").read_text())
+    (results / "summary.json").unlink()
+    assert run_cli("tiny", "synthetic", "--iterations", "10") == 0
+    rewritten = json.loads((results / "summary.json").read_text())
+    assert rewritten["iterations"] == 10 and rewritten["test_loss"] == whole["test_loss"]
+    assert rewritten["train_seconds"] == pytest.approx(whole["train_seconds"], rel=0.05)
+    assert rewritten["images_per_second"] == pytest.approx(whole["images_per_second"], rel=0.05)
 
 
 @pytest.mark.parametrize(

@@ -12,7 +12,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from invertible_models.profiler import TrainingStep, measure_step_memory
+from invertible_core import TrainingStep, measure_step_memory
 from invertible_train.checkpoint import load_checkpoint
 from invertible_train.config import apply_values, load_experiment
 from invertible_train.trainer import Trainer
@@ -122,9 +122,9 @@ def test_the_summary_memory_is_the_profilers_measurement(tmp_path: Path) -> None
     images, labels = next(iter(trainer.evaluator.loader))
     step = TrainingStep(
         copy.deepcopy(trainer.model),
-        images=trainer.transform.test(images[:16]),
-        labels=labels[:16],
-        loss=F.cross_entropy,
+        trainer.transform.test(images[:16]),
+        targets=labels[:16],
+        loss_fn=F.cross_entropy,
     )
     expected = measure_step_memory(step)
     assert summary["activation_bytes"] == expected.activation_bytes > 0

@@ -19,6 +19,7 @@ from invertible_train.model import build_model
 from invertible_train.strategy import SingleProcess, select_device
 from invertible_train.trainer import Trainer
 
+from .conftest import FAST
 from .datasets import trust_written_cifar, write_cifar10, write_image_folder
 
 Run = Callable[..., int]
@@ -95,12 +96,13 @@ def test_rerunning_a_finished_run_trains_no_further(run_cli: Run, tmp_path: Path
 
 
 def test_fresh_removes_earlier_results(run_cli: Run, tmp_path: Path) -> None:
-    assert run_cli("tiny", "synthetic", "--iterations", "10") == 0
+    assert run_cli("tiny", "synthetic", "--iterations", "10", "--set", "train.log_every=1") == 0
     results = tmp_path / "results" / "tiny-synthetic"
-    (results / "stale.txt").write_text("from before")
-    assert run_cli("tiny", "synthetic", "--iterations", "10", "--fresh") == 0
-    assert not (results / "stale.txt").exists()
+    (results / "mine.txt").write_text("not the harness's")
+    assert run_cli("tiny", "synthetic", "--iterations", "4", "--fresh") == 0
+    assert (results / "mine.txt").exists()  # only what the harness wrote is removed
     assert not records(results, "resumed")
+    assert [r["iteration"] for r in records(results, "train")] == [1, 2, 3, 4]
 
 
 def test_fresh_refuses_to_delete_a_folder_that_is_not_results(
@@ -217,6 +219,60 @@ def test_evaluate_command_reports_best_and_errors(
     (results / "checkpoints" / "best.pt").unlink()
     assert evaluate_main([str(results), "--data-dir", str(tmp_path)]) == 0
     assert "last.pt" in capsys.readouterr().out
+
+
+def test_evaluate_says_which_model_it_evaluates(
+    run_cli: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    every = ["--set", "train.eval_every=5", "--set", "train.checkpoint_every=5"]
+    assert run_cli("tiny", "synthetic", "--iterations", "10", *every) == 0
+    results = tmp_path / "results" / "tiny-synthetic"
+    capsys.readouterr()
+    assert evaluate_main([str(results)]) == 0
+    said = capsys.readouterr().out.splitlines()[0]
+    assert said.startswith(f"evaluating {results / 'checkpoints' / 'best.pt'}: the model with ")
+    assert "best test accuracy" in said and "--checkpoint final" in said
+    assert evaluate_main([str(results), "--checkpoint", "previous"]) == 0
+    assert "the checkpoint before last.pt (iteration 5 of 10)" in capsys.readouterr().out
+
+
+def test_evaluate_final_is_the_model_the_summary_describes(
+    run_cli: Run, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert run_cli("tiny", "synthetic", "--iterations", "10", "--set", "train.eval_every=5") == 0
+    results = tmp_path / "results" / "tiny-synthetic"
+    summary = json.loads((results / "summary.json").read_text())
+    capsys.readouterr()
+    assert evaluate_main([str(results), "--checkpoint", "final", "--json"]) == 0
+    evaluated = json.loads(capsys.readouterr().out)
+    assert evaluated["which"] == "final" and evaluated["iteration"] == summary["iterations"]
+    assert evaluated["test_accuracy"] == summary["test_accuracy"]
+    assert evaluated["test_loss"] == pytest.approx(summary["test_loss"], rel=1e-6)
+
+    # a summary of another iteration than last.pt's, or none: no final model to evaluate
+    (results / "summary.json").write_text(json.dumps({**summary, "iterations": 7}))
+    assert evaluate_main([str(results), "--checkpoint", "final"]) == 1
+    assert "describes the model of iteration 7, but" in capsys.readouterr().err
+    (results / "summary.json").unlink()
+    assert evaluate_main([str(results), "--checkpoint", "final"]) == 1
+    assert "has no summary.json" in capsys.readouterr().err
+
+
+def test_a_resumed_run_says_so_with_the_iteration_and_the_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    loud = [arg for arg in FAST if arg != "--quiet"]
+    argv = ["tiny", "synthetic", *loud, "--set", "train.checkpoint_every=5",
+            "--set", "scheduler.name=constant", "--results-dir", str(tmp_path)]  # fmt: skip
+    assert main([*argv, "--iterations", "17"]) == 0
+    assert "resuming" not in capsys.readouterr().out
+    assert main([*argv, "--iterations", "30"]) == 0
+    out = capsys.readouterr().out
+    assert out.startswith(
+        "tiny-synthetic: resuming from checkpoints/last.pt at iteration 17 of 30\n"
+    )
+    assert main([*argv, "--iterations", "40", "--quiet"]) == 0
+    assert capsys.readouterr().out == ""
 
 
 def test_epochs_set_the_length_in_whole_epochs(run_cli: Run, tmp_path: Path) -> None:

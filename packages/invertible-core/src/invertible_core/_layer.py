@@ -18,6 +18,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from invertible_core.fixed_point import grid_of, mark_on_grid
+from invertible_core.recompute import report_logdet, wants_logdet, with_logdet
+
 __all__ = [
     "InvertibleLayer",
     "channel_dim",
@@ -38,18 +41,30 @@ class InvertibleLayer(nn.Module, ABC):
     map's ``log|det dy/dx|`` per sample, shape ``(batch,)``, at an input shaped like ``x``).
     """
 
+    #: :meth:`forward` reports the log-determinant to :meth:`forward_with_logdet`
+    reports_logdet = True
+
+    #: the layer only moves values around: an input on a fixed-point grid gives an output on
+    #: it (the next fixed-point coupling need not round it again)
+    preserves_grid: bool = False
+
     def forward(self, x: Tensor, /, *args: Any, **kwargs: Any) -> Tensor:
         """The layer applied to ``x``; side inputs are ignored."""
-        return self._forward(_tensor(x, self))
+        y = self._forward(_tensor(x, self))
+        if self.preserves_grid:
+            mark_on_grid(y, grid_of(x))
+        if wants_logdet(self):
+            report_logdet(self, self._logdet(x))
+        return y
 
     def inverse(self, y: Tensor, /, *args: Any, **kwargs: Any) -> Tensor:
         """The exact inverse: ``inverse(forward(x)) == x`` up to float rounding."""
         return self._inverse(_tensor(y, self))
 
     def forward_with_logdet(self, x: Tensor, /, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
-        """``(forward(x), log|det dy/dx|)`` with the log-determinant of shape ``(batch,)``."""
-        y = self._forward(_tensor(x, self))
-        return y, self._logdet(x)
+        """``(forward(x), log|det dy/dx|)`` with the log-determinant of shape ``(batch,)``;
+        runs through ``__call__``, so hooks (FSDP's among them) see it as a forward."""
+        return with_logdet(self, self, _tensor(x, self), *args, **kwargs)
 
     def inverse_with_logdet(self, y: Tensor, /, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
         """``(inverse(y), log|det dx/dy|)``: the negative of the forward's log-det at ``x``."""

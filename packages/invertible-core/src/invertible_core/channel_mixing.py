@@ -50,8 +50,7 @@ class Permutation(InvertibleLayer):
     perm: Tensor
     inverse_perm: Tensor
 
-    #: only moves values around: a state on a fixed-point grid stays on it (the chain
-    #: rounds no more after this layer; see invertible_core.chain)
+    #: only moves values around: a state on a fixed-point grid stays on it
     preserves_grid = True
 
     def __init__(self, channels: int, seed: int = 0, dim: int = 1) -> None:

@@ -21,8 +21,16 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from torch.utils.weak import WeakIdKeyDictionary
 
-__all__ = ["GridRange", "exact_limit", "round_term_to_grid", "round_to_grid"]
+__all__ = [
+    "GridRange",
+    "exact_limit",
+    "grid_of",
+    "mark_on_grid",
+    "round_term_to_grid",
+    "round_to_grid",
+]
 
 _MANTISSA_BITS = {torch.float32: 24, torch.float64: 53}
 
@@ -40,6 +48,25 @@ class _RoundToGrid(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:
         return grad, None
+
+
+#: Tensors known to lie on a grid (their bits): a fixed-point coupling that receives one need
+#: not round it again. Keyed by identity, so an alias (a view, a hook's copy) is rounded once
+#: more, which changes nothing but time.
+_ON_GRID: WeakIdKeyDictionary = WeakIdKeyDictionary()
+
+
+def mark_on_grid(t: Tensor, bits: int | None) -> Tensor:
+    """Note that ``t`` lies on the grid of ``bits`` fractional bits; returns ``t``."""
+    if bits is not None:
+        _ON_GRID[t] = bits
+    return t
+
+
+def grid_of(t: Tensor) -> int | None:
+    """The bits of the grid ``t`` is known to lie on (``None``: not known)."""
+    bits = _ON_GRID.get(t)
+    return None if bits is None else int(bits)
 
 
 def round_to_grid(x: Tensor, bits: int | None) -> Tensor:
@@ -109,7 +136,10 @@ def exact_limit(dtype: torch.dtype, bits: int) -> float:
 
 
 class GridRange:
-    """Watches a coupling's values and warns once when they leave the exact range.
+    """Watches a coupling's values, in every use (training, eval, inverse, no grad), and
+    warns when they leave the exact range. The message names the coupling class, the grid
+    and the dtype, not the value, so Python's warning filter shows it once per place in the
+    process, not once per coupling of a deep network.
 
     Reading a maximum back from a GPU waits for it, so values are checked on the first
     observed call and then on every ``every``-th: a network whose activations grow past the
@@ -125,7 +155,7 @@ class GridRange:
         self._warned = False
 
     def observe(self, x: Tensor, bits: int) -> None:
-        if self._warned or x.dtype not in _MANTISSA_BITS:
+        if self._warned or x.dtype not in _MANTISSA_BITS or torch.compiler.is_compiling():
             return
         self._calls += 1
         if (self._calls - 1) % self._every:
@@ -135,10 +165,11 @@ class GridRange:
         if biggest >= limit:
             self._warned = True
             warnings.warn(
-                f"{self._name}: a value of magnitude {biggest:.4g} left the exact range of "
-                f"fixed_point_bits={bits} in {x.dtype} (|v| < {limit:g}); rebuilt inputs are "
-                "no longer bit-exact and memory saving may change gradients slightly. Use "
-                "fewer bits, normalise the activations, or float64.",
+                f"{self._name}: values left the exact range of fixed_point_bits={bits} in "
+                f"{x.dtype} (|v| < {limit:g}): sums are rounded again, so inverse(forward(x)) "
+                "and the inputs memory saving rebuilds are no longer bit-exact, and the error "
+                "grows with the magnitude. Use fewer bits, normalise the activations, or "
+                "float64.",
                 RuntimeWarning,
                 stacklevel=5,
             )

@@ -12,7 +12,7 @@ memory and time in separate runs. :func:`measure_memory` does only memory.
 
 :func:`measure_memory_phases` also splits the call into phases at each :func:`mark_phase`
 (a backward hook can call it, so a phase may be "the backward pass of one stage") and gives
-the peak of each: the memory planner (:mod:`invertible_core.budget`) learns from it *when*
+the peak of each: the memory planner (:mod:`invertible_core.planner`) learns from it *when*
 the peak happens, not only how high it is.
 """
 

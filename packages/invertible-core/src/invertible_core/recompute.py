@@ -1,53 +1,380 @@
-"""The state a recomputation must replay, and the one object that carries it.
+"""What a recompute must replay, and how a block's code cooperates with it.
 
 Rebuilding activations in the backward pass means running a block's functions a second
 time. That second run must compute *the same function* as the first, or the gradients are
 wrong (dropout masks differ, spectral norm iterates once more) or the model's state drifts
-(BatchNorm counts every batch twice). Blocks never handle that state themselves: every call
-of a sub-module goes through a :class:`RecomputeContext`, which
+(BatchNorm counts every batch twice). The engine (:mod:`invertible_core.engine`) replays:
 
-- captures the CPU (and CUDA) random state before each call in the forward pass and
-  restores it before the same call in the recompute, so dropout and drop-path draw the same
-  masks; the caller's own random stream is left as it was (:func:`forked_rng`);
-- replays the forward pass's autocast settings (:class:`AutocastState`), so fp16/bf16
-  training recomputes in the same precision;
-- passes the side inputs (masks, embeddings) to the call, as the originals in the forward
-  pass and as differentiable leaves in the recompute, whose gradients it collects;
-- computes the gradients of a recomputed call (:meth:`RecomputeContext.backward`) with
-  respect to its inputs, the block's parameters and the side inputs.
+- the random state of every call (:class:`RngState`), so dropout and drop-path draw the
+  same masks; the caller's own random stream is left as it was (:func:`forked_rng`);
+- the forward pass's autocast settings (:class:`AutocastState`), so fp16/bf16 training
+  recomputes in the same precision;
+- module buffers as they were before the forward pass (:mod:`invertible_core.module_state`),
+  so norm statistics are counted once.
 
-Module state is kept out of the recompute by :mod:`invertible_core.module_state` (norm
-statistics frozen, buffers written in the forward pass shown as before), and side inputs
-are handled by :mod:`invertible_core.side_inputs`.
+A block's own code sees the machinery through three functions:
+
+- :func:`shared_call` calls a sub-function (a coupling's ``Fm``/``Gm``). A block's inverse
+  calls the same functions as its forward, on the same values; the recompute computes each
+  of them once, with grad, and uses the one result both to rebuild the block's input and as
+  the saved activations of the forward pass (the RevNet paper's one-recompute backward).
+- :func:`wants_logdet` and :func:`report_logdet` let a block report its log-determinant to
+  ``forward_with_logdet`` (see :func:`with_logdet`), which runs the block through
+  ``__call__`` so that hooks, FSDP and ``torch.compile`` see the call as they see a forward.
+- :func:`is_recomputing` tells a block (or a hook) that the code now running is the
+  recompute, so that a one-off side effect (ActNorm's initialisation, a counter) happens
+  once, in the forward pass.
+
+Nothing here modifies a caller's tensor: :func:`guarded_call` refuses a function that
+writes its inputs in place, before anything of the caller's is touched.
 """
 
 from __future__ import annotations
 
+import threading
+import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import ExitStack, contextmanager
+from contextlib import AbstractContextManager, ExitStack, contextmanager, nullcontext, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
-from invertible_core.contract import recomputing
-from invertible_core.module_state import BufferState
-from invertible_core.side_inputs import _EMPTY, SideInputs, _guarded_call
+_F = TypeVar("_F", bound=Callable[..., Any])
 
-__all__ = ["AutocastState", "RecomputeContext", "direct_context", "forked_rng", "tensor_devices"]
+__all__ = [
+    "AutocastState",
+    "RngState",
+    "call_with_logdet",
+    "forked_rng",
+    "fsdp_forward_method",
+    "register_with_fsdp",
+    "guarded_call",
+    "is_recomputing",
+    "report_logdet",
+    "shared_call",
+    "tensor_devices",
+    "wants_logdet",
+    "with_logdet",
+]
 
 
-def tensor_devices(tensors: Iterable[Tensor]) -> tuple[torch.device, ...]:
-    """The distinct non-CPU devices of ``tensors`` (the CPU generator is always handled)."""
+class CallSite(Protocol):
+    """What :func:`shared_call` hands a call to: the engine's record of one block call."""
+
+    def call(
+        self, slot: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+    ) -> Any: ...
+
+
+class _Local(threading.local):
+    """Per-thread state (autograd may run backward passes on other threads)."""
+
+    def __init__(self) -> None:
+        self.site: CallSite | None = None  # the block call now running under the engine
+        self.recomputing = 0
+        self.logdet: list[tuple[nn.Module, list[Tensor]]] = []
+        self.protected: frozenset[int] = frozenset()
+
+
+_local = _Local()
+
+
+# -- torch.compile -------------------------------------------------------------------------------
+# NOTE [torch.compile and the recompute]
+# Under torch.compile(model), dynamo compiles the code of the blocks (their forward, Fm, Gm)
+# and not the engine's bookkeeping: a memory-saving call's public entry runs eagerly with
+# dynamo still watching (``entry_frame``), notes dynamo's frame callback
+# (:func:`compile_context`), and runs the engine with dynamo off (``engine_only``); the engine
+# puts the callback back around every call into a block's code (:func:`compiled_as`). The
+# recompute does the same, so it runs the *same* compiled code as the forward pass and saves
+# what the compiled forward saved (a recompute is a forward with grad, guarded alike).
+_ENTRY_REASON = (
+    "memory saving rebuilds activations inside autograd's backward pass, which one graph "
+    "cannot express: compile without fullgraph=True (the memory-saving call is then a graph "
+    "break and the blocks' code still compiles), or set memory_saving=False (the sequence is "
+    "then plain autograd, traced into the graph)"
+)
+
+
+def entry_frame(fn: _F) -> _F:
+    """Run ``fn``'s own frame eagerly under torch.compile, with dynamo still watching: the
+    public entry of a memory-saving call, which takes note of dynamo's callback
+    (:func:`compile_context`) before the engine runs."""
+    try:
+        return torch.compiler.disable(fn, recursive=False, reason=_ENTRY_REASON)  # type: ignore[call-arg,no-any-return]
+    except TypeError:  # torch before the reason argument
+        return torch.compiler.disable(fn, recursive=False)  # type: ignore[no-any-return]
+
+
+def engine_only(fn: _F) -> _F:
+    """Keep dynamo out of ``fn`` and everything it calls (engine bookkeeping); the engine
+    re-enters dynamo itself around the code of the blocks (:func:`compiled_as`)."""
+    return torch.compiler.disable(fn)  # type: ignore[no-any-return]
+
+
+def run_compiled(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
+    """``fn(*args, **kwargs)``: a frame of this package, which dynamo traces when a callback
+    is set, inlining ``fn`` (an ``nn.Sequential`` as Fm, whose own frames, being torch's
+    code, dynamo would skip)."""
+    return fn(*args, **kwargs)
+
+
+def compile_context() -> Any:
+    """Dynamo's frame callback now (``None`` outside torch.compile, or where unknown)."""
+    try:
+        from torch._C._dynamo.eval_frame import get_eval_frame_callback
+    except ImportError:  # pragma: no cover - a torch without this entry point
+        return None
+    callback = get_eval_frame_callback()
+    return callback if callback not in (None, False) else None
+
+
+@contextmanager
+def compiled_as(callback: Any) -> Iterator[None]:
+    """Run the enclosed code under dynamo's frame ``callback`` (``None``: as it is)."""
+    if callback is None:
+        yield
+        return
+    from torch._C._dynamo.eval_frame import set_eval_frame
+
+    before = set_eval_frame(callback)
+    try:
+        yield
+    finally:
+        set_eval_frame(before)
+
+
+def current_site() -> CallSite | None:
+    """The engine's record of the block call now running (``None``: a plain call)."""
+    return _local.site
+
+
+#: memory-saving calls in progress, in any thread: a module global, so that dynamo, tracing
+#: a block's code, guards on it and knows whether shared calls are the engine's (a graph
+#: break) or plain code (traced inline)
+_ENGINE_CALLS = 0
+
+
+def _traced_plainly() -> bool:
+    """Whether dynamo is tracing plain code (no memory-saving call in progress)."""
+    return torch.compiler.is_compiling() and _ENGINE_CALLS == 0
+
+
+@contextmanager
+def active_site(site: CallSite | None) -> Iterator[None]:
+    """Make ``site`` receive the :func:`shared_call` calls of the enclosed code; nests."""
+    global _ENGINE_CALLS
+    before, _local.site = _local.site, site
+    _ENGINE_CALLS += 1
+    try:
+        yield
+    finally:
+        _ENGINE_CALLS -= 1
+        _local.site = before
+
+
+def is_recomputing() -> bool:
+    """Whether the code now running is a memory-saving recompute in the backward pass.
+
+    True while :class:`~invertible_core.ReversibleSequence` or
+    :class:`~invertible_core.InvertibleModuleWrapper` runs a block again in backward (its
+    inverse, to rebuild its input, and its forward, to rebuild what autograd saved). A
+    block or a forward hook with a one-off side effect guards it with
+    ``if not is_recomputing():``. Thread-local: autograd may run backward passes on other
+    threads, each answers for itself.
+    """
+    if torch.compiler.is_compiling():  # dynamo tracing a block's code
+        return False if _ENGINE_CALLS == 0 else _recomputing_untraced()
+    return _local.recomputing > 0
+
+
+@engine_only
+def _recomputing_untraced() -> bool:
+    return _local.recomputing > 0
+
+
+@contextmanager
+def recomputing() -> Iterator[None]:
+    """Mark the enclosed code as a recompute (for :func:`is_recomputing`); nests."""
+    _local.recomputing += 1
+    try:
+        yield
+    finally:
+        _local.recomputing -= 1
+
+
+def shared_call(slot: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any) -> Any:
+    """``fn(*args, **kwargs)``, as a function that a block's forward and inverse share.
+
+    A coupling calls ``Fm(x2)`` and ``Gm(y1)`` in its forward and the same functions on the
+    same values in its inverse. Called through ``shared_call``, such a function is computed
+    once in a memory-saving recompute: the inverse computes it with grad, uses its value to
+    rebuild the input, and hands the saved activations to the forward pass's graph. ``slot``
+    names the call within the block (the forward and the inverse give the same function the
+    same slot). Outside the engine (a plain call) this is ``fn(*args, **kwargs)``, with the
+    check that ``fn`` did not modify its inputs in place.
+    """
+    if torch.compiler.is_compiling():  # dynamo tracing a block's code
+        if _ENGINE_CALLS == 0:  # plain code (fullgraph=True): the call itself
+            return fn(*args, **kwargs)
+        return _shared_call_untraced(slot, fn, args, kwargs)  # the engine's: a graph break
+    return _shared_call(slot, fn, args, kwargs)
+
+
+def _shared_call(slot: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+    site = _local.site
+    if site is None:
+        return guarded_call(fn, args, kwargs)
+    return site.call(slot, fn, args, kwargs)
+
+
+_shared_call_untraced = engine_only(_shared_call)
+
+
+# -- log-determinants ---------------------------------------------------------------------------
+def wants_logdet(module: nn.Module) -> bool:
+    """Whether a caller of ``module`` collects its log-determinant (see :func:`with_logdet`)."""
+    if torch.compiler.is_compiling():
+        return False if _ENGINE_CALLS == 0 else _wants_logdet_untraced(module)
+    return _wants_logdet(module)
+
+
+def _wants_logdet(module: nn.Module) -> bool:
+    stack = _local.logdet
+    return bool(stack) and stack[-1][0] is module
+
+
+_wants_logdet_untraced = engine_only(_wants_logdet)
+
+
+def report_logdet(module: nn.Module, logdet: Tensor) -> None:
+    """Add ``logdet`` (per sample, shape ``(batch,)``) to what ``module``'s caller collects.
+
+    A no-op unless :func:`wants_logdet`; only the module whose ``forward_with_logdet`` runs
+    reports, never a sub-module of it.
+    """
+    if torch.compiler.is_compiling():
+        _report_logdet_untraced(module, logdet)
+        return
+    _report_logdet(module, logdet)
+
+
+def _report_logdet(module: nn.Module, logdet: Tensor) -> None:
+    stack = _local.logdet
+    if stack and stack[-1][0] is module:
+        stack[-1][1].append(logdet)
+
+
+_report_logdet_untraced = engine_only(_report_logdet)
+
+
+def with_logdet(
+    module: nn.Module, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    """``(fn(x, ...), log|det J|)``: runs ``fn`` while collecting what ``module`` reports.
+
+    ``forward_with_logdet`` is ``with_logdet(self, self, x, ...)``: the block runs through
+    ``nn.Module.__call__``, so forward hooks (FSDP's unshard among them) fire as for a
+    plain forward. The log-determinant is zeros of shape ``(batch,)`` if nothing reported.
+    """
+    if torch.compiler.is_compiling():
+        return _with_logdet_untraced(module, fn, x, *args, **kwargs)
+    return _with_logdet(module, fn, x, *args, **kwargs)
+
+
+def _with_logdet(
+    module: nn.Module, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
+    parts: list[Tensor] = []
+    _local.logdet.append((module, parts))
+    try:
+        y = fn(x, *args, **kwargs)
+    finally:
+        _local.logdet.pop()
+    if not parts:
+        first = x[0] if isinstance(x, tuple) else x  # a coupling's two parts
+        return y, first.new_zeros(first.shape[0]) if first.dim() else first.new_zeros(())
+    total = parts[0]
+    for p in parts[1:]:
+        total = total + p
+    return y, total
+
+
+_with_logdet_untraced = engine_only(_with_logdet)
+
+
+def call_with_logdet(block: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+    """``block.forward_with_logdet(x, ...)``, also when ``block`` is a wrapper that hooks only
+    ``forward`` (FSDP1's ``FullyShardedDataParallel``, whose other methods reach the wrapped
+    module without unsharding it): then the wrapper's forward runs, and the log-determinant
+    is what the wrapped block reports (see :func:`report_logdet`)."""
+    if getattr(type(block), "forward_with_logdet", None) is not None:
+        return block.forward_with_logdet(x, *args, **kwargs)  # type: ignore[no-any-return]
+    inner: Any = block
+    while getattr(type(inner), "forward_with_logdet", None) is None and isinstance(
+        getattr(inner, "module", None), nn.Module
+    ):
+        inner = inner.module
+    if not getattr(inner, "reports_logdet", False):
+        raise TypeError(
+            f"{type(block).__name__} wraps {type(inner).__name__}, whose forward_with_logdet the "
+            "wrapper does not hook (FSDP1 hooks only forward), and whose forward does not "
+            "report its log-determinant. Shard it with FSDP2's fully_shard instead, or report "
+            "the log-determinant from forward with invertible_core.report_logdet."
+        )
+    return with_logdet(inner, block, x, *args, **kwargs)
+
+
+def fsdp_forward_method(module: nn.Module, name: str) -> Callable[..., Any]:
+    """``getattr(module, name)``, registered with FSDP2 first when ``module`` is a
+    ``fully_shard`` unit, so that calling it unshards the parameters as a forward does (an
+    inverse run in the forward role, such as sampling from a flow)."""
+    register_with_fsdp(module, name)
+    return getattr(module, name)  # type: ignore[no-any-return]
+
+
+def register_with_fsdp(module: nn.Module, name: str) -> bool:
+    """Register method ``name`` of a ``fully_shard`` (FSDP2) unit with FSDP, once; returns
+    whether it was registered now (False: done before, or not an FSDP2 unit)."""
+    if name in module.__dict__ or not _is_fsdp2(module):
+        return False
+    from torch.distributed.fsdp import register_fsdp_forward_method
+
+    register_fsdp_forward_method(module, name)
+    return True
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:  # torch without FSDP2
+        return False
+    return isinstance(module, FSDPModule)
+
+
+@contextmanager
+def without_logdet() -> Iterator[None]:
+    """Hide any collection in progress (the engine's own calls inside a block)."""
+    saved, _local.logdet = _local.logdet, []
+    try:
+        yield
+    finally:
+        _local.logdet = saved
+
+
+# -- random state ------------------------------------------------------------------------------
+def tensor_devices(tensors: Iterable[Any]) -> tuple[torch.device, ...]:
+    """The distinct non-CPU devices of the tensors among ``tensors`` (CPU is always handled)."""
     seen: dict[torch.device, None] = {}
     for t in tensors:
-        if t.device.type != "cpu":
+        if isinstance(t, Tensor) and t.device.type != "cpu":
             seen[t.device] = None
     return tuple(seen)
 
 
-def _get_device_rng(device: torch.device) -> Tensor:
+def _device_rng(device: torch.device) -> Tensor:
     if device.type == "cuda":
         return torch.cuda.get_rng_state(device)
     raise NotImplementedError(
@@ -56,12 +383,33 @@ def _get_device_rng(device: torch.device) -> Tensor:
     )
 
 
-def _set_device_rng(device: torch.device, state: Tensor) -> None:
-    if device.type == "cuda":
-        torch.cuda.set_rng_state(state, device)
+@dataclass(frozen=True)
+class RngState:
+    """The CPU random state and that of each device, at one moment."""
 
+    cpu: Tensor
+    devices: tuple[tuple[torch.device, Tensor], ...]
 
-RngState = tuple[Tensor, tuple[Tensor, ...]]
+    @classmethod
+    def capture(cls, devices: tuple[torch.device, ...], last: RngState | None = None) -> RngState:
+        """The current state; ``last`` itself when nothing drew a random number since."""
+        state = cls(torch.get_rng_state(), tuple((d, _device_rng(d)) for d in devices))
+        if last is not None and last.equals(state):
+            return last
+        return state
+
+    def equals(self, other: RngState) -> bool:
+        return (
+            torch.equal(self.cpu, other.cpu)
+            and [d for d, _ in self.devices] == [d for d, _ in other.devices]
+            and all(torch.equal(a[1], b[1]) for a, b in zip(self.devices, other.devices))
+        )
+
+    def restore(self) -> None:
+        torch.set_rng_state(self.cpu)
+        for device, state in self.devices:
+            if device.type == "cuda":
+                torch.cuda.set_rng_state(state, device)
 
 
 @contextmanager
@@ -70,16 +418,14 @@ def forked_rng(devices: tuple[torch.device, ...], enabled: bool = True) -> Itera
     if not enabled:
         yield
         return
-    cpu_state = torch.get_rng_state()
-    device_states = [_get_device_rng(d) for d in devices]
+    state = RngState.capture(devices)
     try:
         yield
     finally:
-        torch.set_rng_state(cpu_state)
-        for device, state in zip(devices, device_states):
-            _set_device_rng(device, state)
+        state.restore()
 
 
+# -- autocast ----------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class AutocastState:
     """Autocast settings (per device type) in force when the forward pass ran."""
@@ -109,9 +455,17 @@ class AutocastState:
     def enabled(self) -> bool:
         return any(enabled for _, enabled, _, _ in self.settings)
 
+    def replay(self) -> AbstractContextManager[None]:
+        """Run the enclosed recompute under the captured autocast settings (nothing to do
+        when autocast was off then and is off now)."""
+        if not self.enabled and not any(
+            _autocast_on(device_type) for device_type, _, _, _ in self.settings
+        ):
+            return nullcontext()
+        return self._replay()
+
     @contextmanager
-    def replay(self) -> Iterator[None]:
-        """Run the enclosed recompute under the captured autocast settings."""
+    def _replay(self) -> Iterator[None]:
         with ExitStack() as stack:
             for device_type, enabled, dtype, cache_enabled in self.settings:
                 stack.enter_context(
@@ -125,195 +479,120 @@ class AutocastState:
             yield
 
 
-class _Mode:
-    DIRECT = 0  # plain call (autograd or no grad): nothing captured
-    RECORD = 1  # the forward pass of a memory-saving call: capture what the recompute needs
-    REPLAY = 2  # the recompute in the backward pass
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return bool(torch.is_autocast_enabled(device_type))
+    except RuntimeError:
+        return False
 
 
-class RecomputeContext:
-    """What one block's recompute replays; the block's only door to its sub-modules.
+# -- the caller's tensors are never modified -------------------------------------------------
+# NOTE [the caller's tensors are never modified]
+# A function that changes its input in place (``nn.Sequential(nn.ReLU(inplace=True), conv)``
+# as Fm) would overwrite the caller's tensor, since a coupling hands Fm a view of the chain's
+# input, and it breaks the coupling's algebra anyway (y2 = x2 + Gm(y1) needs the unchanged
+# x2). The first time a function is called on a protected tensor (the input of a
+# memory-saving call), it gets a copy; if it changes the copy, we refuse with an error
+# before anything of the caller's is touched. A function that left its inputs alone is
+# trusted afterwards (no copies), and every call compares version counters, so a function
+# that starts writing its inputs later, or writes a side input, is refused too.
+_TRUSTED: weakref.WeakKeyDictionary[Any, set[str]] = weakref.WeakKeyDictionary()
 
-    Blocks receive a context from the machinery and never build one. A block calls its
-    sub-modules through :meth:`call` and, in a fused backward step, backpropagates through
-    the recomputed calls with :meth:`backward`. In a plain call :meth:`call` just calls; in
-    the forward pass of a memory-saving call it also captures the random state; in the
-    recompute it replays random state and autocast and runs with grad. A block that reports a
-    log-determinant adds it with :meth:`add_logdet` when :attr:`wants_logdet` is set and, in
-    its backward step, reads the incoming gradient of the chain's log-determinant from
-    :attr:`grad_logdet`.
 
-    Capturing a random state costs one copy of the generator state (about 5 KB on the CPU)
-    per call, and only with ``preserve_rng_state``; an unchanged state is stored once per
-    chain, not once per call.
-    """
+@contextmanager
+def protecting(tensors: Iterable[Tensor]) -> Iterator[None]:
+    """Shield the storage of ``tensors`` from functions not yet known to leave inputs alone."""
+    before = _local.protected
+    _local.protected = before | {t.untyped_storage().data_ptr() for t in tensors}
+    try:
+        yield
+    finally:
+        _local.protected = before
 
-    __slots__ = (
-        "_autocast",
-        "_devices",
-        "_grads",
-        "_last",
-        "_logdet",
-        "_mode",
-        "_params",
-        "_preserve_rng",
-        "_protected",
-        "_side",
-        "_states",
-        "buffers",
-        "grad_logdet",
-        "wants_logdet",
+
+def _trust_key(fn: Callable[..., Any]) -> tuple[Any, str]:
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        return owner, getattr(fn, "__name__", "__call__")
+    return fn, "__call__"
+
+
+def _describe(fn: Callable[..., Any]) -> str:
+    owner = getattr(fn, "__self__", None)
+    if owner is not None:
+        return f"{type(owner).__name__}.{getattr(fn, '__name__', '?')}"
+    return type(fn).__name__ if isinstance(fn, nn.Module) else getattr(fn, "__name__", repr(fn))
+
+
+def _in_place_error(fn: Callable[..., Any], shielded: bool) -> RuntimeError:
+    consequence = (
+        "Nothing of yours was modified: it worked on a copy."
+        if shielded
+        else "The modified tensor was one the chain passed on (a part of an activation or "
+        "a side input), so this call's results cannot be trusted."
+    )
+    return RuntimeError(
+        f"{_describe(fn)} modified one of its inputs in place. Invertible blocks need the "
+        "inputs of their functions unchanged (a coupling reuses them to compute and to "
+        "invert), and the caller's tensors must never be overwritten; make the function out "
+        "of place (e.g. nn.ReLU(inplace=False) as its first layer, or clone the input before "
+        f"an in-place op). {consequence}"
     )
 
-    def __init__(
-        self,
-        *,
-        mode: int = _Mode.DIRECT,
-        side: SideInputs = _EMPTY,
-        devices: tuple[torch.device, ...] = (),
-        preserve_rng: bool = False,
-        autocast: AutocastState | None = None,
-        wants_logdet: bool = False,
-        previous: RecomputeContext | None = None,
-        protected: frozenset[int] = frozenset(),
-    ) -> None:
-        self._mode = mode
-        self._protected = protected
-        self._side = side
-        self._devices = devices
-        self._preserve_rng = preserve_rng
-        self._autocast = autocast
-        self._states: dict[int, RngState] = {}
-        # the last random state captured along this chain (see capture below)
-        self._last: list[RngState | None] = previous._last if previous is not None else [None]
-        self._params: Sequence[Tensor] = ()
-        self._grads: list[Tensor | None] = []
-        self._logdet: Tensor | None = None
-        self.wants_logdet = wants_logdet
-        self.grad_logdet: Tensor | None = None
-        self.buffers = BufferState()
 
-    # -- what blocks use ---------------------------------------------------------------------
-    def call(self, slot: int, module: Callable[..., Any], *inputs: Any, side: bool = True) -> Any:
-        """``module(*inputs, *side_args, **side_kwargs)``, replayed exactly in the recompute.
-
-        ``slot`` names the call within the block (0 for ``Fm``, 1 for ``Gm`` in a coupling):
-        the recompute of slot k replays the random state captured for slot k. ``side=False``
-        leaves the side inputs out of this call.
-        """
-        s = self._side if side else _EMPTY
-        if self._mode == _Mode.REPLAY:
-            state = self._states.get(slot)
-            if state is not None:
-                torch.set_rng_state(state[0])
-                for device, device_state in zip(self._devices, state[1]):
-                    _set_device_rng(device, device_state)
-            if self._autocast is None:
-                return module(*inputs, *s.args, **s.kwargs)
-            with self._autocast.replay():
-                return module(*inputs, *s.args, **s.kwargs)
-        if self._mode == _Mode.RECORD and self._preserve_rng:
-            self._capture(slot)
-        return _guarded_call(module, inputs, s, self._protected)
-
-    def backward(
-        self, outputs: Sequence[Tensor], grad_outputs: Sequence[Tensor], inputs: Sequence[Tensor]
-    ) -> tuple[Tensor | None, ...]:
-        """Backpropagate a recomputed call: gradients of ``inputs``; those of the block's
-        parameters and of the side inputs are collected by the context."""
-        n = len(inputs)
-        side = self._side.tensors
-        wrt = (*inputs, *self._params, *side)
-        if not any(o.requires_grad for o in outputs):
-            return (None,) * n
-        pairs = [(o, g) for o, g in zip(outputs, grad_outputs) if o.requires_grad]
-        grads = torch.autograd.grad(
-            [o for o, _ in pairs], wrt, [g for _, g in pairs], allow_unused=True
-        )
-        acc = self._grads
-        for i, g in enumerate(grads[n:]):
-            if g is not None:
-                before = acc[i]
-                acc[i] = g if before is None else before + g
-        return tuple(grads[:n])
-
-    def rebuild(self, fn: Callable[..., Any], *inputs: Any) -> Any:
-        """``fn(*inputs, *side_args, **side_kwargs)`` without grad, under the forward pass's
-        autocast settings: for rebuilding an input with an inverse."""
-        s = self._side
-        with torch.no_grad():
-            if self._autocast is None:
-                return fn(*inputs, *s.args, **s.kwargs)
-            with self._autocast.replay():
-                return fn(*inputs, *s.args, **s.kwargs)
-
-    def add_logdet(self, logdet: Tensor) -> None:
-        """Add a per-sample log-determinant (shape ``(batch,)``) of this block's map."""
-        self._logdet = logdet if self._logdet is None else self._logdet + logdet
-
-    @property
-    def recording(self) -> bool:
-        """Whether this is the forward pass of a memory-saving call (it will be recomputed)."""
-        return self._mode == _Mode.RECORD
-
-    # -- what the machinery uses -------------------------------------------------------------
-    def _capture(self, slot: int) -> None:
-        state = (torch.get_rng_state(), tuple(_get_device_rng(d) for d in self._devices))
-        last = self._last[0]
-        if last is not None and all(
-            torch.equal(a, b) for a, b in zip((state[0], *state[1]), (last[0], *last[1]))
-        ):
-            state = last  # a module that draws no random numbers leaves the state unchanged
-        self._last[0] = state
-        self._states[slot] = state
-
-    def _take_logdet(self) -> Tensor | None:
-        logdet, self._logdet = self._logdet, None
-        return logdet
-
-    @contextmanager
-    def _replaying(
-        self,
-        side: SideInputs,
-        params: Sequence[Tensor],
-        grads: list[Tensor | None],
-        grad_logdet: Tensor | None,
-    ) -> Iterator[None]:
-        """Replay mode for a whole backward step: recompute, then backpropagate (gradients
-        go into ``grads``)."""
-        with self._recomputing(side), self._backpropagating(side, params, grads, grad_logdet):
-            yield
-
-    @contextmanager
-    def _recomputing(self, side: SideInputs) -> Iterator[None]:
-        """The recompute of a backward step: calls replay, with grad, buffers as before."""
-        mode, saved_side = self._mode, self._side
-        self._mode, self._side = _Mode.REPLAY, side
-        try:
-            with torch.enable_grad(), recomputing(), self.buffers.as_before():
-                yield
-        finally:
-            self._mode, self._side = mode, saved_side
-
-    @contextmanager
-    def _backpropagating(
-        self,
-        side: SideInputs,
-        params: Sequence[Tensor],
-        grads: list[Tensor | None],
-        grad_logdet: Tensor | None,
-    ) -> Iterator[None]:
-        """The gradient half of a backward step (:meth:`backward` collects into ``grads``)."""
-        mode, saved_side = self._mode, self._side
-        self._mode, self._side = _Mode.REPLAY, side
-        self._params, self._grads, self.grad_logdet = params, grads, grad_logdet
-        try:
-            yield
-        finally:
-            self._mode, self._side = mode, saved_side
-            self._params, self._grads, self.grad_logdet = (), [], None
+def _copy_with_strides(t: Tensor) -> Tensor:
+    """A copy of ``t`` with ``t``'s strides (some ops save other tensors for other layouts)."""
+    if t.dim() and 0 not in t.stride():
+        copy = torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
+        return copy.copy_(t)  # differentiable, like clone()
+    return t.clone()
 
 
-def direct_context(side: SideInputs = _EMPTY, wants_logdet: bool = False) -> RecomputeContext:
-    """A context for a plain call: sub-modules are called directly, nothing is captured."""
-    return RecomputeContext(side=side, wants_logdet=wants_logdet)
+def guarded_call(
+    fn: Callable[..., Any],
+    args: tuple[Any, ...],
+    kwargs: dict[str, Any],
+    key: tuple[Any, str] | None = None,
+    compiled: Any = None,
+) -> Any:
+    """``fn(*args, **kwargs)``, refusing a function that modifies its tensor inputs in place
+    (see the NOTE above). ``key`` names what is trusted once it behaved (default: ``fn``'s
+    module and method); ``fn`` itself runs under dynamo's callback ``compiled``."""
+    owner, name = _trust_key(fn) if key is None else key
+    try:
+        trusted = name in _TRUSTED.get(owner, ())
+    except TypeError:  # not weak-referenceable: check versions only
+        trusted = True
+    protected = _local.protected
+    copies: list[tuple[Tensor, int]] = []
+    if not trusted and protected:
+
+        def shielded(v: Any) -> Any:
+            if isinstance(v, Tensor) and v.untyped_storage().data_ptr() in protected:
+                c = _copy_with_strides(v)
+                copies.append((c, c._version))
+                return c
+            return v
+
+        args = tuple(shielded(a) for a in args)
+        kwargs = {k: shielded(v) for k, v in kwargs.items()}
+    versions = [
+        (t, t._version)
+        for t in (*args, *kwargs.values())
+        if isinstance(t, Tensor) and not any(t is c for c, _ in copies)
+    ]
+    if copies or compiled is not None:
+        with protecting([c for c, _ in copies]), compiled_as(compiled):
+            out = run_compiled(fn, args, kwargs)  # calls inside see the copies as protected
+    else:
+        out = fn(*args, **kwargs)
+    for t, version in copies:
+        if t._version != version:
+            raise _in_place_error(fn, shielded=True)
+    for t, version in versions:
+        if t._version != version:
+            raise _in_place_error(fn, shielded=False)
+    if not trusted:
+        with suppress(TypeError):  # not weak-referenceable
+            _TRUSTED.setdefault(owner, set()).add(name)
+    return out

@@ -64,8 +64,7 @@ class InvertibleDownsampling(InvertibleLayer):
     Side inputs (``*args``, ``**kwargs``) are accepted and ignored.
     """
 
-    #: only moves values around: a state on a fixed-point grid stays on it (the chain
-    #: rounds no more after this layer; see invertible_core.chain)
+    #: only moves values around: a state on a fixed-point grid stays on it
     preserves_grid = True
 
     def __init__(self, factor: int = 2) -> None:

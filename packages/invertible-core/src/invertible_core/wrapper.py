@@ -22,13 +22,17 @@ How this differs from MemCNN's wrapper, on purpose:
 - The recompute runs under the forward pass's autocast settings (MemCNN forces float32).
 - The deprecated ``implementation_*`` arguments of the couplings are accepted and ignored.
 
-For whole chains of couplings prefer :class:`~invertible_core.ReversibleSequence`: one
-autograd node for the chain, a little faster, and nothing to hand over between blocks.
+- The module runs through ``nn.Module.__call__`` in the forward pass and in the recompute,
+  and gradients flow through the forward pass's own autograd graph: hooks, FSDP (a wrapped
+  block may itself be a ``fully_shard`` unit), DDP and ``torch.autograd.grad`` see what
+  they would see without the wrapper. The hand-over between wrapped blocks finds the
+  producer of an input by its memory, whatever autograd node FSDP or a hook put between.
+
+For whole chains of blocks prefer :class:`~invertible_core.ReversibleSequence`: the same
+engine (:mod:`invertible_core.engine`), with the chain's order known in advance.
 
 Limits: if a wrapped block's output is modified in place after the call, backward raises
-(the output is version-checked, like any saved tensor). If block k's output feeds wrapped
-block k+1 whose own output does not reach the loss, block k cannot be rebuilt and backward
-raises with advice (use ``keep_input=True`` on block k+1). The backward pass is not itself
+(the output is version-checked, like any saved tensor). The backward pass is not itself
 differentiable (no double backward).
 """
 
@@ -40,160 +44,23 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from invertible_core._autograd import once_differentiable
-from invertible_core.chain import Chain
-from invertible_core.couplings import create_coupling
-from invertible_core.recompute import _Mode, tensor_devices
-from invertible_core.side_inputs import SideInputs
-from invertible_core.steps import FusedStep, GenericStep, Step, convert, make_step
+from invertible_core._layer import InvertibleLayer
+from invertible_core.couplings import Coupling, create_coupling
+from invertible_core.engine import Direction, Frame, Run, claim_inputs, offer_outputs, saving_hooks
+from invertible_core.recompute import (
+    compile_context,
+    engine_only,
+    entry_frame,
+    guarded_call,
+    protecting,
+    tensor_devices,
+)
+from invertible_core.sequence import ReversibleSequence
 
 __all__ = ["InvertibleModuleWrapper", "ReversibleBlock"]
 
-_DOUBLE_BACKWARD = (
-    "InvertibleModuleWrapper: double backward (create_graph=True) is not supported while "
-    "saving memory, because the backward pass rebuilds the input outside autograd. Use "
-    "disable=True (plain autograd) for higher-order gradients."
-)
-
-
-class _WrapperRun:
-    """Per-call settings and state shared by forward and backward."""
-
-    def __init__(
-        self,
-        wrapper: InvertibleModuleWrapper,
-        chain: Chain,
-        n_inputs: int,
-        params: list[Tensor],
-    ) -> None:
-        self.chain = chain
-        self.n_inputs = n_inputs
-        self.keep_input = wrapper.keep_input_inverse if chain.inverse else wrapper.keep_input
-        self.num_bwd_passes = wrapper.num_bwd_passes
-        self.params = params
-
-
-def _step_for(fn: nn.Module, n_inputs: int) -> Step:
-    step = make_step(fn, "InvertibleModuleWrapper")
-    if isinstance(step, FusedStep) and n_inputs != 1:
-        return GenericStep(fn)
-    return step
-
-
-class _WrapperFunction(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx: Any, run: _WrapperRun, *args: Tensor) -> tuple[Tensor, ...]:
-        inputs = args[: run.n_inputs]
-        chain = run.chain
-        protected = frozenset(t.untyped_storage().data_ptr() for t in inputs)
-        state, part, _ = chain.forward(tuple(inputs), _Mode.RECORD, protected=protected)
-        outputs: tuple[Tensor, ...] = (part.merge(state),) if part is not None else state
-        del state
-        ctx.run = run
-        ctx.passes = 0
-        ctx.rebuilt = [None] * len(outputs)
-        ctx.promises = []
-        ctx.output_meta = [(t.shape, t.dtype, t.device) for t in outputs]
-        ctx.outputs = None
-        if run.keep_input:
-            ctx.save_for_backward(*inputs)
-        else:
-            # Keep our outputs until a wrapped consumer takes them over; take over the
-            # inputs that a wrapped producer kept, promising to hand them back rebuilt.
-            ctx.outputs = [(t.detach(), t._version) for t in outputs]
-            for j, x in enumerate(inputs):
-                producer: Any = x.grad_fn
-                from_wrapper = type(producer) is _WrapperFunction._backward_cls  # type: ignore[attr-defined]
-                if from_wrapper:
-                    slot = x.output_nr
-                    if producer.outputs is not None and producer.outputs[slot] is not None:
-                        producer.outputs[slot] = None
-                        ctx.promises.append((producer, slot, j))
-        return outputs
-
-    @staticmethod
-    @once_differentiable(_DOUBLE_BACKWARD)
-    def backward(ctx: Any, *grad_outputs: Tensor | None) -> tuple[Tensor | None, ...]:
-        run: _WrapperRun = ctx.run
-        chain = run.chain
-        ctx.passes += 1
-        if ctx.passes > run.num_bwd_passes:
-            raise RuntimeError(
-                f"InvertibleModuleWrapper: backward pass {ctx.passes} through this block, but "
-                f"it was built with num_bwd_passes={run.num_bwd_passes}; construct it with "
-                f"num_bwd_passes={ctx.passes} (or more) to backpropagate through it that often"
-            )
-        grads = tuple(
-            torch.zeros(shape, dtype=dtype, device=device) if g is None else g.to(dtype)
-            for g, (shape, dtype, device) in zip(grad_outputs, ctx.output_meta)
-        )
-        needs = ctx.needs_input_grad
-        n = run.n_inputs
-        wanted = [i for i, p in enumerate(run.params) if needs[1 + n + i]]
-        params = [run.params[i] for i in wanted]
-        if run.keep_input:
-            inputs, input_grads, param_grads, side_grads = chain.reforward(
-                0, tuple(ctx.saved_tensors), grads, params, None
-            )
-        else:
-            part = chain.layouts[0]
-            state = list(convert(_held_outputs(ctx), None, part, "InvertibleModuleWrapper"))
-            grad_state = list(convert(grads, None, part, "InvertibleModuleWrapper"))
-            inputs, input_grads_, all_param_grads, side_grads = chain.backward(
-                state, grad_state, [params], None, final=True
-            )
-            input_grads = tuple(input_grads_)
-            param_grads = all_param_grads[0]
-        if not run.keep_input:
-            for producer, slot, j in ctx.promises:
-                producer.rebuilt[slot] = inputs[j].detach()
-        if ctx.passes == run.num_bwd_passes:
-            ctx.outputs = None
-            ctx.promises = []
-        result: list[Tensor | None] = [None] * (1 + n + len(run.params) + len(side_grads))
-        for j, g in enumerate(input_grads):
-            if needs[1 + j]:
-                result[1 + j] = g
-        for i, g in zip(wanted, param_grads):
-            result[1 + n + i] = g
-        base = 1 + n + len(run.params)
-        for j, g in enumerate(side_grads):
-            if needs[base + j]:
-                result[base + j] = g
-        return tuple(result)
-
-
-def _held_outputs(ctx: Any) -> tuple[Tensor, ...]:
-    """This block's outputs: kept by itself, or rebuilt and handed back by its consumer."""
-    held: list[Tensor] = []
-    for slot in range(len(ctx.rebuilt)):
-        rebuilt = ctx.rebuilt[slot]
-        kept = None if ctx.outputs is None else ctx.outputs[slot]
-        if rebuilt is not None:
-            ctx.rebuilt[slot] = None  # free it as soon as this pass is done with it
-            held.append(rebuilt)
-        elif kept is not None:
-            tensor, version = kept
-            if tensor._version != version:
-                raise RuntimeError(
-                    "InvertibleModuleWrapper: an output of this block was modified in place "
-                    "after the call, so its input cannot be rebuilt from it. Clone the output "
-                    "before modifying it, or use keep_input=True."
-                )
-            held.append(tensor)
-        else:
-            raise RuntimeError(
-                "InvertibleModuleWrapper: this block's output was handed to the next wrapped "
-                "block to be rebuilt, but that block's backward did not run (its output does "
-                "not reach the loss). Construct the next block with keep_input=True."
-            )
-    return tuple(held)
-
-
-@torch.compiler.disable
-def _apply_wrapper(run: _WrapperRun, *args: Tensor) -> tuple[Tensor, ...]:
-    """Run eagerly under ``torch.compile`` (a graph break): see ReversibleSequence."""
-    return _WrapperFunction.apply(run, *args)  # type: ignore[no-any-return]
+#: blocks of this library that take one invertible tensor (the rest are side inputs)
+_ONE_INPUT = (Coupling, InvertibleLayer, ReversibleSequence)
 
 
 class InvertibleModuleWrapper(nn.Module):
@@ -257,9 +124,15 @@ class InvertibleModuleWrapper(nn.Module):
         """``fn.inverse(*yin, **side)``; while training, keeps no activation of its own."""
         return self._run_direction(yin, side, inverse=True)
 
-    @torch.compiler.disable  # eager under torch.compile, as the sequence (one graph break)
+    @entry_frame  # eager under torch.compile (a graph break); the module's code compiles
     def _run_direction(
         self, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], inverse: bool
+    ) -> Tensor | tuple[Tensor, ...]:
+        return self._run_eagerly(inputs, kwargs, inverse, compile_context())
+
+    @engine_only
+    def _run_eagerly(
+        self, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], inverse: bool, compiled: Any
     ) -> Tensor | tuple[Tensor, ...]:
         name = "inverse" if inverse else "forward"
         if len(inputs) == 0:
@@ -271,30 +144,61 @@ class InvertibleModuleWrapper(nn.Module):
                     f"arguments; argument {i} is a {type(x).__name__} (pass side inputs such "
                     "as masks by keyword)"
                 )
-        side = SideInputs((), kwargs)
-        params: list[Tensor] = [p for p in self._fn.parameters() if p.requires_grad]
-        chain = Chain(
-            steps=[_step_for(self._fn, len(inputs))],
-            inverse=inverse,
-            side=side,
-            who="InvertibleModuleWrapper",
-            preserve=[self.preserve_rng_state],
-            devices=tensor_devices([*inputs, *side.all_tensors()]),
-        )
+        fn = self._fn
+        if len(inputs) > 1 and isinstance(fn, _ONE_INPUT):
+            raise TypeError(
+                f"InvertibleModuleWrapper.{name}() got {len(inputs)} positional tensors, but "
+                f"{type(fn).__name__} inverts one tensor: positional tensors are the wrapped "
+                "module's invertible inputs (MemCNN's meaning). Pass side inputs (an "
+                "embedding, a mask) by keyword, e.g. wrapper(x, emb=emb); the coupling hands "
+                "them to Fm and Gm."
+            )
+        side = [v for v in kwargs.values() if isinstance(v, Tensor)]
         saving = (
             not self.disable
             and self.training
             and torch.is_grad_enabled()
-            and (any(x.requires_grad for x in inputs) or bool(params) or bool(side.tensors))
+            and (
+                any(x.requires_grad for x in inputs)
+                or any(t.requires_grad for t in side)
+                or any(p.requires_grad for p in fn.parameters())
+            )
         )
-        if not saving:
-            protected = frozenset(t.untyped_storage().data_ptr() for t in inputs)
-            state, part, _ = chain.forward(inputs, _Mode.DIRECT, protected=protected)
-            outputs: tuple[Tensor, ...] = (part.merge(state),) if part is not None else state
-        else:
-            run = _WrapperRun(self, chain, len(inputs), params)
-            outputs = _apply_wrapper(run, *inputs, *params, *side.tensors)
-        return outputs[0] if len(outputs) == 1 else outputs
+        direction = Direction.INVERSE if inverse else Direction.FORWARD
+        with protecting(inputs):
+            if not saving:
+                call: Any = fn.inverse if inverse else fn
+                out = guarded_call(call, inputs, kwargs, compiled=compiled)
+                _check_outputs(out, fn, name)
+                return out  # type: ignore[no-any-return]
+            run = Run("InvertibleModuleWrapper", self.num_bwd_passes)
+            frame = Frame(
+                run,
+                fn,
+                direction=direction,
+                kwargs=kwargs,
+                devices=tensor_devices([*inputs, *side]),
+                preserve_rng=self.preserve_rng_state,
+                keep_input=self.keep_input_inverse if inverse else self.keep_input,
+                n_inputs=len(inputs),
+                compiled=compiled,
+            )
+            claim_inputs(frame, inputs)
+            with saving_hooks():
+                out = frame.forward(inputs)
+        offer_outputs(frame, _check_outputs(out, fn, name))
+        return out  # type: ignore[no-any-return]
+
+
+def _check_outputs(out: Any, fn: nn.Module, name: str) -> tuple[Tensor, ...]:
+    outputs = out if isinstance(out, tuple) else (out,)
+    for i, t in enumerate(outputs):
+        if not isinstance(t, Tensor):
+            raise TypeError(
+                f"InvertibleModuleWrapper: {type(fn).__name__}.{name} returned a "
+                f"{type(t).__name__} at position {i}; it must return tensors"
+            )
+    return outputs
 
 
 class ReversibleBlock(InvertibleModuleWrapper):

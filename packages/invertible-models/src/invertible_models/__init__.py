@@ -1,7 +1,8 @@
 """invertible-models: the zoo of reversible networks and their plain twins, and a profiler.
 
 ResNets and RevNets (the RevNet paper), ViTs and RevViTs (the RevViT paper), each one
-``create_model(name)`` away; ``memory_saving`` is one switch with one meaning on all of them.
+``create_model(name)`` away; ``memory_saving`` is one switch with one meaning on all of them,
+on by default for the reversible networks and off for the plain ones (as timm's).
 
 Build a model by name::
 
@@ -9,6 +10,7 @@ Build a model by name::
 
     model = create_model("revnet110", num_classes=100)  # reversible stages save memory
     plain = create_model("revnet110", num_classes=100, memory_saving=False)
+    resnet = create_model("resnet110", num_classes=100)  # the conventional ResNet
 
 Or make an existing residual network reversible, with its weights::
 

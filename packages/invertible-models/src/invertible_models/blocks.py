@@ -23,27 +23,22 @@ They are used in two ways:
 Reversible blocks compute on the core's fixed-point grid (``AdditiveCoupling(...,
 fixed_point_bits=16)``, :mod:`invertible_core.fixed_point`), so that their inverse is
 bit-exact.
-:func:`run_checkpointed` is the one place where a block is recomputed with
-``torch.utils.checkpoint``; it keeps BatchNorm running statistics from being updated twice.
-:class:`CheckpointSwitch` gives a block the per-block switch of the core's
-:class:`~invertible_core.Checkpointable` protocol (``block.checkpointed``): the stem, the
-residual blocks (a ResNet's, a RevNet's transitions) and the ViT blocks have it, so the
-memory planner (:func:`~invertible_core.fit_memory_budget`) can checkpoint some and store
-others; a model's ``memory_saving`` sets them all.
+The stem, the residual blocks (a ResNet's, a RevNet's transitions) and the ViT blocks are
+the core's :class:`~invertible_core.CheckpointableModule`: each has its own switch
+``block.checkpointed`` (``torch.utils.checkpoint`` around the block, BatchNorm statistics
+updated once), so the memory planner (:func:`~invertible_core.fit_memory_budget`) can
+checkpoint some and store others; a model's ``memory_saving`` sets them all.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
 from typing import Literal
 
 import torch
 from torch import Tensor, nn
-from torch.utils.checkpoint import checkpoint
 
-from invertible_core import AdditiveCoupling
+from invertible_core import AdditiveCoupling, CheckpointableModule
 
 __all__ = [
     "BasicBlock",
@@ -51,7 +46,6 @@ __all__ = [
     "BlockType",
     "Bottleneck",
     "BottleneckResidual",
-    "CheckpointSwitch",
     "Head",
     "ResidualBlock",
     "Stem",
@@ -60,7 +54,6 @@ __all__ = [
     "init_weights",
     "residual_function",
     "reversible_block",
-    "run_checkpointed",
 ]
 
 BlockType = Literal["basic", "bottleneck"]
@@ -151,34 +144,13 @@ def residual_function(block: BlockType) -> type[BasicResidual] | type[Bottleneck
     raise ValueError(f"block must be 'basic' or 'bottleneck', got {block!r}")
 
 
-class CheckpointSwitch(nn.Module):
-    """A block with the switch ``checkpointed`` (:class:`invertible_core.Checkpointable`).
-
-    While ``checkpointed`` is True, the model is training and grad is enabled, ``forward``
-    runs :meth:`compute` through :func:`run_checkpointed`: it keeps only the input for
-    backward and recomputes the rest there. Otherwise it is :meth:`compute` itself. Off by
-    default; the models set it through ``memory_saving``, and a memory plan per block.
-    It is a plain attribute: no parameter, buffer or ``state_dict`` key.
-    """
-
-    checkpointed: bool = False
-
-    def compute(self, x: Tensor) -> Tensor:
-        """The block's function (what ``forward`` runs, checkpointed or not)."""
-        raise NotImplementedError
-
-    def forward(self, x: Tensor) -> Tensor:
-        if self.checkpointed and self.training and torch.is_grad_enabled():
-            return run_checkpointed(self, x, self.compute)
-        return self.compute(x)
-
-
-class ResidualBlock(CheckpointSwitch):
+class ResidualBlock(CheckpointableModule):
     """``shortcut(x) + residual(x)``: an ordinary (non-reversible) pre-activation block.
 
     The shortcut is the identity when the shape is kept, otherwise a 1x1 strided
     convolution + BatchNorm projection applied to the block's input. A block that changes
     the shape (stride or channels) cannot be inverted, so the RevNets use this block there.
+    Checkpointable (``block.checkpointed``, off by default).
 
     Args:
         residual_cls: :class:`BasicResidual` or :class:`BottleneckResidual`.
@@ -270,12 +242,12 @@ def reversible_block(
     return AdditiveCoupling(fm, gm, fixed_point_bits=fixed_point_bits)
 
 
-class Stem(CheckpointSwitch, nn.Sequential):
+class Stem(CheckpointableModule, nn.Sequential):
     """The network's entry: convolution, BatchNorm, ReLU (and a max-pool for ImageNet).
 
     ``"cifar"``: conv3x3 stride 1, for 32x32 inputs. ``"imagenet"``: conv7x7 stride 2 and
     a 3x3 stride-2 max-pool, which divide the resolution by 4 before the first stage.
-    Checkpointable (:class:`CheckpointSwitch`): a RevNet checkpoints it while saving memory.
+    Checkpointable (``stem.checkpointed``): a RevNet checkpoints it while saving memory.
     """
 
     def __init__(self, in_channels: int, out_channels: int, kind: StemType = "cifar") -> None:
@@ -327,57 +299,3 @@ def init_weights(module: nn.Module) -> None:
         elif isinstance(m, nn.BatchNorm2d):
             nn.init.ones_(m.weight)
             nn.init.zeros_(m.bias)
-
-
-@contextmanager
-def _restored_batchnorm_statistics(module: nn.Module) -> Iterator[None]:
-    """Put every BatchNorm running statistic of ``module`` back as it was on entry.
-
-    The core's ``frozen_norm_statistics`` switches ``track_running_stats`` off instead,
-    which changes what BatchNorm saves for backward; ``torch.utils.checkpoint`` checks that
-    a recompute saves exactly what the forward saved and refuses. Running the layer as it
-    ran and restoring its few buffers afterwards keeps the recompute identical.
-    """
-    saved = [
-        (buf, buf.clone())
-        for m in module.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.training
-        for buf in m.buffers()
-    ]
-    try:
-        yield
-    finally:
-        with torch.no_grad():
-            for buf, value in saved:
-                buf.copy_(value)
-
-
-def run_checkpointed(
-    module: nn.Module, x: Tensor, fn: Callable[[Tensor], Tensor] | None = None
-) -> Tensor:
-    """``module(x)`` (or ``fn(x)``, a function of ``module``'s layers) that keeps only ``x``
-    for backward and recomputes the rest there.
-
-    Uses ``torch.utils.checkpoint`` (non-reentrant, RNG state preserved, so dropout
-    repeats). Costs one more forward of ``module`` per backward; saves every intermediate
-    activation of ``module``. BatchNorm running statistics are updated once, as without
-    checkpointing. Without grad mode it is a plain call.
-    """
-    call: Callable[[Tensor], Tensor] = fn if fn is not None else module
-    if not torch.is_grad_enabled():
-        return call(x)
-    calls = 0
-
-    def run(inp: Tensor) -> Tensor:
-        nonlocal calls
-        calls += 1
-        if calls == 1:
-            return call(inp)
-        # The recompute repeats a forward that already updated BatchNorm's running
-        # statistics; without freezing them they would move twice per step.
-        with _restored_batchnorm_statistics(module):
-            return call(inp)
-
-    out = checkpoint(run, x, use_reentrant=False)
-    assert isinstance(out, Tensor)
-    return out

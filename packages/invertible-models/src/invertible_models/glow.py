@@ -52,6 +52,7 @@ from invertible_core import (
     AffineCoupling,
     InvertibleConv1x1,
     InvertibleDownsampling,
+    MemorySaving,
     ReversibleSequence,
 )
 from invertible_models.flow_blocks import (
@@ -123,7 +124,7 @@ class GlowLevel(nn.Module):
         return self.flow.inverse(out)
 
 
-class Glow(nn.Module):
+class Glow(MemorySaving, nn.Module):
     """A multi-scale Glow flow over ``in_channels x image_size x image_size`` images.
 
     Args:
@@ -182,17 +183,7 @@ class Glow(nn.Module):
         self.levels = nn.ModuleList(modules)
         self.top_shape = (channels, image_size // 2**levels, image_size // 2**levels)
         self.top_prior = LearnedPrior(channels)
-
-    @property
-    def memory_saving(self) -> bool:
-        """Whether the levels' chains rebuild their activations in backward."""
-        return all(bool(level.flow.memory_saving) for level in self._levels())
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        for level in self._levels():
-            level.flow.memory_saving = bool(value)
-            level.flow.keep_blocks = None  # every block rebuilt (or, off, none): one meaning
+        self.memory_saving = memory_saving
 
     def _levels(self) -> list[GlowLevel]:
         return [level for level in self.levels if isinstance(level, GlowLevel)]

@@ -48,7 +48,12 @@ from typing import Any, Literal, get_args
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from invertible_core import AdditiveCoupling, InvertibleDownsampling, ReversibleSequence
+from invertible_core import (
+    AdditiveCoupling,
+    InvertibleDownsampling,
+    MemorySaving,
+    ReversibleSequence,
+)
 from invertible_models.blocks import Head, conv3x3, init_weights
 from invertible_models.registry import register_model
 
@@ -128,7 +133,7 @@ def irevnet_block(
     )
 
 
-class IRevNet(nn.Module):
+class IRevNet(MemorySaving, nn.Module):
     """An invertible network: injective stem, stages of couplings and downsamplings, head.
 
     Args:
@@ -199,23 +204,12 @@ class IRevNet(nn.Module):
                 irevnet_block(channels, mult, stage > 0 or i > 0, dropout, fixed_point_bits)
                 for i in range(count)
             ]
-        self.blocks = ReversibleSequence(
-            *blocks, memory_saving=memory_saving, anchor_every=anchor_every
-        )
+        self.blocks = ReversibleSequence(*blocks, anchor_every=anchor_every)
         self.reduction = stem_downsampling * 2 ** (len(stage_blocks) - 1)
         self.num_features = channels
         self.head = Head(channels, num_classes)
+        self.memory_saving = memory_saving
         init_weights(self)
-
-    @property
-    def memory_saving(self) -> bool:
-        """Whether the invertible chain rebuilds its activations in backward."""
-        return bool(self.blocks.memory_saving)
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self.blocks.memory_saving = bool(value)
-        self.blocks.keep_blocks = None  # every block rebuilt (or, off, none): one meaning
 
     def _check_images(self, x: Tensor) -> None:
         if x.dim() != 4 or x.shape[1] != self.in_channels:

@@ -1,62 +1,68 @@
 """``invertible-profile``: what a model costs to train, in memory and in time.
 
-For each model named on the command line it prints the parameter count, the parameters'
-size, the peak memory of one training step (forward, cross-entropy, backward, SGD step)
-beyond the model state (parameters, gradients, momentum), the activation memory a forward
-pass leaves stored for backward, and the median step time:
+For each model named on the command line it prints one row: whether memory saving is on,
+the parameter count and size, the model state (parameters, buffers, gradients, momentum),
+the step peak (the most one training step allocates beyond the state and the batch: its
+activations and temporaries), the activations (what a training-mode forward pass keeps for
+backward) and the median step time. The step is the zoo's
+(:func:`invertible_models.step.training_step`: forward, loss, backward, SGD step), and the
+quantities are those of :mod:`invertible_core.planner.step`, one name each. Then, for every
+row with saving on, what it saves against the first row with saving off, and what that
+costs in time::
 
-    invertible-profile resnet110 revnet110 --batch-size 32 --json profile.json
+    invertible-profile revnet110 resnet110              # a RevNet saving, the ResNet plain
+    invertible-profile resnet110 --memory-saving both   # a ResNet checkpointed, and plain
     invertible-profile revnet164 --budget 6GiB [--fit-batch] [--device cuda]
 
-With ``--budget`` it plans each model's step for that memory budget instead
-(:mod:`invertible_models.memory_budget`): which reversible blocks keep their activations and
-which non-reversible blocks are checkpointed, the fastest step that fits; ``--fit-batch``
-also finds the largest batch whose leanest step fits.
+Each model trains as the zoo builds it unless told otherwise: reversible networks save
+memory, plain ones (ResNets, ViTs) do not (``--memory-saving on|off|both`` overrides). With
+``--budget`` it plans each model's step for that memory budget instead
+(:mod:`invertible_models.memory_budget`).
 
-Memory is exact: on the CPU it is the sum of the PyTorch profiler's allocation events, on
-CUDA ``torch.cuda.max_memory_allocated`` (both through
-:func:`invertible_core.memory.measure_memory`). Memory and time are measured in separate
-runs, because the CPU profiler slows the work it records. ``--plot FILE`` draws memory
-against depth per model family (needs matplotlib: ``pip install invertible-models[plot]``).
-
-The same functions drive ``benchmarks/bench_models.py``, and :func:`measure_step_memory`
-is the one memory measurement of the project: ``invertible-train`` (``summary.json``) and
-``invertible-demo`` measure their models' training steps with it, on their own batches and
-losses, so every figure means the same thing wherever it is printed.
+Memory is exact: on the CPU the sum of the PyTorch profiler's allocation events, on CUDA
+``torch.cuda.max_memory_allocated`` (:func:`invertible_core.measure_step_memory`). Memory
+and time are measured in separate runs, because the CPU profiler slows the work it records,
+and every measured step starts from one state of the model (the measurements rewind), so a
+model that training would carry off to NaN is measured where it is. The step times of the
+models named are taken in interleaved rounds (A, B, A, B...), so that their ratios hold on
+a loaded machine. A step whose loss is not finite is never timed: the profiler says so and
+records nothing for that model.
+``--plot FILE`` draws memory against depth per model family and saving mode (needs
+matplotlib: ``pip install invertible-models[plot]``).
 """
 
 from __future__ import annotations
 
 import argparse
-import inspect
 import json
 import re
-import statistics
 import sys
-import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from typing import Any, Literal
 
 import torch
-from torch import nn
 
-from invertible_core.memory import measure_memory
-from invertible_core.memory_plan import parse_bytes
-from invertible_models.memory_budget import run_budget
-from invertible_models.registry import create_model, list_models
+from invertible_core import (
+    NonFiniteLossError,
+    TrainingStep,
+    measure_step_memory,
+    median_step_seconds,
+    parse_bytes,
+)
+from invertible_models.memory_budget import BudgetRequest, run_budget
+from invertible_models.registry import list_models
+from invertible_models.step import build_model, training_step
 
 __all__ = [
+    "Comparison",
     "ModelProfile",
-    "StepMemory",
-    "TrainingStep",
-    "build_model",
+    "compare",
+    "format_comparisons",
     "format_table",
-    "is_density_model",
+    "interleaved_seconds",
     "main",
-    "measure_step_memory",
-    "median_step_seconds",
-    "negative_log_likelihood",
+    "model_step",
     "plot_profiles",
     "profile_model",
     "profile_step",
@@ -64,7 +70,8 @@ __all__ = [
 
 MIB = 2**20
 
-Clock = Literal["wall", "cpu"]
+#: ``--memory-saving``: each model's default, on, off, or both (two rows per model)
+SavingChoice = Literal["model", "on", "off", "both"]
 
 
 @dataclass(frozen=True)
@@ -73,212 +80,35 @@ class ModelProfile:
 
     Attributes:
         name: registered model name.
-        label: name plus the options that distinguish this run (e.g. ``nosave``).
+        label: the row's label (the name, unless given).
+        memory_saving: whether the model saved memory (``None``: it has no switch).
         parameters: number of parameters.
         parameter_mib: their size in MiB.
-        state_mib: parameters, gradients and optimizer buffers, in MiB: what training holds
-            whatever the activations.
-        peak_step_mib: peak memory of one training step beyond that state (activations and
-            temporaries of forward, backward and the optimizer step).
-        activation_mib: memory a training-mode forward pass keeps alive for backward.
-        step_seconds: median wall time of a training step.
+        state_mib: the step's ``state_bytes`` in MiB: parameters, buffers, gradients and
+            the optimizer's momentum, what training holds whatever the batch.
+        step_peak_mib: the step's ``step_peak_bytes`` in MiB: the most it allocates beyond
+            the state and the batch (activations and temporaries of forward, backward and
+            the optimizer step).
+        activation_mib: the ``activation_bytes`` in MiB: what a training-mode forward pass
+            keeps alive for backward.
+        step_seconds: median wall time of a training step (NaN: not timed).
         batch_size, image_size, device: the conditions of the measurement.
         options: the keyword options the model was built with.
     """
 
     name: str
     label: str
+    memory_saving: bool | None
     parameters: int
     parameter_mib: float
     state_mib: float
-    peak_step_mib: float
+    step_peak_mib: float
     activation_mib: float
     step_seconds: float
     batch_size: int
     image_size: int
     device: str
     options: dict[str, Any]
-
-
-class TrainingStep:
-    """One SGD training step of a model on a fixed batch, callable repeatedly.
-
-    The step is forward, loss, backward, SGD (momentum 0.9). Gradients are zeroed in place,
-    not freed, so that after the first call the model state (parameters, gradients,
-    momentum buffers) stays allocated between steps, as in a training loop, and a step's
-    peak memory counts only what the step itself adds: activations and temporaries. That
-    state is reported separately (:attr:`state_bytes`).
-
-    By default the batch is synthetic (``batch_size`` random ``3 x image_size x image_size``
-    images, random labels) and the loss is cross-entropy. A density model (one with
-    ``log_prob``, such as ``glow``, whose forward is its per-sample log-likelihood) gets
-    images in ``[0, 1]`` with the model's ``in_channels`` and the mean negative
-    log-likelihood per dimension as its loss. A caller with a batch and a loss of its own
-    (a training harness) passes ``images``, ``labels`` and ``loss(output, labels)``;
-    ``amp_dtype`` runs the forward under ``torch.autocast``.
-    """
-
-    def __init__(
-        self,
-        model: nn.Module,
-        *,
-        batch_size: int = 32,
-        image_size: int = 32,
-        num_classes: int = 10,
-        device: str | torch.device = "cpu",
-        images: torch.Tensor | None = None,
-        labels: torch.Tensor | None = None,
-        loss: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
-        amp_dtype: torch.dtype | None = None,
-    ) -> None:
-        self.device = torch.device(device) if images is None else images.device
-        self.model = model.to(self.device).train()
-        density = is_density_model(model)
-        # the step's cost does not depend on the learning rate, but a flow stepped at 0.01
-        # on one batch diverges within a few steps (Glow to NaN, K=32), and NaN arithmetic
-        # is not what training costs; 1e-3 stays finite
-        lr = 1e-3 if density else 0.01
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=lr, momentum=0.9)
-        if images is None:
-            channels = int(getattr(model, "in_channels", 3)) if density else 3
-            shape = (batch_size, channels, image_size, image_size)
-            images = (
-                torch.rand(shape, device=self.device)
-                if density
-                else torch.randn(shape, device=self.device)
-            )
-        if labels is None:
-            labels = torch.randint(0, num_classes, (images.shape[0],), device=self.device)
-        self.images = images
-        self.labels = labels
-        dims = images[0].numel()
-        default: Callable[[torch.Tensor, torch.Tensor], torch.Tensor] = (
-            (lambda log_prob, labels: negative_log_likelihood(log_prob, labels) / dims)
-            if density
-            else nn.CrossEntropyLoss()
-        )
-        self.loss_fn = loss if loss is not None else default
-        self.amp_dtype = amp_dtype
-
-    def __call__(self) -> None:
-        self.optimizer.zero_grad(set_to_none=False)
-        with self._autocast():
-            loss = self.loss_fn(self.model(self.images), self.labels)
-        loss.backward()
-        self.optimizer.step()
-
-    def forward(self) -> torch.Tensor:
-        """The training-mode forward pass alone (its result holds what backward needs)."""
-        with self._autocast():
-            return self.model(self.images)  # type: ignore[no-any-return]
-
-    def _autocast(self) -> torch.autocast:
-        return torch.autocast(
-            self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None
-        )
-
-    @property
-    def state_bytes(self) -> int:
-        """Bytes of parameters, gradients and optimizer buffers (after one step)."""
-        tensors: list[torch.Tensor] = list(self.model.parameters())
-        tensors += [p.grad for p in self.model.parameters() if p.grad is not None]
-        for state in self.optimizer.state.values():
-            tensors += [t for t in state.values() if isinstance(t, torch.Tensor)]
-        return sum(t.numel() * t.element_size() for t in tensors)
-
-    def seconds(self, clock: Clock = "wall") -> float:
-        """Time of one step (synchronised on CUDA).
-
-        ``clock="wall"`` is elapsed time; ``"cpu"`` is the CPU time this process used
-        (all its threads), which other processes on a shared machine barely disturb.
-        """
-        timer = time.process_time if clock == "cpu" else time.perf_counter
-        _synchronize(self.device)
-        start = timer()
-        self()
-        _synchronize(self.device)
-        return timer() - start
-
-
-@dataclass(frozen=True)
-class StepMemory:
-    """What one steady-state training step of a model costs in memory, in bytes.
-
-    Attributes:
-        activation_bytes: what a training-mode forward pass keeps alive for backward (what
-            memory saving reduces).
-        step_peak_bytes: the peak of a whole step (forward, loss, backward, optimizer step)
-            beyond the model state.
-        state_bytes: the model state: parameters, gradients and momentum buffers.
-    """
-
-    activation_bytes: int
-    step_peak_bytes: int
-    state_bytes: int
-
-
-def measure_step_memory(step: TrainingStep, warmup: int = 2) -> StepMemory:
-    """Measure a training step with :func:`invertible_core.memory.measure_memory`.
-
-    ``warmup`` steps run first, so that gradients and momentum buffers exist and the
-    measured step is a steady-state one (lazily created kernels settle too). Exact on the
-    CPU (the profiler's allocation events), ``max_memory_allocated`` on CUDA. The steps
-    update the step's model: measure a copy when the model must stay as it was.
-    """
-    for _ in range(warmup):
-        step()
-    _, step_stats = measure_memory(step, device=step.device)
-    output, forward_stats = measure_memory(step.forward, device=step.device)
-    del output
-    return StepMemory(
-        activation_bytes=forward_stats.retained_bytes,
-        step_peak_bytes=step_stats.peak_bytes,
-        state_bytes=step.state_bytes,
-    )
-
-
-def is_density_model(model: nn.Module) -> bool:
-    """Whether ``model`` is a density model (it has ``log_prob``; its forward is that)."""
-    return callable(getattr(model, "log_prob", None))
-
-
-def negative_log_likelihood(log_prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """The loss of a density model's step: the batch's mean negative log-likelihood (nats);
-    ``labels`` are ignored."""
-    del labels
-    return -log_prob.mean()
-
-
-def build_model(
-    name: str, *, image_size: int = 32, num_classes: int = 10, **options: Any
-) -> nn.Module:
-    """``create_model(name, ...)`` for ``image_size`` images: a model whose class takes an
-    ``image_size`` (the transformers, Glow) is built for that size."""
-    model = create_model(name, num_classes=num_classes, **options)
-    parameter = inspect.signature(type(model).__init__).parameters.get("image_size")
-    if parameter is not None and "image_size" not in options and parameter.default != image_size:
-        model = create_model(name, num_classes=num_classes, image_size=image_size, **options)
-    return model
-
-
-def _synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
-def median_step_seconds(
-    steps: Sequence[TrainingStep], repeats: int, clock: Clock = "wall"
-) -> list[float]:
-    """Median step time of each of ``steps``, timed in interleaved rounds.
-
-    Interleaving (A, B, A, B, ...) exposes every configuration to the same background load,
-    so their ratios stay meaningful on a shared machine even when absolute times wander.
-    """
-    times: list[list[float]] = [[] for _ in steps]
-    for _ in range(repeats):
-        for record, step in zip(times, steps):
-            record.append(step.seconds(clock))
-    return [statistics.median(record) for record in times]
 
 
 def profile_model(
@@ -299,24 +129,65 @@ def profile_model(
         name: registered model name.
         batch_size, image_size, num_classes: the synthetic batch (random images, labels).
         device: ``"cpu"`` or ``"cuda"``.
-        steps: timed steps; the median is reported (two untimed warm-up steps first).
-            0 skips timing (``step_seconds`` is then NaN).
+        steps: timed steps; the median is reported. 0 skips timing (NaN).
         label: row label; defaults to ``name``.
         seed: seed for the weights and the batch, for repeatable runs.
-        **options: passed to :func:`create_model` (``memory_saving``,
-            ``checkpoint_transitions``, ``anchor_every``, ``depth``...).
+        **options: passed to :func:`~invertible_models.create_model` (``memory_saving``,
+            ``checkpoint_transitions``, ``depth``...).
+
+    Raises:
+        NonFiniteLossError: a step's loss was not finite (nothing measured).
     """
     if steps < 0:
         raise ValueError(f"steps must be at least 0, got {steps}")
+    step = model_step(
+        name,
+        batch_size=batch_size,
+        image_size=image_size,
+        num_classes=num_classes,
+        device=device,
+        seed=seed,
+        **options,
+    )
+    return profile_step(step, name=name, label=label, steps=steps, options=options)
+
+
+def model_step(
+    name: str,
+    *,
+    batch_size: int = 32,
+    image_size: int = 32,
+    num_classes: int = 10,
+    device: str = "cpu",
+    seed: int = 0,
+    **options: Any,
+) -> TrainingStep:
+    """The zoo's training step of model ``name`` (built with ``options``, weights and batch
+    from ``seed``), as :func:`profile_model` measures it."""
     torch.manual_seed(seed)
-    step = TrainingStep(
+    return training_step(
         build_model(name, image_size=image_size, num_classes=num_classes, **options),
         batch_size=batch_size,
         image_size=image_size,
         num_classes=num_classes,
         device=device,
     )
-    return profile_step(step, name=name, label=label, steps=steps, options=options)
+
+
+def interleaved_seconds(steps: Sequence[TrainingStep], repeats: int) -> list[float | None]:
+    """Median step time of each step, timed in interleaved rounds so that their ratios hold
+    on a loaded machine; ``None`` for a step whose loss is not finite (then the others are
+    timed one by one)."""
+    try:
+        return list(median_step_seconds(steps, repeats))
+    except NonFiniteLossError:
+        times: list[float | None] = []
+        for step in steps:
+            try:
+                times.append(median_step_seconds([step], repeats)[0])
+            except NonFiniteLossError:
+                times.append(None)
+        return times
 
 
 def profile_step(
@@ -329,43 +200,110 @@ def profile_step(
 ) -> ModelProfile:
     """Measure a prepared training step: parameters, memory, step time.
 
-    The measurement of :func:`profile_model`, for a step built by hand (another loss, real
-    data: a subclass of :class:`TrainingStep` that overrides ``__call__`` and ``forward``).
-    The batch size and image size are read from ``step.images``.
+    The measurement of :func:`profile_model`, for a step made otherwise (another loss, real
+    data). The batch size and image size are read from the step's first input.
     """
     if steps < 0:
         raise ValueError(f"steps must be at least 0, got {steps}")
     memory = measure_step_memory(step)
     seconds = median_step_seconds([step], steps)[0] if steps else float("nan")
-    parameters = sum(p.numel() for p in step.model.parameters())
-    parameter_bytes = sum(p.numel() * p.element_size() for p in step.model.parameters())
+    model = step.module
+    parameters = sum(p.numel() for p in model.parameters())
+    parameter_bytes = sum(p.numel() * p.element_size() for p in model.parameters())
+    saving = getattr(model, "memory_saving", None)
+    images = step.inputs[0]
     return ModelProfile(
         name=name,
         label=label or name,
+        memory_saving=saving if isinstance(saving, bool) else None,
         parameters=parameters,
         parameter_mib=parameter_bytes / MIB,
         state_mib=memory.state_bytes / MIB,
-        peak_step_mib=memory.step_peak_bytes / MIB,
+        step_peak_mib=memory.step_peak_bytes / MIB,
         activation_mib=memory.activation_bytes / MIB,
         step_seconds=seconds,
-        batch_size=step.images.shape[0],
-        image_size=step.images.shape[-1],
+        batch_size=images.shape[0],
+        image_size=images.shape[-1],
         device=str(step.device),
         options=dict(options or {}),
     )
 
 
+def _saving(profile: ModelProfile) -> str:
+    return {True: "on", False: "off", None: "-"}[profile.memory_saving]
+
+
 def format_table(profiles: Sequence[ModelProfile]) -> str:
-    """A fixed-width table of the profiles, one row per model."""
+    """A fixed-width table of the profiles, one row per model and saving mode."""
     header = (
-        f"{'model':<22} {'params':>10} {'param MiB':>9} {'state MiB':>9} {'peak MiB':>9} "
-        f"{'activ. MiB':>10} {'step s':>7}"
+        f"{'model':<22} {'saving':>6} {'params':>10} {'param MiB':>9} {'state MiB':>9} "
+        f"{'step peak MiB':>13} {'activ. MiB':>10} {'step s':>7}"
     )
     lines = [header, "-" * len(header)]
     for p in profiles:
         lines.append(
-            f"{p.label:<22} {p.parameters:>10,} {p.parameter_mib:>9.2f} {p.state_mib:>9.2f} "
-            f"{p.peak_step_mib:>9.1f} {p.activation_mib:>10.1f} {p.step_seconds:>7.3f}"
+            f"{p.label:<22} {_saving(p):>6} {p.parameters:>10,} {p.parameter_mib:>9.2f} "
+            f"{p.state_mib:>9.2f} {p.step_peak_mib:>13.1f} {p.activation_mib:>10.1f} "
+            f"{p.step_seconds:>7.3f}"
+        )
+    return "\n".join(lines)
+
+
+@dataclass(frozen=True)
+class Comparison:
+    """A row with saving on against the reference (the first row with saving off).
+
+    Attributes:
+        label, reference: the two rows' labels.
+        step_peak_ratio: step peak over the reference's.
+        step_peak_saved_mib: the reference's step peak minus this one's.
+        activation_ratio: activations over the reference's.
+        time_ratio: step time over the reference's (NaN when either is untimed).
+        extra_seconds: step time minus the reference's.
+    """
+
+    label: str
+    reference: str
+    step_peak_ratio: float
+    step_peak_saved_mib: float
+    activation_ratio: float
+    time_ratio: float
+    extra_seconds: float
+
+
+def compare(profiles: Sequence[ModelProfile]) -> list[Comparison]:
+    """Every row with saving on against the first row with saving off (none without one)."""
+    reference = next((p for p in profiles if p.memory_saving is False), None)
+    if reference is None:
+        return []
+
+    def ratio(a: float, b: float) -> float:
+        return a / b if b > 0 else float("nan")
+
+    return [
+        Comparison(
+            label=p.label,
+            reference=reference.label,
+            step_peak_ratio=ratio(p.step_peak_mib, reference.step_peak_mib),
+            step_peak_saved_mib=reference.step_peak_mib - p.step_peak_mib,
+            activation_ratio=ratio(p.activation_mib, reference.activation_mib),
+            time_ratio=ratio(p.step_seconds, reference.step_seconds),
+            extra_seconds=p.step_seconds - reference.step_seconds,
+        )
+        for p in profiles
+        if p.memory_saving is True
+    ]
+
+
+def format_comparisons(comparisons: Sequence[Comparison]) -> str:
+    """One line per comparison: the memory saved and what it costs in time."""
+    lines = []
+    for c in comparisons:
+        lines.append(
+            f"{c.label} (saving on) against {c.reference} (saving off): step peak "
+            f"{c.step_peak_ratio:.3f}x (saves {c.step_peak_saved_mib:.1f} MiB), activations "
+            f"{c.activation_ratio:.3f}x, for {c.time_ratio:.2f}x the step time "
+            f"({1e3 * c.extra_seconds:+.0f} ms)"
         )
     return "\n".join(lines)
 
@@ -392,24 +330,25 @@ def _pyplot() -> Any:
 
 
 def plot_profiles(profiles: Sequence[ModelProfile], path: str) -> None:
-    """Draw peak step memory and stored activations against depth, one line per family.
+    """Draw the step peak and the activations against depth, one line per family and
+    saving mode (``revnet, saving on``).
 
     Raises:
         RuntimeError: matplotlib is not installed (install the ``plot`` extra).
     """
     plt = _pyplot()
-    families: dict[str, list[tuple[int, ModelProfile]]] = {}
+    lines: dict[str, list[tuple[int, ModelProfile]]] = {}
     for p in profiles:
-        family, depth = _family_and_depth(p.label)
+        family, depth = _family_and_depth(p.name)
         if depth is not None:
-            families.setdefault(family, []).append((depth, p))
+            lines.setdefault(f"{family}, saving {_saving(p)}", []).append((depth, p))
     fig, axes = plt.subplots(1, 2, figsize=(10, 4))
-    for family, points in sorted(families.items()):
+    for line, points in sorted(lines.items()):
         points.sort(key=lambda point: point[0])
         depths = [d for d, _ in points]
-        axes[0].plot(depths, [p.peak_step_mib for _, p in points], marker="o", label=family)
-        axes[1].plot(depths, [p.activation_mib for _, p in points], marker="o", label=family)
-    for ax, title in zip(axes, ("peak memory of a training step", "stored activations")):
+        axes[0].plot(depths, [p.step_peak_mib for _, p in points], marker="o", label=line)
+        axes[1].plot(depths, [p.activation_mib for _, p in points], marker="o", label=line)
+    for ax, title in zip(axes, ("step peak of a training step", "stored activations")):
         ax.set_xlabel("depth (layers)")
         ax.set_ylabel("MiB")
         ax.set_title(title)
@@ -448,28 +387,39 @@ def build_parser() -> argparse.ArgumentParser:
     """The command line of ``invertible-profile``."""
     parser = argparse.ArgumentParser(
         prog="invertible-profile",
-        description="Parameters, peak training memory, stored activations and step time "
-        "of models from the invertible-models zoo.",
+        description="Parameters, training memory (step peak, activations) and step time of "
+        "models from the invertible-models zoo, with and without memory saving.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
     parser.add_argument(
         "models", nargs="*", metavar="MODEL", help="model names (--list shows them)"
     )
     parser.add_argument("--list", action="store_true", help="print the model names and exit")
-    parser.add_argument("--batch-size", type=_at_least(1), default=32, help="images per step")
-    parser.add_argument("--image-size", type=_at_least(1), default=32, help="image side")
-    parser.add_argument("--num-classes", type=_at_least(1), default=10, help="classes")
-    parser.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="device")
+    parser.add_argument(
+        "--batch-size", type=_at_least(1), default=32, help="images per step (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--image-size", type=_at_least(1), default=32, help="image side (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--num-classes", type=_at_least(1), default=10, help="classes (default: %(default)s)"
+    )
+    parser.add_argument(
+        "--device", choices=("cpu", "cuda"), default="cpu", help="device (default: %(default)s)"
+    )
     parser.add_argument(
         "--steps",
         type=_at_least(1),
         default=None,
-        help="timed steps (median reported; default 3, and 1 when fitting the batch)",
+        help="timed steps, the median reported (when not given: 3, and 1 when fitting the batch)",
     )
     parser.add_argument(
-        "--no-memory-saving",
-        action="store_true",
-        help="build the models with memory saving off (plain autograd: no reversible "
-        "recompute, no checkpointing)",
+        "--memory-saving",
+        choices=("model", "on", "off", "both"),
+        default="model",
+        help="'model': as the zoo builds each model (reversible networks save memory, plain "
+        "ones train plainly); 'on' or 'off' for every model; 'both': a row with and one "
+        "without for each",
     )
     parser.add_argument(
         "--budget",
@@ -489,11 +439,22 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-tries",
         type=_at_least(1),
         default=12,
-        help="batch sizes measured at most when fitting the batch (default 12)",
+        help="batch sizes measured at most when fitting the batch",
     )
     parser.add_argument("--json", metavar="FILE", help="also write the results as JSON")
     parser.add_argument("--plot", metavar="FILE", help="draw memory against depth (matplotlib)")
     return parser
+
+
+def _savings(choice: SavingChoice) -> list[bool | None]:
+    """The ``memory_saving`` values each model is built with (``None``: its default)."""
+    values: dict[str, list[bool | None]] = {
+        "model": [None],
+        "on": [True],
+        "off": [False],
+        "both": [True, False],
+    }
+    return values[choice]
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -529,24 +490,66 @@ def main(argv: Sequence[str] | None = None) -> int:
     if args.budget is not None:
         if args.plot:
             parser.error("--plot draws profiles; it does not combine with --budget")
-        return run_budget(args, args.models, build_model, TrainingStep)
-    profiles = [
-        profile_model(
-            name,
-            batch_size=args.batch_size,
-            image_size=args.image_size,
-            num_classes=args.num_classes,
-            device=args.device,
-            steps=args.steps if args.steps is not None else 3,
-            memory_saving=not args.no_memory_saving,
+        if args.memory_saving == "both":
+            parser.error("--budget plans one model at a time: --memory-saving both is for profiles")
+        return run_budget(
+            BudgetRequest(
+                models=tuple(args.models),
+                budget_bytes=args.budget,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                num_classes=args.num_classes,
+                device=args.device,
+                fit_batch=args.fit_batch,
+                max_tries=args.max_tries,
+                steps=args.steps,
+                memory_saving=_savings(args.memory_saving)[0],
+                json_path=args.json,
+            )
         )
-        for name in args.models
-    ]
+    # memory one model at a time (under the CPU profiler), then time all of them in
+    # interleaved rounds, so that the ratios of the comparisons hold on a loaded machine
+    measured: list[tuple[ModelProfile, TrainingStep]] = []
+    failed: list[dict[str, str]] = []
+    for name in args.models:
+        for saving in _savings(args.memory_saving):
+            options: dict[str, Any] = {} if saving is None else {"memory_saving": saving}
+            step = model_step(
+                name,
+                batch_size=args.batch_size,
+                image_size=args.image_size,
+                num_classes=args.num_classes,
+                device=args.device,
+                **options,
+            )
+            try:
+                profile = profile_step(step, name=name, steps=0, options=options)
+            except NonFiniteLossError as exc:
+                print(f"invertible-profile: {name}: {exc}; nothing recorded", file=sys.stderr)
+                failed.append({"model": name, "error": str(exc)})
+                continue
+            measured.append((profile, step))
+    repeats = args.steps if args.steps is not None else 3
+    times = interleaved_seconds([step for _, step in measured], repeats)
+    profiles: list[ModelProfile] = []
+    for (profile, _), seconds in zip(measured, times):
+        if seconds is None:
+            error = "a timed step's loss was not finite"
+            print(f"invertible-profile: {profile.name}: {error}; nothing recorded", file=sys.stderr)
+            failed.append({"model": profile.name, "error": error})
+        else:
+            profiles.append(replace(profile, step_seconds=seconds))
+    del measured
     print(
         f"batch {args.batch_size}, {args.image_size}x{args.image_size} images, "
         f"{args.num_classes} classes, device {args.device}, torch {torch.__version__}"
     )
-    print(format_table(profiles))
+    comparisons = compare(profiles)
+    if profiles:
+        print(format_table(profiles))
+    if comparisons:
+        print()
+        print(format_comparisons(comparisons))
     if args.json:
         with open(args.json, "w", encoding="utf-8") as f:
             json.dump(
@@ -554,13 +557,15 @@ def main(argv: Sequence[str] | None = None) -> int:
                     "torch": torch.__version__,
                     "device": args.device,
                     "profiles": [asdict(p) for p in profiles],
+                    "comparisons": [asdict(c) for c in comparisons],
+                    "failed": failed,
                 },
                 f,
                 indent=2,
             )
-    if args.plot:
+    if args.plot and profiles:
         plot_profiles(profiles, args.plot)
-    return 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -31,7 +31,8 @@ def register_model(fn: ModelFn) -> ModelFn:
     """Register a model constructor under its function name; returns it unchanged.
 
     The constructor takes ``num_classes`` and keyword options; if it also takes
-    ``memory_saving``, :func:`create_model` passes that through.
+    ``memory_saving``, its default is the model's (off for plain networks, on for
+    reversible ones) and :func:`create_model` passes a value given to it through.
     """
     name = fn.__name__
     if name in _MODELS and _MODELS[name] is not fn:
@@ -46,7 +47,7 @@ def list_models() -> list[str]:
 
 
 def create_model(
-    name: str, num_classes: int = 10, memory_saving: bool = True, **options: Any
+    name: str, num_classes: int = 10, memory_saving: bool | None = None, **options: Any
 ) -> nn.Module:
     """Build the registered model ``name``.
 
@@ -54,11 +55,13 @@ def create_model(
         name: a name from :func:`list_models`, e.g. ``"resnet110"`` or ``"revnet110"``.
         num_classes: outputs of the classifier (10 for CIFAR-10, 100 for CIFAR-100).
         memory_saving: the zoo's one switch, with one meaning on every model: trade compute
-            for training memory. Reversible networks (RevNets, RevViTs) rebuild their
-            reversible blocks' activations in backward instead of storing them; plain
-            networks (ResNets, ViTs) recompute each block with ``torch.utils.checkpoint``.
-            Settable later through the model's ``memory_saving`` attribute; it changes no
-            parameter and no ``state_dict`` key. ``False``: plain autograd.
+            for training memory. Reversible networks (RevNets, RevViTs, i-RevNet, Glow)
+            rebuild their reversible blocks' activations in backward instead of storing
+            them, and do so by default; plain networks (ResNets, ViTs) recompute each block
+            with ``torch.utils.checkpoint`` when asked, and by default train plainly, as
+            timm's networks do. ``None``: the model's default. Settable later through the
+            model's ``memory_saving`` attribute (or timm's ``set_grad_checkpointing()``);
+            it changes no parameter and no ``state_dict`` key. ``False``: plain autograd.
         **options: passed to the network class (e.g. ``checkpoint_transitions``,
             ``anchor_every``, ``stem``, ``in_channels``; ``depth``, ``embed_dim``,
             ``drop_path_rate`` for the transformers).
@@ -69,7 +72,7 @@ def create_model(
     if name not in _MODELS:
         raise ValueError(f"unknown model {name!r}; known models: {', '.join(list_models())}")
     fn = _MODELS[name]
-    if "memory_saving" in inspect.signature(fn).parameters:
+    if memory_saving is not None and "memory_saving" in inspect.signature(fn).parameters:
         options["memory_saving"] = memory_saving
     return fn(num_classes=num_classes, **options)
 

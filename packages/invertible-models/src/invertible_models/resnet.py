@@ -6,26 +6,28 @@ type, blocks per stage, channels per stage. The registered constructors at the b
 (``resnet32``, ``resnet110``, ``resnet164``) are those configurations; reach them through
 :func:`invertible_models.create_model`.
 
-A ResNet must keep every block's activations for backward, so its training memory grows
-linearly with depth. ``memory_saving=True`` (the zoo's one switch, as on every model)
-trades time for memory the usual way: ``torch.utils.checkpoint`` per residual block, one
-extra forward per block, and each block's input is still kept. It is the comparison the
-RevNets must beat. It sets every residual block's own switch (``block.checkpointed``),
-which a memory plan (:func:`invertible_core.fit_memory_budget`) may then set block by
-block. ``checkpoint_blocks``, its former name, is a deprecated alias.
+A ResNet keeps every block's activations for backward, so its training memory grows
+linearly with depth: it trains plainly by default, as timm's networks do, and is the
+conventional ResNet of the RevNet paper's comparison. ``memory_saving=True`` (the zoo's one
+switch, as on every model; ``set_grad_checkpointing()`` is timm's name for it) trades time
+for memory the usual way: ``torch.utils.checkpoint`` per residual block, one extra forward
+per block, and each block's input is still kept. It sets every residual block's own switch
+(``block.checkpointed``), which a memory plan (:func:`invertible_core.fit_memory_budget`)
+may then set block by block. ``checkpoint_blocks``, its former name, is a deprecated alias.
 """
 
 from __future__ import annotations
 
 import warnings
 from collections.abc import Sequence
-from typing import Any, cast
+from dataclasses import replace
+from typing import Any
 
 from torch import Tensor, nn
 
+from invertible_core import MemorySaving, MemorySwitches, SwitchState
 from invertible_models.blocks import (
     BlockType,
-    CheckpointSwitch,
     Head,
     ResidualBlock,
     Stem,
@@ -62,7 +64,7 @@ def check_config(
         raise ValueError(f"strides must give one stride per stage, got {strides}")
 
 
-class ResNet(nn.Module):
+class ResNet(MemorySaving, nn.Module):
     """A pre-activation ResNet: stem, stages of residual blocks, head.
 
     Args:
@@ -76,7 +78,8 @@ class ResNet(nn.Module):
         in_channels: image channels.
         memory_saving: while training, recompute every residual block in backward
             (``torch.utils.checkpoint``; BatchNorm statistics still updated once): less
-            memory, about one more forward of time. Settable later through the attribute;
+            memory, about one more forward of time. Off by default (plain autograd).
+            Settable later through the attribute or ``set_grad_checkpointing()``;
             parameters and ``state_dict`` keys are the same either way.
         checkpoint_blocks: deprecated alias of ``memory_saving``; when given, it wins.
     """
@@ -90,7 +93,7 @@ class ResNet(nn.Module):
         strides: Sequence[int] | None = None,
         stem: StemType = "cifar",
         in_channels: int = 3,
-        memory_saving: bool = True,
+        memory_saving: bool = False,
         checkpoint_blocks: bool | None = None,
     ) -> None:
         super().__init__()
@@ -122,24 +125,18 @@ class ResNet(nn.Module):
         self.memory_saving = memory_saving
         init_weights(self)
 
-    @property
-    def memory_saving(self) -> bool:
-        """Whether training recomputes every residual block in backward instead of storing
-        it (the value last set; a memory plan may have changed single blocks since)."""
-        return self._memory_saving
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self._memory_saving = bool(value)
-        for stage in self.stages:
-            for res_block in stage.children():
-                cast(CheckpointSwitch, res_block).checkpointed = self._memory_saving
+    def memory_saving_state(self, enabled: bool) -> SwitchState:
+        """Every residual block checkpointed (or none); never the stem, as MemCNN's
+        checkpointed ResNet."""
+        state = MemorySwitches(self).uniform(enabled)
+        checkpointed = {name: enabled and name != "stem" for name in state.checkpointed}
+        return replace(state, checkpointed=checkpointed)
 
     @property
     def checkpoint_blocks(self) -> bool:
         """Deprecated alias of :attr:`memory_saving`."""
         _warn_checkpoint_blocks()
-        return self._memory_saving
+        return self.memory_saving
 
     @checkpoint_blocks.setter
     def checkpoint_blocks(self, value: bool) -> None:
@@ -168,7 +165,7 @@ def _warn_checkpoint_blocks() -> None:
 
 
 @register_model
-def resnet32(num_classes: int = 10, memory_saving: bool = True, **options: Any) -> ResNet:
+def resnet32(num_classes: int = 10, memory_saving: bool = False, **options: Any) -> ResNet:
     """ResNet-32 for CIFAR: basic blocks 5, 5, 5; widths 16, 16, 32, 64 (0.47 M parameters)."""
     return ResNet(
         "basic", (5, 5, 5), (16, 16, 32, 64), num_classes, memory_saving=memory_saving, **options
@@ -176,7 +173,7 @@ def resnet32(num_classes: int = 10, memory_saving: bool = True, **options: Any) 
 
 
 @register_model
-def resnet110(num_classes: int = 10, memory_saving: bool = True, **options: Any) -> ResNet:
+def resnet110(num_classes: int = 10, memory_saving: bool = False, **options: Any) -> ResNet:
     """ResNet-110 for CIFAR: basic blocks 18, 18, 18; widths 16, 16, 32, 64 (1.73 M)."""
     return ResNet(
         "basic", (18, 18, 18), (16, 16, 32, 64), num_classes, memory_saving=memory_saving, **options
@@ -184,7 +181,7 @@ def resnet110(num_classes: int = 10, memory_saving: bool = True, **options: Any)
 
 
 @register_model
-def resnet164(num_classes: int = 10, memory_saving: bool = True, **options: Any) -> ResNet:
+def resnet164(num_classes: int = 10, memory_saving: bool = False, **options: Any) -> ResNet:
     """ResNet-164 for CIFAR: bottleneck blocks 18, 18, 18; widths 16, 16, 32, 64 (1.70 M)."""
     return ResNet(
         "bottleneck",

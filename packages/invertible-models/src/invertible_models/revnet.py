@@ -19,9 +19,10 @@ memory that is left; a user who asked for a memory-saving network wants that mem
 It only applies while ``memory_saving`` is on, so ``memory_saving=False`` is plain autograd
 throughout. Each of these blocks has its own switch (``model.stem.checkpointed``,
 ``stage.transition.checkpointed``) and each reversible block its own keep-or-rebuild choice
-(``stage.blocks.keep_blocks``): ``memory_saving`` sets them all (everything recomputed, or
-nothing), and a memory plan (:func:`invertible_core.fit_memory_budget`) sets them one by one,
-to store what fits a budget.
+(``stage.blocks.keep_blocks``): ``memory_saving`` (on by default; ``set_grad_checkpointing``
+is timm's name for it) sets them all (everything recomputed, or nothing), and a memory plan
+(:func:`invertible_core.fit_memory_budget`) sets them one by one, to store what fits a
+budget.
 
 Float32 drift: rebuilding inputs from outputs repeats additions and subtractions, so each
 block adds rounding error that the next reconstruction carries along. ``anchor_every=k``
@@ -32,11 +33,12 @@ the drift there; see the package README for the error measured against depth.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import replace
 from typing import Any
 
 from torch import Tensor, nn
 
-from invertible_core import ReversibleSequence
+from invertible_core import MemorySaving, MemorySwitches, ReversibleSequence, SwitchState
 from invertible_models.blocks import (
     BasicResidual,
     BlockType,
@@ -111,17 +113,6 @@ class RevNetStage(nn.Module):
         self.out_channels = out_channels
         self.fixed_point_bits = fixed_point_bits
 
-    @property
-    def checkpoint_transition(self) -> bool:
-        """Whether the transition block is checkpointed (its own ``checkpointed`` switch;
-        False for a stage without one)."""
-        return self.transition is not None and self.transition.checkpointed
-
-    @checkpoint_transition.setter
-    def checkpoint_transition(self, value: bool) -> None:
-        if self.transition is not None:
-            self.transition.checkpointed = bool(value)
-
     def forward(self, x: Tensor) -> Tensor:
         if self.transition is not None:
             x = self.transition(x)
@@ -132,7 +123,7 @@ class RevNetStage(nn.Module):
         return x
 
 
-class RevNet(nn.Module):
+class RevNet(MemorySaving, nn.Module):
     """A reversible residual network: stem, RevNet stages, head.
 
     Args:
@@ -205,34 +196,25 @@ class RevNet(nn.Module):
         self.memory_saving = memory_saving
         init_weights(self)
 
-    @property
-    def memory_saving(self) -> bool:
-        """Whether the reversible stages (and, if enabled, the transitions) save memory (the
-        value last set; a memory plan may have changed single blocks since)."""
-        return self._memory_saving
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self._memory_saving = bool(value)
-        checkpointed = self._memory_saving and self._checkpoint_transitions
-        self.stem.checkpointed = checkpointed
-        for stage in self.stages:
-            assert isinstance(stage, RevNetStage)
-            if stage.blocks is not None:
-                stage.blocks.memory_saving = self._memory_saving
-                stage.blocks.keep_blocks = None
-            stage.checkpoint_transition = checkpointed
+    def memory_saving_state(self, enabled: bool) -> SwitchState:
+        """Every reversible block rebuilt, and (with ``checkpoint_transitions``) the stem and
+        the transitions checkpointed; off: plain autograd throughout."""
+        state = MemorySwitches(self).uniform(enabled)
+        checkpointed = enabled and self._checkpoint_transitions
+        return replace(state, checkpointed=dict.fromkeys(state.checkpointed, checkpointed))
 
     @property
     def checkpoint_transitions(self) -> bool:
         """Whether saving memory also checkpoints the stem and the transitions; setting it
-        applies at once (while ``memory_saving`` is on)."""
+        applies at once while ``memory_saving`` is on."""
         return self._checkpoint_transitions
 
     @checkpoint_transitions.setter
     def checkpoint_transitions(self, value: bool) -> None:
+        saving = self.memory_saving
         self._checkpoint_transitions = bool(value)
-        self.memory_saving = self._memory_saving
+        if saving:
+            self.memory_saving = True
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last stage's feature map, before the head's BN + ReLU and pooling."""

@@ -32,7 +32,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from invertible_core import ReversibleSequence
+from invertible_core import MemorySaving, ReversibleSequence
 from invertible_models.blocks import float32_stream
 from invertible_models.registry import register_model
 from invertible_models.transformer import (
@@ -47,7 +47,7 @@ from invertible_models.vit import SMALL, TINY
 __all__ = ["ReversibleVisionTransformer", "revvit_small", "revvit_tiny"]
 
 
-class ReversibleVisionTransformer(nn.Module):
+class ReversibleVisionTransformer(MemorySaving, nn.Module):
     """A reversible vision transformer: patch embedding, reversible blocks, head.
 
     Takes the arguments of :class:`~invertible_models.vit.VisionTransformer` (same meaning,
@@ -55,7 +55,8 @@ class ReversibleVisionTransformer(nn.Module):
 
     Args:
         memory_saving: run the reversible blocks without storing their activations
-            (rebuilt in backward); settable later through the attribute.
+            (rebuilt in backward; on by default); settable later through the attribute or
+            ``set_grad_checkpointing()``.
         anchor_every: keep the exact activations every this many blocks, bounding float32
             reconstruction drift (0: never; costs one ``(batch, tokens, 2C)`` tensor each).
     """
@@ -89,23 +90,13 @@ class ReversibleVisionTransformer(nn.Module):
                 )
                 for rate in drop_path_rates(drop_path_rate, depth)
             ),
-            memory_saving=memory_saving,
             preserve_rng_state=True,
             anchor_every=anchor_every,
         )
         self.num_features = embed_dim
         self.head = TokenHead(embed_dim, num_classes)
+        self.memory_saving = memory_saving
         init_transformer_weights(self)
-
-    @property
-    def memory_saving(self) -> bool:
-        """Whether the reversible blocks rebuild their activations in backward."""
-        return bool(self.blocks.memory_saving)
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self.blocks.memory_saving = bool(value)
-        self.blocks.keep_blocks = None  # every block rebuilt (or, off, none): one meaning
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The two streams averaged: tokens ``(batch, tokens, embed_dim)``, before the head."""

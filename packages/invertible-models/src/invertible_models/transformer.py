@@ -32,8 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from invertible_core import AdditiveCoupling
-from invertible_models.blocks import CheckpointSwitch
+from invertible_core import AdditiveCoupling, CheckpointableModule
 
 __all__ = [
     "Attention",
@@ -190,11 +189,11 @@ def _branches(
     )
 
 
-class TransformerBlock(CheckpointSwitch):
+class TransformerBlock(CheckpointableModule):
     """A pre-norm ViT block: ``x = x + attn(x)``, then ``x = x + mlp(x)``.
 
-    Checkpointable (:class:`~invertible_models.blocks.CheckpointSwitch`): a ViT with
-    ``memory_saving`` checkpoints every block.
+    Checkpointable (``block.checkpointed``, :class:`~invertible_core.CheckpointableModule`):
+    a ViT with ``memory_saving`` checkpoints every block.
 
     Args:
         dim: token width.

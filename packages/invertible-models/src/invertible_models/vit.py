@@ -5,9 +5,10 @@
 registered constructors (``vit_tiny``, ``vit_small``) are DeiT's tiny and small widths at
 CIFAR size (32x32 images, 4x4 patches: 64 tokens); every size is an argument.
 
-A ViT must keep every block's activations for backward (the attention weights and the MLP's
-hidden layer are the largest), so its training memory grows linearly with depth.
-``memory_saving=True`` (the zoo's one switch, as on every model) recomputes each block in
+A ViT keeps every block's activations for backward (the attention weights and the MLP's
+hidden layer are the largest), so its training memory grows linearly with depth: it trains
+plainly by default, as timm's ViTs do. ``memory_saving=True`` (the zoo's one switch, as on
+every model; ``set_grad_checkpointing()`` is timm's name for it) recomputes each block in
 backward with ``torch.utils.checkpoint``: each block's input is still kept, the rest is
 rebuilt at the cost of one more forward per block. It sets every block's own switch
 (``block.checkpointed``), which a memory plan (:func:`invertible_core.fit_memory_budget`)
@@ -17,11 +18,11 @@ block input at all.
 
 from __future__ import annotations
 
-from typing import Any, cast
+from typing import Any
 
 from torch import Tensor, nn
 
-from invertible_models.blocks import CheckpointSwitch
+from invertible_core import MemorySaving
 from invertible_models.registry import register_model
 from invertible_models.transformer import (
     PatchEmbedding,
@@ -34,7 +35,7 @@ from invertible_models.transformer import (
 __all__ = ["VisionTransformer", "vit_small", "vit_tiny"]
 
 
-class VisionTransformer(nn.Module):
+class VisionTransformer(MemorySaving, nn.Module):
     """A pre-norm vision transformer: patch embedding, transformer blocks, head.
 
     Args:
@@ -51,8 +52,9 @@ class VisionTransformer(nn.Module):
         attn_drop_rate: dropout on the attention weights.
         drop_path_rate: stochastic depth of the top block; it rises linearly from 0.
         memory_saving: recompute each block in backward (``torch.utils.checkpoint``, random
-            state replayed so dropout repeats); settable later through the attribute;
-            parameters and ``state_dict`` keys are the same either way.
+            state replayed so dropout repeats); off by default; settable later through the
+            attribute or ``set_grad_checkpointing()``; parameters and ``state_dict`` keys are
+            the same either way.
     """
 
     def __init__(
@@ -70,7 +72,7 @@ class VisionTransformer(nn.Module):
         drop_rate: float = 0.0,
         attn_drop_rate: float = 0.0,
         drop_path_rate: float = 0.0,
-        memory_saving: bool = True,
+        memory_saving: bool = False,
     ) -> None:
         super().__init__()
         if depth < 1:
@@ -86,17 +88,6 @@ class VisionTransformer(nn.Module):
         self.head = TokenHead(embed_dim, num_classes)
         self.memory_saving = memory_saving
         init_transformer_weights(self)
-
-    @property
-    def memory_saving(self) -> bool:
-        """Whether training recomputes each block in backward instead of storing it."""
-        return self._memory_saving
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self._memory_saving = bool(value)
-        for block in self.blocks:
-            cast(CheckpointSwitch, block).checkpointed = self._memory_saving
 
     def forward_features(self, x: Tensor) -> Tensor:
         """The last block's tokens ``(batch, tokens, embed_dim)``, before the head."""
@@ -124,7 +115,7 @@ SMALL: dict[str, Any] = {"embed_dim": 384, "depth": 12, "num_heads": 6}
 
 @register_model
 def vit_tiny(
-    num_classes: int = 10, memory_saving: bool = True, **options: Any
+    num_classes: int = 10, memory_saving: bool = False, **options: Any
 ) -> VisionTransformer:
     """ViT-Tiny at CIFAR size: width 192, depth 12, 3 heads, patch 4 on 32x32 (5.36 M parameters)."""
     return _vit(TINY, num_classes, memory_saving, options)
@@ -132,7 +123,7 @@ def vit_tiny(
 
 @register_model
 def vit_small(
-    num_classes: int = 10, memory_saving: bool = True, **options: Any
+    num_classes: int = 10, memory_saving: bool = False, **options: Any
 ) -> VisionTransformer:
     """ViT-Small at CIFAR size: width 384, depth 12, 6 heads, patch 4 on 32x32 (21.3 M)."""
     return _vit(SMALL, num_classes, memory_saving, options)

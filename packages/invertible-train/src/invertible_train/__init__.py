@@ -7,10 +7,12 @@ likelihood. Most users need only the command line (``invertible-train``,
 ``invertible-eval``, ``invertible-demo``, ``invertible-plot``); the names below are for
 scripts.
 
-The house: ``cli`` reads an experiment (``config``, the schema) and runs a ``trainer`` (the
-loop), which builds ``data``, ``model``, ``optim`` and is given a ``tasks`` task and a
-``strategy`` (one process, or a ``distributed`` torchrun rank, with ``sync_batchnorm``);
-around the loop: ``evaluation``, ``checkpoint``, ``resume``, ``interrupts``, ``results``.
+The house: ``cli`` reads an experiment (``config``, the schema) and runs a ``trainer``. A
+run is built (``run``: ``data``, ``model``, ``optim``, a ``tasks`` task, a ``strategy``: one
+process, or a ``distributed`` torchrun rank, with ``sync_batchnorm``), checked before
+anything is written (``preflight``: ``results``, ``resume``, ``budget``), then trained
+(``trainer``: the loop, shown by ``progress``); around the loop: ``evaluation``,
+``checkpoint``, ``interrupts``, ``results``.
 """
 
 from invertible_train._version import __version__

@@ -2,12 +2,12 @@
 
 With ``train.memory_budget`` set (``--memory-budget 6GiB``), the trainer measures one
 training step of its model on a batch of the run's real shape (its first ``batch_size``
-training images per process, seen as the model sees them, without augmentation) and asks
-:func:`invertible_core.fit_memory_budget` for the fastest step whose peak fits: which
-reversible blocks keep their activations, which non-reversible blocks are checkpointed.
-The budget counts what the step holds at its peak: parameters, gradients, the optimizer's
-state (:func:`~invertible_models.memory_budget.optimizer_state_bytes`), the batch and the
-activations. The plan is applied to the model, logged (``metrics.jsonl``: a
+training images per process, seen as the model sees them, without augmentation) with the
+run's optimizer, and asks :func:`invertible_core.fit_memory_budget` for the fastest step
+whose peak fits: which reversible blocks keep their activations, which non-reversible
+blocks are checkpointed. The budget counts what the step holds at its peak: parameters,
+gradients, the optimizer's state (measured: its step runs in the measured steps, and the
+model and the optimizer are put back afterwards), the batch and the activations. The plan is applied to the model, logged (``metrics.jsonl``: a
 ``memory_plan`` record), kept in every checkpoint and written to ``summary.json``.
 
 Resuming: a plan changes what is stored, never what is computed, so the budget may change
@@ -27,8 +27,6 @@ import torch
 from torch import Tensor, nn
 
 from invertible_core import MemoryBudgetError, MemoryPlan, PlanMismatchError, parse_bytes
-from invertible_core import fit_memory_budget as fit
-from invertible_models.memory_budget import optimizer_state_bytes
 from invertible_train.config import ConfigError
 
 __all__ = ["apply_plan", "plan_memory", "planning_batch", "reusable_plan"]
@@ -77,21 +75,26 @@ def plan_memory(
     """The plan of ``module`` for ``budget`` on this batch (measured, applied to ``module``).
 
     Raises :class:`~invertible_train.config.ConfigError` naming ``train.memory_budget`` when
-    the budget is below the step's minimum (the message says the minimum) or the model has
-    nothing to plan.
+    the budget is below the step's minimum (the message says the minimum), the model has
+    nothing to plan, or a measured step's loss is not finite.
     """
+    # the planner's measuring machinery loads only when a run has a budget
+    from invertible_core import NonFiniteLossError, fit_memory_budget
+
     key = "train.memory_budget"
     try:
-        plan = fit(
+        plan = fit_memory_budget(
             module,
             images,
             budget=budget,
             loss_fn=lambda out: loss(out, labels),
-            reserved_bytes=optimizer_state_bytes(optimizer),
+            optimizer=optimizer,
             autocast_dtype=amp_dtype,
         )
     except MemoryBudgetError as exc:
         raise ConfigError(f"{key}: {exc}") from None
+    except NonFiniteLossError as exc:
+        raise ConfigError(f"{key}: the step could not be measured: {exc}") from None
     except ValueError as exc:
         raise ConfigError(f"{key}: {exc}; drop --memory-budget for this model") from None
     return replace(plan, extra={**plan.extra, "input_shape": list(images.shape)})

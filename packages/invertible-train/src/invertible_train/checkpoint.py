@@ -16,7 +16,10 @@ instead of a traceback from the unpickler (and never torch's advice to load it w
 :class:`CheckpointStore` keeps a run's ``checkpoints/`` folder: each new ``last.pt`` first
 moves the one before it to ``previous.pt`` (rotation), so when ``last.pt`` turns out to be
 unusable (a disk that lost its tail, a copy cut short) the run resumes from
-``previous.pt`` instead of starting over; ``best.pt`` is the best evaluated model.
+``previous.pt`` instead of starting over; ``best.pt`` is the best evaluated model. Reading
+(:meth:`CheckpointStore.latest`) changes nothing on disk; an unusable ``last.pt`` is moved
+aside (:meth:`CheckpointStore.set_aside`) only once the run that passed over it begins, to
+``last.pt.unusable``, ``last.pt.unusable.1``, ... so that every such file is kept.
 """
 
 from __future__ import annotations
@@ -26,6 +29,7 @@ import random
 import re
 import tempfile
 from collections.abc import Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -35,6 +39,7 @@ __all__ = [
     "FORMAT_VERSION",
     "CheckpointError",
     "CheckpointStore",
+    "LatestCheckpoint",
     "capture_rng_state",
     "load_checkpoint",
     "restore_rng_state",
@@ -132,12 +137,25 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     return state
 
 
+@dataclass(frozen=True)
+class LatestCheckpoint:
+    """The newest usable checkpoint of a run, as :meth:`CheckpointStore.latest` found it."""
+
+    state: dict[str, Any]
+    #: the file it was read from (``last.pt``, or ``previous.pt`` when ``last.pt`` is unusable).
+    path: Path
+    #: why ``last.pt`` was passed over (``None`` when it was read): it is unusable and is to
+    #: be moved aside (:meth:`CheckpointStore.set_aside`) when the run begins.
+    skipped: str | None = None
+
+
 class CheckpointStore:
     """The ``checkpoints/`` folder of a run: ``last.pt``, ``previous.pt`` and ``best.pt``.
 
     :meth:`save_last` rotates (the old ``last.pt`` becomes ``previous.pt`` once the new one
-    is complete); :meth:`load_latest` reads the newest usable one of the two. Only the main
-    process of a job uses it.
+    is complete); :meth:`latest` reads the newest usable one of the two without changing
+    anything; :meth:`set_aside` moves an unusable one out of the rotation's way. Only the
+    main process of a job uses it.
     """
 
     def __init__(self, folder: str | Path) -> None:
@@ -163,15 +181,13 @@ class CheckpointStore:
         """Whether a checkpoint to resume from (``last.pt`` or ``previous.pt``) exists."""
         return self.last.exists() or self.previous.exists()
 
-    def load_latest(self) -> tuple[dict[str, Any], Path, str | None] | None:
-        """``(state, path, skipped)`` of the newest usable checkpoint, or None when none exists.
+    def latest(self) -> LatestCheckpoint | None:
+        """The newest usable checkpoint, or None when none exists; reads, changes nothing.
 
-        ``last.pt`` first; when it is unusable, it is moved aside to ``last.pt.unusable``
-        (kept for inspection, out of the rotation's way) and ``previous.pt`` is read, and
-        ``skipped`` says why ``last.pt`` was passed over. When neither is usable the
+        ``last.pt`` first; when it is unusable, ``previous.pt``, with the reason ``last.pt``
+        was passed over in :attr:`LatestCheckpoint.skipped`. When neither is usable the
         :class:`CheckpointError` names both.
         """
-        self.remove_stale()
         errors: list[str] = []
         for path in (self.last, self.previous):
             if not path.exists():
@@ -181,16 +197,35 @@ class CheckpointStore:
             except CheckpointError as exc:
                 errors.append(str(exc).split(f"; {_FIX}")[0])
                 continue
-            skipped = None
-            if path == self.previous and errors:
-                aside = self.last.with_name(self.last.name + ".unusable")
-                if self.last.exists():
-                    os.replace(self.last, aside)
-                skipped = f"{errors[0]}; moved it to {aside.name}"
-            return state, path, skipped
+            return LatestCheckpoint(state, path, errors[0] if errors else None)
         if errors:
             raise CheckpointError("; and ".join(errors) + f"; {_FIX}")
         return None
+
+    def set_aside(self, path: Path) -> Path:
+        """Move the unusable checkpoint ``path`` to ``NAME.unusable`` (``NAME.unusable.1``,
+        ``.2``, ... when that is taken: an earlier set-aside file is never replaced), out of
+        the rotation's way and kept for inspection; returns where it went."""
+        aside = path.with_name(f"{path.name}.unusable")
+        number = 0
+        while aside.exists() or aside.is_symlink():
+            number += 1
+            aside = path.with_name(f"{path.name}.unusable.{number}")
+        os.replace(path, aside)
+        return aside
+
+    def load_latest(self) -> tuple[dict[str, Any], Path, str | None] | None:
+        """:meth:`latest`, after deleting stale temporary files, with an unusable ``last.pt``
+        set aside: ``(state, path, skipped)``, ``skipped`` saying why ``last.pt`` was passed
+        over and where it went, or None when no checkpoint exists."""
+        self.remove_stale()
+        found = self.latest()
+        if found is None:
+            return None
+        skipped = None
+        if found.skipped is not None:
+            skipped = f"{found.skipped}; moved it to {self.set_aside(self.last).name}"
+        return found.state, found.path, skipped
 
 
 def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:

@@ -44,7 +44,7 @@ from invertible_train.distributed import BACKENDS, DistributedContext, process_g
 from invertible_train.interrupts import Interrupted
 from invertible_train.model import check_model_config, with_data_image_size
 from invertible_train.optim import check_optim_config
-from invertible_train.results import ResultsDirError, remove_results, results_path
+from invertible_train.results import ResultsDirError, read_summary, results_path
 from invertible_train.strategy import Distribution, SingleProcess, select_device
 from invertible_train.trainer import NonFiniteLossError, Trainer
 
@@ -169,8 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--fresh",
         action="store_true",
-        help="delete this experiment's earlier results (a folder this harness wrote) and "
-        "start over instead of resuming",
+        help="delete what this harness wrote in the experiment's results folder (the files "
+        "its marker lists; your own files there stay) and start over instead of resuming",
     )
     parser.add_argument("--quiet", action="store_true", help="no progress bar and no summary line")
     parser.add_argument(
@@ -291,11 +291,8 @@ def _train(
     results = results_path(args.results_dir, cfg)
     try:
         with _one_line_warnings(prog, main_process):
-            if args.fresh:
-                # one process deletes, every process waits for it
-                distribution.run_on_main(lambda: remove_results(results))
             trainer = Trainer(cfg, results, quiet=args.quiet, distribution=distribution)
-            summary = trainer.fit()
+            summary = trainer.fit(fresh=args.fresh)
     except ConfigError as exc:
         return _error(prog, str(exc), EXIT_USAGE, main_process)
     except NonFiniteLossError as exc:
@@ -323,13 +320,16 @@ def build_eval_parser() -> argparse.ArgumentParser:
     """The ``invertible-eval`` argument parser."""
     parser = argparse.ArgumentParser(
         prog="invertible-eval",
-        description="Evaluate a trained model of a results folder on its dataset's test set.",
+        description="Evaluate a trained model of a results folder on its dataset's test set. "
+        "It first says which model it evaluates.",
     )
     parser.add_argument("results", metavar="RESULTS_DIR", help="an experiment's results folder")
     parser.add_argument(
         "--checkpoint",
         default="best",
-        help="'best', 'last', 'previous', or a checkpoint file path (default: best, else last)",
+        help="'best' (the model with the best test figure of the run's evaluations; last.pt "
+        "when there is no best.pt), 'final' (the final model, which summary.json "
+        "describes), 'last', 'previous', or a checkpoint file path (default: best)",
     )
     parser.add_argument("--data-dir", help="where the dataset lives, if it moved since training")
     parser.add_argument("--batch-size", type=int, help="evaluation batch size")
@@ -338,20 +338,63 @@ def build_eval_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _chosen_checkpoint(results: Path, choice: str) -> tuple[Path, str]:
+    """The file ``--checkpoint choice`` names, and which model that is: ``best``, ``final``,
+    ``last``, ``previous`` or ``file``."""
+    folder = results / "checkpoints"
+    if choice == "best":
+        best = folder / "best.pt"
+        return (best, "best") if best.exists() else (folder / "last.pt", "last")
+    if choice == "final":
+        return folder / "last.pt", "final"
+    if choice in ("last", "previous"):
+        return folder / f"{choice}.pt", choice
+    return Path(choice), "file"
+
+
+def _describe(which: str, metric: str, iteration: int, total: int, results: Path) -> str:
+    """What the evaluated model is, in words, for the line before its figures."""
+    at = f"iteration {iteration} of {total}"
+    return {
+        "best": f"the model with the best {metric} of the run's evaluations ({at}); the final "
+        "model, which summary.json describes, is --checkpoint final",
+        "final": f"the final model of the run ({at}), which {results / 'summary.json'} describes",
+        "last": f"the newest checkpoint ({at})",
+        "previous": f"the checkpoint before last.pt ({at})",
+        "file": f"the checkpoint file given ({at})",
+    }[which]
+
+
+def _check_final(results: Path, iteration: object, path: Path) -> None:
+    """Refuse ``--checkpoint final`` when ``path`` is not the model ``summary.json``
+    describes (:class:`CheckpointError`, naming what to do)."""
+    summary = read_summary(results)
+    if summary is None:
+        raise CheckpointError(
+            f"{results} has no summary.json: the run has not finished (rerun its "
+            "invertible-train command to finish it), so there is no final model; evaluate "
+            "--checkpoint last instead"
+        )
+    if summary.get("iterations") != iteration:
+        raise CheckpointError(
+            f"{results / 'summary.json'} describes the model of iteration "
+            f"{summary.get('iterations')}, but {path} holds iteration {iteration} (the run "
+            "went on after that summary); finish the run, or evaluate --checkpoint last"
+        )
+
+
 def evaluate_main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``invertible-eval``: prints the test figures of a checkpoint."""
+    """Entry point of ``invertible-eval``: says which model it evaluates, then prints its
+    test figures."""
     args = build_eval_parser().parse_args(argv)
     prog = "invertible-eval"
     results = Path(args.results)
-    if args.checkpoint in ("best", "last", "previous"):
-        path = results / "checkpoints" / f"{args.checkpoint}.pt"
-        if args.checkpoint == "best" and not path.exists():
-            path = results / "checkpoints" / "last.pt"
-    else:
-        path = Path(args.checkpoint)
+    path, which = _chosen_checkpoint(results, args.checkpoint)
     try:
         with _one_line_warnings(prog):
             state = load_checkpoint(path)
+            if which == "final":
+                _check_final(results, state.get("iteration"), path)
             cfg = config_from_dict(state["config"], source=str(path))
             values: dict[str, Any] = {}
             if args.data_dir is not None:
@@ -362,15 +405,20 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
             device = select_device(cfg.train.device, no_cuda=args.no_cuda)
             trainer = Trainer(cfg, results, device=device, quiet=True)
             trainer.load_state_dict(state, path)
+            iteration = trainer.iteration
+            metric = trainer.task.metric.removeprefix("test_").replace("_", " ")
+            said = _describe(which, f"test {metric}", iteration, trainer.total_iterations, results)
+            if not args.json:
+                print(f"evaluating {path}: {said}", flush=True)
             figures = trainer.evaluate()
     except ConfigError as exc:
         return _error(prog, str(exc), EXIT_USAGE)
     except (DatasetUnavailableError, CheckpointError, ResultsDirError) as exc:
         return _error(prog, str(exc), EXIT_UNUSABLE)
-    result = {"checkpoint": str(path), "iteration": int(state["iteration"]), **figures}
+    result = {"checkpoint": str(path), "which": which, "iteration": iteration, **figures}
     if args.json:
         print(json.dumps(result))
     else:
         shown = ", ".join(f"{key.replace('_', ' ')} {value:.4f}" for key, value in figures.items())
-        print(f"{path} (iteration {result['iteration']}): {shown}")
+        print(f"{path} (iteration {iteration}): {shown}")
     return 0

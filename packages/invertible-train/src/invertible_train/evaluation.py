@@ -11,13 +11,17 @@ dequantisation noise) come from a seed fixed per test batch, with the random sta
 each evaluation of a run draws the same ones, and training's random state is untouched.
 
 It also measures one training step of a model on a test batch
-(:meth:`Evaluator.step_memory`), with the measurement of ``invertible-profile``.
+(:meth:`Evaluator.step_memory`): the run's own step (its optimizer with its state, its
+autocast and scaler) on a copy of the model, measured as ``invertible-profile`` measures
+(:func:`invertible_core.measure_step_memory`), so that ``summary.json``'s figures are those
+of the next step the run would take. A step whose loss is not finite is not measured.
 """
 
 from __future__ import annotations
 
 import contextlib
 import copy
+import warnings
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -25,7 +29,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from invertible_models.profiler import TrainingStep, measure_step_memory
 from invertible_train.data import make_loader
 from invertible_train.strategy import Distribution
 from invertible_train.tasks import Task
@@ -97,25 +100,54 @@ class Evaluator:
         return self.task.figures(self.distribution.reduce(sums), prefix="test_")
 
     def step_memory(
-        self, model: nn.Module, batch_size: int, amp_dtype: torch.dtype | None = None
-    ) -> dict[str, int]:
+        self,
+        model: nn.Module,
+        batch_size: int,
+        amp_dtype: torch.dtype | None = None,
+        *,
+        optimizer: torch.optim.Optimizer | None = None,
+        scaler: torch.amp.GradScaler | None = None,
+    ) -> dict[str, int | None]:
         """``activation_bytes`` and ``step_peak_bytes`` of one training step of ``model`` on
-        ``batch_size`` test images: :func:`~invertible_models.profiler.measure_step_memory`,
-        on a copy of the model with the random state forked, so nothing a run depends on
-        changes."""
+        ``batch_size`` test images (the quantities of :mod:`invertible_core.planner.step`).
+
+        The step is the run's: a copy of ``optimizer`` with its state (momentum, Adam's
+        moments, each group's learning rate) and of ``scaler``, on a copy of the model,
+        under ``amp_dtype``, with the random state forked, so nothing a run depends on
+        changes (without an optimizer the step takes no optimizer step). When the step's
+        loss is not finite (a run that diverged), nothing is measured: a warning says so
+        and both figures are ``None``.
+        """
+        # the measuring machinery loads only when a run measures
+        from invertible_core import NonFiniteLossError, TrainingStep, measure_step_memory
+
         images, labels, indices = next(self.batches())
         n = min(batch_size, labels.shape[0])
         x = self.task.test_view(images[:n], indices[:n])
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         with torch.random.fork_rng(devices=devices):
+            # one deep copy of the three: the optimizer's copy holds the model copy's
+            # parameters (and their state), not the run's
+            twin, twin_optimizer, twin_scaler = copy.deepcopy((model, optimizer, scaler))
             step = TrainingStep(
-                self.task.forward_module(copy.deepcopy(model)),
-                images=x,
-                labels=labels[:n],
-                loss=self.task.loss,
-                amp_dtype=amp_dtype,
+                self.task.forward_module(twin.train()),
+                x,
+                targets=labels[:n],
+                loss_fn=self.task.loss,
+                optimizer=twin_optimizer,
+                scaler=twin_scaler,
+                autocast_dtype=amp_dtype,
             )
-            memory = measure_step_memory(step)
+            try:
+                memory = measure_step_memory(step)
+            except NonFiniteLossError as exc:
+                warnings.warn(
+                    f"the training-step memory of the final model was not measured: {exc}; "
+                    "summary.json records none",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+                return {"activation_bytes": None, "step_peak_bytes": None}
         return {
             "activation_bytes": memory.activation_bytes,
             "step_peak_bytes": memory.step_peak_bytes,

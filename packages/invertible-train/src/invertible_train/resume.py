@@ -1,16 +1,16 @@
 """Resuming a run: which checkpoint, and whether the run in the folder may be continued.
 
-:func:`find_resume_point` is the whole policy, called once per run by
-:meth:`~invertible_train.trainer.Trainer.resume` (on the main process; the result is sent to
-every rank):
+:func:`find_resume_point` is the whole policy, called once per run before anything is
+written (:mod:`invertible_train.preflight`; on the main process, the result sent to every
+rank). It only reads:
 
-1. the results folder is created with its marker (:func:`~invertible_train.results.prepare_results`);
-2. the newest usable checkpoint is read: ``last.pt``, else ``previous.pt`` (the one before
-   it, kept by the checkpoint rotation) with a warning when ``last.pt`` was unusable;
-3. without one, the run starts from iteration 0, unless the folder holds what a restart
+1. the newest usable checkpoint is read: ``last.pt``, else ``previous.pt`` (the one before
+   it, kept by the checkpoint rotation), the point saying why ``last.pt`` was passed over
+   (:func:`set_aside_skipped` moves it aside, with a warning, once the run begins);
+2. without one, the run starts from iteration 0, unless the folder holds what a restart
    would overwrite (checkpoints, evaluations, a summary): then :class:`ResultsDirError`,
    and ``--fresh`` is the way to start over;
-4. the checkpoint must come from as many processes as this run has (each rank's data order
+3. the checkpoint must come from as many processes as this run has (each rank's data order
    depends on their number), and from the same experiment: every config key but
    :data:`RESUMABLE_CHANGES` must be equal (:func:`config_differences`).
 """
@@ -25,7 +25,7 @@ from typing import Any
 
 from invertible_train.checkpoint import CheckpointStore
 from invertible_train.config import ExperimentConfig, config_to_dict
-from invertible_train.results import ResultsDirError, holds_results, prepare_results
+from invertible_train.results import ResultsDirError, holds_results
 from invertible_train.strategy import Distribution
 
 __all__ = [
@@ -34,6 +34,7 @@ __all__ = [
     "ResumeWarning",
     "config_differences",
     "find_resume_point",
+    "set_aside_skipped",
 ]
 
 #: config keys that may change between a run and its resumption (they do not change what
@@ -71,6 +72,8 @@ class ResumePoint:
 
     state: dict[str, Any]
     source: Path
+    #: why ``last.pt`` was passed over for ``source`` (None when ``source`` is ``last.pt``).
+    skipped: str | None = None
 
 
 def _flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -94,10 +97,9 @@ def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def _read(results_dir: Path, checkpoints: CheckpointStore) -> tuple[ResumePoint, str | None] | None:
-    """Steps 1 to 3 of the policy, on the main process."""
-    prepare_results(results_dir)
-    found = checkpoints.load_latest()
+def _read(results_dir: Path, checkpoints: CheckpointStore) -> ResumePoint | None:
+    """Steps 1 and 2 of the policy, on the main process."""
+    found = checkpoints.latest()
     if found is None:
         valuable = holds_results(results_dir)
         if valuable:
@@ -107,8 +109,7 @@ def _read(results_dir: Path, checkpoints: CheckpointStore) -> tuple[ResumePoint,
                 "them), or choose another --name or --results-dir"
             )
         return None
-    state, source, skipped = found
-    return ResumePoint(state, source), skipped
+    return ResumePoint(found.state, found.path, found.skipped)
 
 
 def find_resume_point(
@@ -117,16 +118,15 @@ def find_resume_point(
     cfg: ExperimentConfig,
     distribution: Distribution,
 ) -> ResumePoint | None:
-    """The checkpoint to resume ``cfg`` from, or None to start from iteration 0.
+    """The checkpoint to resume ``cfg`` from, or None to start from iteration 0; reads only.
 
     Raises :class:`ResultsDirError` when the folder may be neither resumed nor started over,
     :class:`~invertible_train.checkpoint.CheckpointError` when no checkpoint is usable.
     Every process gets the same answer (the main process reads, the others receive).
     """
-    found = distribution.run_on_main(lambda: _read(results_dir, checkpoints))
-    if found is None:
+    point = distribution.run_on_main(lambda: _read(results_dir, checkpoints))
+    if point is None:
         return None
-    point, skipped = found
     saved = point.state.get("sampler", {}).get("num_replicas", 1)
     if saved != distribution.world_size:
         raise ResultsDirError(
@@ -140,10 +140,18 @@ def find_resume_point(
             f"in {point.source}. Rerun with --fresh to discard it, or choose another "
             "--results-dir or experiment name"
         )
-    if skipped is not None and distribution.is_main_process:
-        warnings.warn(
-            f"{skipped}; resuming from {point.source} (iteration {point.state.get('iteration')})",
-            ResumeWarning,
-            stacklevel=2,
-        )
     return point
+
+
+def set_aside_skipped(point: ResumePoint, checkpoints: CheckpointStore) -> None:
+    """Move the ``last.pt`` that ``point`` passed over aside (numbered, never replacing an
+    earlier one) and warn (:class:`ResumeWarning`); main process, once the run begins."""
+    if point.skipped is None or not checkpoints.last.exists():
+        return
+    aside = checkpoints.set_aside(checkpoints.last)
+    warnings.warn(
+        f"{point.skipped}; moved it to {aside.name}; resuming from {point.source} "
+        f"(iteration {point.state.get('iteration')})",
+        ResumeWarning,
+        stacklevel=2,
+    )

@@ -133,7 +133,7 @@ class SyncBatchNorm(_BatchNorm):
     @torch.no_grad()
     def _update_running_stats(self, mean: Tensor, unbiased_var: Tensor) -> None:
         if not self.track_running_stats or self.running_mean is None or self.running_var is None:
-            return  # not tracked, or detached for a recompute: counted once already
+            return  # not tracked
         factor = 0.0 if self.momentum is None else self.momentum
         if self.num_batches_tracked is not None:
             self.num_batches_tracked.add_(1)

@@ -58,7 +58,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from invertible_train.config import ConfigError
-from invertible_train.data import BatchTransform
+from invertible_train.data.transforms import BatchTransform
 
 __all__ = [
     "SAMPLE_GRID",
@@ -87,6 +87,9 @@ class Task(ABC):
     #: the headline evaluation figure: ``best.pt`` is the model that scored best on it.
     metric: str
     higher_is_better: bool
+    #: entries of the results folder the task writes beside the trainer's (recorded in the
+    #: folder's marker, so that ``--fresh`` deletes them and nothing else).
+    writes: tuple[str, ...] = ()
 
     def __init__(self, transform: BatchTransform) -> None:
         self.transform = transform
@@ -230,6 +233,7 @@ class DensityEstimation(Task):
     abbreviation = "bpd"
     metric = "test_bits_per_dim"
     higher_is_better = False
+    writes = ("samples",)
 
     def __init__(self, transform: BatchTransform, dims: int) -> None:
         super().__init__(transform)

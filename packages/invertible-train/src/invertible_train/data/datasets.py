@@ -1,17 +1,10 @@
-"""Datasets, the resumable sampler, and the on-device augmentation and normalisation.
+"""The datasets: what ``data.dataset`` names, loaded as ``uint8`` images with their labels.
 
 Every dataset here yields ``uint8`` images of shape ``(C, H, W)`` with an integer label;
 float conversion, augmentation and normalisation happen per batch on the training device
-(:class:`BatchTransform`), which is both faster than per-image PIL transforms and
-deterministic: the random crop offsets and flips of a batch come from a generator seeded
-with ``(seed, iteration)``, so a resumed run sees exactly the images an uninterrupted one
-would have seen, whatever the number of loader workers.
-
-Training hygiene (the defects of MemCNN's harness this module exists to avoid):
-
-* augmentation (pad-and-crop, horizontal flip) is applied to training batches only;
-* normalisation statistics are computed from the training images only;
-* the test set is never augmented and never contributes to any statistic.
+(:mod:`invertible_train.data.transforms`). Normalisation statistics are computed from the
+training images only (:func:`channel_stats`); the test set never contributes to any
+statistic.
 
 Datasets: ``cifar10`` and ``cifar100`` through torchvision (downloaded when absent),
 ``digits`` (scikit-learn's 1,797 handwritten 8x8 scans, shipped inside scikit-learn, so
@@ -22,14 +15,14 @@ offline; the optional extra ``invertible-train[digits]``), ``imagefolder:PATH``
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+from torch.utils.data import Dataset
 
 from invertible_train.config import ConfigError, DataConfig
 
@@ -37,18 +30,15 @@ __all__ = [
     "DATASETS",
     "DIGITS_LEVELS",
     "DIGITS_TEST_SIZE",
-    "BatchTransform",
+    "MAX_STATS_IMAGES",
     "DatasetUnavailableError",
     "FolderImages",
     "ImageData",
     "InMemoryImages",
-    "ResumableSampler",
-    "augment_batch",
     "build_data",
     "channel_stats",
     "check_dataset_name",
     "digits_images",
-    "make_loader",
     "synthetic_images",
 ]
 
@@ -97,11 +87,6 @@ class InMemoryImages(Dataset[tuple[torch.Tensor, int]]):
     def __getitems__(self, indices: Sequence[int]) -> tuple[torch.Tensor, torch.Tensor]:
         idx = torch.as_tensor(indices, dtype=torch.int64)
         return self.images[idx], self.labels[idx]
-
-
-def _collate_batch(batch: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Collate for :class:`InMemoryImages`: ``__getitems__`` already built the batch."""
-    return batch
 
 
 class FolderImages(Dataset[tuple[torch.Tensor, int]]):
@@ -298,181 +283,3 @@ def build_data(cfg: DataConfig, seed: int = 0) -> ImageData:
         test = InMemoryImages(*synthetic_images(cfg.synthetic_test_size, classes, size, 2))
     mean, std = channel_stats(train, seed)
     return ImageData(train=train, test=test, num_classes=classes, mean=mean, std=std, levels=levels)
-
-
-class _Sized:
-    """Stands in for a dataset where only its length matters (``DistributedSampler``)."""
-
-    def __init__(self, length: int) -> None:
-        self.length = length
-
-    def __len__(self) -> int:
-        return self.length
-
-
-class ResumableSampler(DistributedSampler):  # type: ignore[type-arg]
-    """``torch.utils.data.DistributedSampler`` whose position can be saved mid-epoch.
-
-    The order is ``DistributedSampler``'s own for the same ``seed``, ``epoch``,
-    ``num_replicas`` and ``rank`` (it computes it); this subclass adds ``start_index``: the
-    number of this rank's indices of the epoch already consumed. A checkpoint stores
-    ``(epoch, start_index)``; restoring both continues the same order, where the stock
-    sampler could only restart the epoch. One process is ``num_replicas=1, rank=0``.
-    """
-
-    def __init__(
-        self,
-        length: int,
-        seed: int = 0,
-        shuffle: bool = True,
-        num_replicas: int = 1,
-        rank: int = 0,
-    ) -> None:
-        if not 0 <= rank < num_replicas:
-            raise ValueError(f"rank {rank} is outside [0, {num_replicas})")
-        super().__init__(
-            _Sized(length),  # type: ignore[arg-type]
-            num_replicas=num_replicas,
-            rank=rank,
-            shuffle=shuffle,
-            seed=seed,
-        )
-        self.length = length
-        self.start_index = 0
-
-    def set_epoch(self, epoch: int, start_index: int = 0) -> None:
-        """Select the epoch's order and how many of its indices to skip."""
-        super().set_epoch(epoch)
-        self.start_index = start_index
-
-    def indices(self) -> list[int]:
-        """This rank's whole index list for the current epoch."""
-        return list(super().__iter__())
-
-    def __iter__(self) -> Iterator[int]:
-        return iter(self.indices()[self.start_index :])
-
-    def __len__(self) -> int:
-        return int(self.num_samples) - self.start_index
-
-
-def make_loader(
-    dataset: Dataset[Any],
-    batch_size: int,
-    sampler: Sampler[int] | None = None,
-    workers: int = 0,
-    pin_memory: bool = False,
-    drop_last: bool = False,
-) -> DataLoader[Any]:
-    """A DataLoader that batches ``uint8`` images (one gather for in-memory datasets).
-
-    It has a generator of its own: a stock DataLoader draws a number from torch's global
-    generator each time an epoch's iterator starts (the base seed of its workers), which
-    would shift every random number the model draws afterwards (dropout, drop path, a
-    flow's dequantisation noise) by where epochs begin and where a run was resumed.
-    """
-    collate: Callable[[Any], Any] | None = (
-        _collate_batch if isinstance(dataset, InMemoryImages) else None
-    )
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        shuffle=False,
-        num_workers=workers,
-        pin_memory=pin_memory,
-        drop_last=drop_last,
-        collate_fn=collate,
-        persistent_workers=False,
-        generator=torch.Generator().manual_seed(0),
-    )
-
-
-def augment_batch(
-    images: torch.Tensor, generator: torch.Generator, padding: int = 4, flip: bool = True
-) -> torch.Tensor:
-    """Random pad-and-crop (zero padding) and horizontal flip, per image, on any device.
-
-    The offsets and flips are drawn from ``generator`` (a CPU generator) so that a batch's
-    augmentation depends only on the generator's seed.
-    """
-    n, c, h, w = images.shape
-    device = images.device
-    if padding > 0:
-        offsets = torch.randint(0, 2 * padding + 1, (2, n), generator=generator).to(device)
-        padded = F.pad(images, (padding, padding, padding, padding))
-        rows = (offsets[0, :, None] + torch.arange(h, device=device))[:, None, :, None]
-        cols = (offsets[1, :, None] + torch.arange(w, device=device))[:, None, None, :]
-        batch = torch.arange(n, device=device)[:, None, None, None]
-        chan = torch.arange(c, device=device)[None, :, None, None]
-        images = padded[batch, chan, rows, cols]
-    if flip:
-        flips = (torch.rand(n, generator=generator) < 0.5).to(device)
-        images = torch.where(flips[:, None, None, None], images.flip(3), images)
-    return images
-
-
-class BatchTransform:
-    """``uint8`` batch -> normalised float batch, augmented only when training.
-
-    Built from the training set's statistics; holds them on the training device.
-    ``levels`` is the dataset's number of levels per value (:attr:`ImageData.levels`), for
-    :meth:`discrete`.
-    """
-
-    def __init__(
-        self,
-        mean: Sequence[float],
-        std: Sequence[float],
-        device: torch.device,
-        augment: bool = True,
-        padding: int = 4,
-        flip: bool = True,
-        seed: int = 0,
-        levels: int = 256,
-    ) -> None:
-        if not 2 <= levels <= 256:
-            raise ValueError(f"levels must be in [2, 256] (values per pixel), got {levels}")
-        self.mean = torch.tensor(mean, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.std = torch.tensor(std, dtype=torch.float32, device=device).view(1, -1, 1, 1)
-        self.augment = augment
-        self.padding = padding
-        self.flip = flip
-        self.seed = seed
-        self.levels = levels
-
-    def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        """Scale to [0, 1] and standardise with the training statistics."""
-        return (images.to(torch.float32) / 255.0 - self.mean) / self.std
-
-    def generator(self, iteration: int, rank: int = 0, stream: int = 0) -> torch.Generator:
-        """A CPU generator for batch ``iteration`` of ``rank``: one reproducible random stream
-        per (seed, iteration, rank, stream), whatever ran before (resumes stay bit-exact)."""
-        key = ((self.seed * 1_000_003 + iteration) * 4_099 + rank) * 7 + stream
-        return torch.Generator().manual_seed(key)
-
-    def augmented(self, images: torch.Tensor, iteration: int, rank: int = 0) -> torch.Tensor:
-        """Batch ``iteration``, augmented when augmentation is on, still ``uint8``."""
-        if not self.augment:
-            return images
-        return augment_batch(images, self.generator(iteration, rank), self.padding, self.flip)
-
-    def train(self, images: torch.Tensor, iteration: int, rank: int = 0) -> torch.Tensor:
-        """The training view of batch number ``iteration`` (deterministic in seed, iteration)."""
-        return self.normalize(self.augmented(images, iteration, rank))
-
-    def test(self, images: torch.Tensor) -> torch.Tensor:
-        """The evaluation view: normalised, never augmented."""
-        return self.normalize(images)
-
-    def discrete(self, images: torch.Tensor) -> torch.Tensor:
-        """``uint8`` pixels as their levels ``k / (levels - 1)`` in [0, 1], float32.
-
-        ``k`` is the value the image was quantised to: the pixel itself for 8-bit images
-        (``x / 255``, torchvision ``ToTensor``'s scaling), the scan value 0..16 for
-        ``digits`` (stored as ``round(k * 255 / 16)``, mapped back exactly). The view a
-        density model is given; it dequantises the levels itself.
-        """
-        steps = self.levels - 1
-        k = torch.round(images.to(torch.float32) * (steps / 255.0))
-        return k / steps

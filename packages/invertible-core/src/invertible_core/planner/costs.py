@@ -1,10 +1,10 @@
-"""What the memory planner measures, and how: the step, the costs of each switch, the phases.
+"""What the memory planner measures, and how: the costs of each switch, the phases of a step.
 
-The machinery under :mod:`invertible_core.budget` (read its docstring first): the training
-step it measures (:class:`Step`), the calls it watches (:func:`instrumented`), what it puts
-back afterwards (:func:`preserved`), each switch's stored bytes and recompute time
-(:func:`unit_costs`) and the phases of the step with everything recomputed
-(:func:`phase_peaks`). Nothing here is public API.
+The machinery under :mod:`invertible_core.planner.fit` (read its docstring first): the
+calls it watches (:func:`instrumented`), what it puts back afterwards (:func:`preserved`),
+each switch's stored bytes and recompute time (:func:`unit_costs`) and the phases of the
+step with everything recomputed (:func:`phase_peaks`). The step is the project's one
+:class:`~invertible_core.planner.step.TrainingStep`. Nothing here is public API.
 """
 
 from __future__ import annotations
@@ -13,20 +13,25 @@ import gc
 import statistics
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager, nullcontext
+from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, cast
+from typing import Any
 
 import torch
 from torch import Tensor, nn
 
 from invertible_core.contract import is_recomputing
 from invertible_core.memory import mark_phase, measure_memory, measure_memory_phases
-from invertible_core.memory_plan import Checkpointable, plannable_units
+from invertible_core.planner.step import (
+    StateSnapshot,
+    TrainingStep,
+    storage_key,
+    synchronize,
+    tensors,
+)
+from invertible_core.planner.switches import MemorySwitches, SwitchState
 from invertible_core.sequence import ReversibleSequence
-from invertible_core.steps import is_fused
-
-LossFn = Callable[[Any], Tensor]
+from invertible_core.couplings import Coupling
 
 #: the methods through which a sequence is run, each an entry the planner watches
 SEQUENCE_METHODS = ("forward", "inverse", "forward_with_logdet", "inverse_with_logdet")
@@ -44,7 +49,7 @@ class Unit:
     seconds: float
 
     @property
-    def activation_bytes(self) -> int:
+    def stored_bytes(self) -> int:
         return sum(self.bytes_at.values())
 
 
@@ -56,101 +61,6 @@ class Call:
     method: str
     args: tuple[Any, ...]
     kwargs: dict[str, Any]
-
-
-class Step:
-    """The training step the planner measures: zero gradients in place, forward, loss,
-    backward (no optimizer)."""
-
-    def __init__(
-        self,
-        module: nn.Module,
-        inputs: tuple[Any, ...],
-        kwargs: dict[str, Any],
-        loss_fn: LossFn | None,
-        autocast_dtype: torch.dtype | None,
-        device: torch.device,
-    ) -> None:
-        self.module = module
-        self.inputs = inputs
-        self.kwargs = kwargs
-        self.loss_fn = loss_fn if loss_fn is not None else sum_of_outputs
-        self.autocast_dtype = autocast_dtype
-        self.device = device
-
-    def __call__(self) -> None:
-        with torch.no_grad():
-            for t in self.gradient_holders():
-                if t.grad is not None:
-                    t.grad.zero_()
-        with self.autocast():
-            out = self.module(*self.inputs, **self.kwargs)
-            loss = self.loss_fn(out)
-        if not isinstance(loss, Tensor) or loss.dim() != 0:
-            raise TypeError(
-                "fit_memory_budget: loss_fn must return a scalar tensor (the loss of the "
-                f"step), got {type(loss).__name__}"
-                + (f" of shape {tuple(loss.shape)}" if isinstance(loss, Tensor) else "")
-            )
-        loss.backward()
-
-    def autocast(self) -> Any:
-        if self.autocast_dtype is None:
-            return nullcontext()
-        return torch.autocast(self.device.type, dtype=self.autocast_dtype)
-
-    def input_tensors(self) -> list[Tensor]:
-        return [t for t in tensors((self.inputs, self.kwargs))]
-
-    def gradient_holders(self) -> list[Tensor]:
-        leaves = [t for t in self.input_tensors() if t.is_leaf and t.requires_grad]
-        return [*self.module.parameters(), *leaves]
-
-    def held_bytes(self) -> int:
-        """Bytes of the distinct storages of parameters, buffers, gradients and inputs."""
-        tensors = [*self.module.parameters(), *self.module.buffers(), *self.input_tensors()]
-        tensors += [t.grad for t in self.gradient_holders() if t.grad is not None]
-        return storage_bytes(tensors)
-
-
-def sum_of_outputs(out: Any) -> Tensor:
-    """The default loss: the sum of every floating output that requires grad."""
-    parts = [t.float().sum() for t in tensors(out) if t.is_floating_point() and t.requires_grad]
-    if not parts:
-        raise ValueError(
-            "fit_memory_budget: no output of the module requires grad, so a training step "
-            "has nothing to backpropagate; pass loss_fn, or inputs/parameters that need grad"
-        )
-    return torch.stack(parts).sum()
-
-
-def tensors(value: Any) -> Iterator[Tensor]:
-    if isinstance(value, Tensor):
-        yield value
-    elif isinstance(value, (tuple, list)):
-        for v in value:
-            yield from tensors(v)
-    elif isinstance(value, Mapping):
-        for v in value.values():
-            yield from tensors(v)
-
-
-def storage_key(t: Tensor) -> tuple[int, str]:
-    try:
-        return t.untyped_storage().data_ptr(), str(t.device)
-    except (RuntimeError, NotImplementedError):  # pragma: no cover - storage-less tensors
-        return id(t), "id"
-
-
-def storage_bytes(tensors: Sequence[Tensor]) -> int:
-    seen: dict[tuple[int, str], int] = {}
-    for t in tensors:
-        key = storage_key(t)
-        try:
-            seen[key] = t.untyped_storage().nbytes()
-        except (RuntimeError, NotImplementedError):  # pragma: no cover
-            seen[key] = t.numel() * t.element_size()
-    return sum(seen.values())
 
 
 def saved_bytes(fn: Callable[[], Any], exclude: set[tuple[int, str]]) -> tuple[Any, int]:
@@ -170,19 +80,6 @@ def saved_bytes(fn: Callable[[], Any], exclude: set[tuple[int, str]]) -> tuple[A
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn()
     return out, sum(seen.values())
-
-
-def device_of(module: nn.Module, inputs: Any) -> torch.device:
-    for p in module.parameters():
-        return p.device
-    for t in tensors(inputs):
-        return t.device
-    return torch.device("cpu")
-
-
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
 
 
 def seconds(
@@ -238,61 +135,34 @@ def instrumented(
 
 
 @contextmanager
-def preserved(step: Step) -> Iterator[None]:
+def preserved(step: TrainingStep) -> Iterator[None]:
     """Everything the planner's steps change, put back afterwards: parameters (ActNorm
-    initialises its own), buffers, gradients, the training flag, the switches, the random
-    state. Copies go to the CPU, so that they take no device memory."""
+    initialises its own), buffers, the optimizer's and the scaler's state
+    (:class:`~invertible_core.planner.step.StateSnapshot`), gradients, the training flag,
+    the switches, the random state. Copies go to the CPU, so that they take no device
+    memory."""
     module = step.module
-    params = [(p, p.detach().to("cpu", copy=True)) for p in module.parameters()]
-    buffers = [(b, b.detach().to("cpu", copy=True)) for b in module.buffers()]
+    snapshot = StateSnapshot(step)
     grads = [
         (t, None if t.grad is None else t.grad.detach().to("cpu", copy=True))
         for t in step.gradient_holders()
     ]
-    sequences, checkpointables = plannable_units(module)
-    switches = {name: (seq.memory_saving, seq.keep_blocks) for name, seq in sequences.items()}
-    checkpointed = {
-        name: cast(Checkpointable, m).checkpointed for name, m in checkpointables.items()
-    }
+    switches = MemorySwitches(module)
+    setting = switches.state()
     training = module.training
+    calls = step.calls
     devices = [step.device.index or 0] if step.device.type == "cuda" else []
     try:
         with torch.random.fork_rng(devices=devices):
             yield
     finally:
+        snapshot.restore()
         with torch.no_grad():
-            for t, saved in [*params, *buffers]:
-                t.copy_(saved)
             for t, saved_grad in grads:
                 t.grad = None if saved_grad is None else saved_grad.to(t.device)
         module.train(training)
-        for name, (saving, keep) in switches.items():
-            sequences[name].memory_saving = saving
-            sequences[name].keep_blocks = keep
-        for name, value in checkpointed.items():
-            cast(Checkpointable, checkpointables[name]).checkpointed = value
-
-
-def make_step(
-    module: nn.Module,
-    inputs: tuple[Any, ...],
-    kwargs: Mapping[str, Any],
-    loss_fn: LossFn | None,
-    reserved_bytes: int,
-    autocast_dtype: torch.dtype | None,
-) -> Step:
-    if not isinstance(module, nn.Module):
-        raise TypeError(f"fit_memory_budget: expected an nn.Module, got {type(module).__name__}")
-    if not inputs and not kwargs:
-        raise ValueError("fit_memory_budget: pass the example inputs of the step")
-    if (
-        isinstance(reserved_bytes, bool)
-        or not isinstance(reserved_bytes, int)
-        or reserved_bytes < 0
-    ):
-        raise ValueError(f"reserved_bytes must be an int >= 0, got {reserved_bytes!r}")
-    device = device_of(module, (inputs, kwargs))
-    return Step(module, inputs, dict(kwargs), loss_fn, autocast_dtype, device)
+        switches.set(setting)
+        step.calls = calls
 
 
 def detached(value: Any) -> Any:
@@ -308,14 +178,11 @@ def detached(value: Any) -> Any:
 
 
 def configure(
-    sequences: Mapping[str, ReversibleSequence],
-    checkpointables: Mapping[str, nn.Module],
-    mask: Sequence[bool] | None,
-    units: Sequence[Unit] = (),
+    switches: MemorySwitches, mask: Sequence[bool] | None, units: Sequence[Unit] = ()
 ) -> None:
     """Set every switch: ``mask[i]`` says whether unit ``i`` stores (``None``: none does)."""
-    keep: dict[str, list[int]] = {name: [] for name in sequences}
-    store = dict.fromkeys(checkpointables, False)
+    keep: dict[str, list[int]] = {name: [] for name in switches.sequences}
+    store = dict.fromkeys(switches.checkpointables, False)
     for on, unit in zip(mask or (), units):
         if not on:
             continue
@@ -323,14 +190,16 @@ def configure(
             keep[unit.owner].append(unit.index)
         else:
             store[unit.owner] = True
-    for name, seq in sequences.items():
-        seq.memory_saving = True
-        seq.keep_blocks = keep[name]
-    for name, module in checkpointables.items():
-        cast(Checkpointable, module).checkpointed = not store[name]
+    switches.set(
+        SwitchState(
+            saving=dict.fromkeys(switches.sequences, True),
+            keep={name: tuple(v) for name, v in keep.items()},
+            checkpointed={name: not stored for name, stored in store.items()},
+        )
+    )
 
 
-def peak(step: Step) -> int:
+def peak(step: TrainingStep) -> int:
     """Exact peak bytes of one step beyond what exists before it."""
     gc.collect()
     _, stats = measure_memory(step, step.device)
@@ -355,7 +224,7 @@ EVERYTHING: Bound = (2**62, 2**62)
 # there. Blocks without submodules (ActNorm, 1x1 convolutions) mark nothing: their phase is
 # their neighbour's, and the bounds count them alive in it, never the other way round.
 def phase_peaks(
-    step: Step, owners: Mapping[str, nn.Module]
+    step: TrainingStep, owners: Mapping[str, nn.Module]
 ) -> tuple[list[tuple[Bound, int]], dict[int, int]]:
     """One step with everything recomputed, measured in phases (see the NOTE): each phase's
     bound and its peak beyond what existed before the step; and each segment's length."""
@@ -436,10 +305,9 @@ def phase_peaks(
 
 
 def unit_costs(
-    step: Step,
+    step: TrainingStep,
     calls: list[Call],
-    sequences: Mapping[str, ReversibleSequence],
-    checkpointables: Mapping[str, nn.Module],
+    switches: MemorySwitches,
     repeats: int,
 ) -> list[Unit]:
     """Each switch's stored bytes (per segment) and recompute time, from the calls' inputs.
@@ -450,6 +318,7 @@ def unit_costs(
     not decide between them, and a deep stage of twins is timed for the price of one block.
     """
     module = step.module
+    sequences, checkpointables = switches.sequences, switches.checkpointables
     held = {storage_key(t) for t in [*module.parameters(), *module.buffers()]}
     units: dict[tuple[str, int | None], Unit] = {}
     timed: dict[Any, float] = {}
@@ -500,14 +369,14 @@ def unit_costs(
                         return run(state, *call.args[1:], **call.kwargs)
 
                 out, saved = saved_bytes(forward, held | side)
-                factor = 1.0 if is_fused(seq[i]) else 2.0  # an inverse, then a forward
+                factor = 1.0 if isinstance(seq[i], Coupling) else 2.0  # an inverse, then a forward
                 account(call.owner, i, seq[i], (segment, pos), saved, state, forward, factor)
                 state = (out[0] if logdet else out).detach()
                 del out
         else:
             block = checkpointables[call.owner]
             inputs = {storage_key(t) for t in tensors(call.args)}
-            cast(Checkpointable, block).checkpointed = False
+            switches.set(SwitchState(checkpointed={call.owner: False}))
 
             def forward_block(block: nn.Module = block, call: Call = call) -> Any:
                 with step.autocast():
@@ -519,5 +388,5 @@ def unit_costs(
                 at = (segment, 0)
                 account(call.owner, None, block, at, saved, call.args, forward_block, 1.0)
             finally:
-                cast(Checkpointable, block).checkpointed = True
+                switches.set(SwitchState(checkpointed={call.owner: True}))
     return list(units.values())

@@ -19,12 +19,12 @@ recomputes the rest. :func:`fit_memory_budget` measures, chooses and verifies:
 2. **When the peak happens.** One step with everything recomputed is measured exactly
    (:func:`~invertible_core.measure_memory_phases`), split into phases at the forward and
    the backward of each sequence, each of its blocks and each checkpointable module (see
-   the NOTE at :func:`invertible_core._plan_costs.phase_peaks`). A stored block's activations live from its forward to
-   its backward, so a plan's peak is predicted as the highest phase of that step plus the
-   activations the plan stores that are alive in that phase: storing the last stage of a
-   network may cost nothing when the peak is in the backward of the first. A step with
-   everything stored (plain autograd) is measured too; the prediction is scaled to meet it
-   there exactly.
+   the NOTE at :func:`invertible_core.planner.costs.phase_peaks`). A stored block's
+   activations live from its forward to its backward, so a plan's peak is predicted as the
+   highest phase of that step plus the activations the plan stores that are alive in that
+   phase: storing the last stage of a network may cost nothing when the peak is in the
+   backward of the first. A step with everything stored (plain autograd) is measured too;
+   the prediction is scaled to meet it there exactly.
 3. **The frontier.** Starting from everything recomputed, the block that buys the most
    recompute time per byte of predicted peak is stored, then the next, up to plain
    autograd: a chain of plans, each storing one block more, each predicted faster and no
@@ -34,16 +34,21 @@ recomputes the rest. :func:`fit_memory_budget` measures, chooses and verifies:
    a few steps). Above the budget, the plan steps down the chain by the error it saw, and
    is measured again, until it fits.
 
-Peak memory counts everything the step holds at its peak: parameters, buffers, gradients
-(kept allocated, as ``zero_grad(set_to_none=False)`` does; with ``set_to_none=True`` a step
-peaks no higher), the example inputs, ``reserved_bytes`` (say, the optimizer's state), and
-forward's and backward's activations and temporaries. On the CPU it is exact to the byte
-(the profiler's allocation events), on CUDA ``torch.cuda.max_memory_allocated``.
+The step is the project's one :class:`~invertible_core.TrainingStep` (forward, loss,
+backward and, given an ``optimizer``, its step; under ``autocast_dtype`` and with a
+``scaler``): pass one, or the module and its example inputs. A plan's peak is the step's
+``peak_bytes`` (:mod:`invertible_core.planner.step`): everything the step holds at its
+highest point, its held state (parameters, buffers, gradients kept allocated, the
+optimizer's state, the batch) and ``reserved_bytes`` (what the step does not allocate but
+the budget must cover: an optimizer's state when no optimizer is given) included. On the
+CPU it is exact to the byte (the profiler's allocation events), on CUDA
+``torch.cuda.max_memory_allocated``.
 
 What it costs: a few training steps (with the CPU profiler, each several times slower) and
 one forward per block. The module's parameters, buffers (BatchNorm statistics, ActNorm's
-initialisation), gradients, training flag and the random state are as they were before;
-its switches are left as the plan says. The default loss is the sum of the module's
+initialisation), gradients, the optimizer's and the scaler's state, the training flag and
+the random state are as they were before; its switches are left as the plan says. A step
+whose loss is not finite stops the planning with :class:`~invertible_core.NonFiniteLossError`. The default loss is the sum of the module's
 floating outputs; pass ``loss_fn`` for your own (``F.cross_entropy(out, labels)``, a flow's
 negative log-likelihood): the loss barely changes activation memory, but the measured peak
 is that of the step you describe.
@@ -53,23 +58,27 @@ from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from invertible_core import _plan_costs as costs
-from invertible_core._plan_costs import Bound, LossFn, Step, Unit
-from invertible_core.memory_plan import (
+from invertible_core.planner import costs
+from invertible_core.planner.costs import Bound, Unit
+from invertible_core.planner.plan import (
     MemoryBudgetError,
     MemoryPlan,
     UnitCost,
     format_bytes,
     parse_bytes,
-    plannable_units,
 )
+from invertible_core.planner.step import TrainingStep
+from invertible_core.planner.switches import MemorySwitches
+
+LossFn = Callable[[Any], torch.Tensor]
 
 __all__ = ["FrontierPoint", "MemoryProfile", "fit_memory_budget", "measure_minimum_peak"]
 
@@ -96,7 +105,7 @@ class MemoryProfile:
 
     def __init__(
         self,
-        step: Step,
+        step: TrainingStep,
         units: list[Unit],
         phases: list[tuple[Bound, int]],
         held_bytes: int,
@@ -112,7 +121,7 @@ class MemoryProfile:
         self.units = units
         #: (bound of what is alive, peak with everything recomputed) per phase of the step
         self.phases = phases
-        #: parameters, buffers, gradients, inputs and ``reserved_bytes``
+        #: the step's ``held_bytes`` and ``reserved_bytes``
         self.held_bytes = held_bytes + reserved_bytes
         self.reserved_bytes = reserved_bytes
         base = max(peak for _, peak in phases)
@@ -152,41 +161,47 @@ class MemoryProfile:
     @classmethod
     def measure(
         cls,
-        module: nn.Module,
+        module: nn.Module | TrainingStep,
         *example_inputs: Any,
         loss_fn: LossFn | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        scaler: torch.amp.GradScaler | None = None,
         reserved_bytes: int = 0,
         autocast_dtype: torch.dtype | None = None,
         repeats: int = 3,
         **forward_kwargs: Any,
     ) -> MemoryProfile:
-        """Measure ``module`` on ``module(*example_inputs, **forward_kwargs)``.
+        """Measure the step of ``module`` on ``module(*example_inputs, **forward_kwargs)``,
+        or the :class:`~invertible_core.TrainingStep` passed instead of a module.
 
         Args:
             loss_fn: ``loss_fn(output) -> scalar``; default: the sum of the floating outputs.
+            optimizer: the optimizer the step takes a step of (``None``: no optimizer step;
+                its state then belongs in ``reserved_bytes``).
+            scaler: a ``torch.amp.GradScaler`` for fp16 training.
             reserved_bytes: memory outside the step that a budget must cover too (an
-                optimizer's state: one copy of the parameters for SGD with momentum, two
-                for Adam).
+                optimizer's state when no optimizer is given: one copy of the parameters
+                for SGD with momentum, two for Adam).
             autocast_dtype: run forward and loss under ``torch.autocast`` in this dtype.
             repeats: timed runs per measurement (medians are taken).
         """
         if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
             raise ValueError(f"repeats must be an int >= 1, got {repeats!r}")
-        step = costs.make_step(
-            module, example_inputs, forward_kwargs, loss_fn, reserved_bytes, autocast_dtype
+        _check_reserved(reserved_bytes)
+        step = training_step(
+            module, example_inputs, forward_kwargs, loss_fn, optimizer, scaler, autocast_dtype
         )
         device = step.device
-        sequences, checkpointables = plannable_units(module)
-        if not sequences and not checkpointables:
+        switches = MemorySwitches(step.module)
+        if not switches:
             raise ValueError(
-                f"fit_memory_budget: {type(module).__name__} has no ReversibleSequence and no "
-                "checkpointable module (a module with a bool 'checkpointed' switch), so there "
-                "is nothing to plan"
+                f"fit_memory_budget: {type(step.module).__name__} has no ReversibleSequence and "
+                "no checkpointable module (a module with a bool 'checkpointed' switch), so "
+                "there is nothing to plan"
             )
-        owners: dict[str, nn.Module] = {**sequences, **checkpointables}
-        with costs.preserved(step):
-            module.train()
-            costs.configure(sequences, checkpointables, None)
+        owners: dict[str, nn.Module] = {**switches.sequences, **switches.checkpointables}
+        with measuring(step):
+            costs.configure(switches, None)
             calls: list[costs.Call] = []
 
             def record(
@@ -204,17 +219,17 @@ class MemoryProfile:
                     "fit_memory_budget: the step never called a reversible sequence or a "
                     "checkpointable module of the module, so there is nothing to plan"
                 )
-            units = costs.unit_costs(step, calls, sequences, checkpointables, repeats)
+            units = costs.unit_costs(step, calls, switches, repeats)
             calls.clear()  # the recorded inputs are no longer needed
             held = step.held_bytes()
             phases, _ = costs.phase_peaks(step, owners)
             everything = [True] * len(units)
-            costs.configure(sequences, checkpointables, everything, units)
+            costs.configure(switches, everything, units)
             plain = costs.peak(step)  # no warm-up needed: gradients exist, shapes are known
             seconds: dict[str, list[float]] = {"min": [], "plain": []}
             for _ in range(repeats):  # interleaved, so that load falls on both alike
                 for key, stored in (("min", None), ("plain", everything)):
-                    costs.configure(sequences, checkpointables, stored, units)
+                    costs.configure(switches, stored, units)
                     seconds[key].append(costs.seconds(step, device, 1, warmup=False))
         return cls(
             step,
@@ -225,8 +240,8 @@ class MemoryProfile:
             plain,
             statistics.median(seconds["min"]),
             statistics.median(seconds["plain"]),
-            {name: len(seq) for name, seq in sequences.items()},
-            list(checkpointables),
+            {name: len(seq) for name, seq in switches.sequences.items()},
+            list(switches.checkpointables),
             repeats,
         )
 
@@ -237,10 +252,8 @@ class MemoryProfile:
         if len(stored) == len(self.units):
             return self.plain_peak_bytes, self.plain_step_seconds
         step = self._step
-        sequences, checkpointables = plannable_units(step.module)
-        with costs.preserved(step):
-            step.module.train()
-            costs.configure(sequences, checkpointables, self._mask(stored), self.units)
+        with measuring(step):
+            costs.configure(MemorySwitches(step.module), self._mask(stored), self.units)
             step()
             peak = costs.peak(step)
             took = costs.seconds(step, step.device, self.repeats, warmup=False)
@@ -352,7 +365,7 @@ class MemoryProfile:
                 UnitCost(
                     unit.name,
                     "block" if unit.index is not None else "checkpointable",
-                    unit.activation_bytes,
+                    unit.stored_bytes,
                     unit.seconds,
                     choice,  # type: ignore[arg-type]
                 )
@@ -378,9 +391,11 @@ class MemoryProfile:
 
 
 def measure_minimum_peak(
-    module: nn.Module,
+    module: nn.Module | TrainingStep,
     *example_inputs: Any,
     loss_fn: LossFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     reserved_bytes: int = 0,
     autocast_dtype: torch.dtype | None = None,
     warmup: bool = True,
@@ -394,30 +409,31 @@ def measure_minimum_peak(
     ``warmup=False`` measures the first step: right only when the module has trained a step
     before (its gradients allocated, one-off initialisations such as ActNorm's done), as a
     search over batch sizes on one module has; it then costs one step instead of two."""
-    step = costs.make_step(
-        module, example_inputs, forward_kwargs, loss_fn, reserved_bytes, autocast_dtype
+    _check_reserved(reserved_bytes)
+    step = training_step(
+        module, example_inputs, forward_kwargs, loss_fn, optimizer, scaler, autocast_dtype
     )
-    sequences, checkpointables = plannable_units(module)
     if not warmup and any(t.grad is None for t in step.gradient_holders() if t.requires_grad):
         raise ValueError(
             "measure_minimum_peak(warmup=False) needs every gradient allocated already (a "
             "step trained before it, with zero_grad(set_to_none=False)); warm up instead"
         )
-    with costs.preserved(step):
-        module.train()
-        costs.configure(sequences, checkpointables, None)
+    with measuring(step):
+        costs.configure(MemorySwitches(step.module), None)
         if warmup:
             step()
-        peak = costs.peak(step)
         held = step.held_bytes()
+        peak = costs.peak(step)
     return held + reserved_bytes + peak
 
 
 def fit_memory_budget(
-    module: nn.Module,
+    module: nn.Module | TrainingStep,
     *example_inputs: Any,
     budget: int | str,
     loss_fn: LossFn | None = None,
+    optimizer: torch.optim.Optimizer | None = None,
+    scaler: torch.amp.GradScaler | None = None,
     reserved_bytes: int = 0,
     autocast_dtype: torch.dtype | None = None,
     profile: MemoryProfile | None = None,
@@ -435,15 +451,20 @@ def fit_memory_budget(
     peak exceeds the budget), leaves ``module`` with the plan applied, and returns the plan.
 
     Args:
-        module: the network (the bare module, not a ``DistributedDataParallel`` wrapper).
+        module: the network (the bare module, not a ``DistributedDataParallel`` wrapper), or
+            a :class:`~invertible_core.TrainingStep` of it (then pass no example inputs,
+            loss, optimizer, scaler or autocast dtype: the step has them).
         *example_inputs: a batch of the shape to train on (what ``module`` is called with).
         budget: bytes, or a size such as ``"6GiB"``, ``"512MiB"``, ``"1.5GB"``: what the
             step's peak may hold, parameters, gradients and inputs included.
         loss_fn: ``loss_fn(output) -> scalar tensor``; default: the sum of the floating
             outputs. For a classifier, ``lambda out: F.cross_entropy(out, labels)``; for a
             flow, its negative log-likelihood.
+        optimizer: the optimizer of the training step: its step and its state are measured
+            with the rest (``None``: no optimizer step).
+        scaler: a ``torch.amp.GradScaler`` (fp16 training).
         reserved_bytes: memory the budget must also cover that the step does not allocate
-            (an optimizer's state).
+            (an optimizer's state when no ``optimizer`` is given).
         autocast_dtype: train under ``torch.autocast`` in this dtype (bf16, fp16).
         profile: a :class:`MemoryProfile` of this module and input, to plan another budget
             without measuring costs again (``example_inputs`` are then ignored).
@@ -458,6 +479,7 @@ def fit_memory_budget(
         MemoryBudgetError: ``budget`` is below the minimum (everything rebuilt or
             checkpointed); the message says the minimum.
         ValueError: a malformed budget, or a module with nothing to plan.
+        NonFiniteLossError: a measured step's loss was not finite.
     """
     budget_bytes = parse_bytes(budget)
     if profile is None:
@@ -465,18 +487,20 @@ def fit_memory_budget(
             module,
             *example_inputs,
             loss_fn=loss_fn,
+            optimizer=optimizer,
+            scaler=scaler,
             reserved_bytes=reserved_bytes,
             autocast_dtype=autocast_dtype,
             repeats=repeats,
             **forward_kwargs,
         )
-    elif profile.module is not module:
+    elif profile.module is not (module.module if isinstance(module, TrainingStep) else module):
         raise ValueError("fit_memory_budget: the profile was measured on another module")
     points = profile.frontier()
     k = profile.frontier_index(budget_bytes)
     if not measure:
         plan = profile.plan_of(points[k].stored, budget_bytes)
-        plan.apply(module)
+        plan.apply(profile.module)
         return plan
     measured = profile.measure_plan(points[k].stored)
     refinements = 0
@@ -497,5 +521,71 @@ def fit_memory_budget(
         refinements += 1
         measured = profile.measure_plan(points[k].stored)
     plan = profile.plan_of(points[k].stored, budget_bytes, measured, refinements)
-    plan.apply(module)
+    plan.apply(profile.module)
     return plan
+
+
+def training_step(
+    module: nn.Module | TrainingStep,
+    inputs: tuple[Any, ...],
+    forward_kwargs: Mapping[str, Any],
+    loss_fn: LossFn | None,
+    optimizer: torch.optim.Optimizer | None,
+    scaler: torch.amp.GradScaler | None,
+    autocast_dtype: torch.dtype | None,
+) -> TrainingStep:
+    """The step to plan: the one given, or one made of the module and its inputs."""
+    if isinstance(module, TrainingStep):
+        given = [
+            name
+            for name, value in (
+                ("example inputs", inputs or forward_kwargs or None),
+                ("loss_fn", loss_fn),
+                ("optimizer", optimizer),
+                ("scaler", scaler),
+                ("autocast_dtype", autocast_dtype),
+            )
+            if value is not None
+        ]
+        if given:
+            raise ValueError(
+                f"fit_memory_budget: a TrainingStep has its own {', '.join(given)}; pass "
+                "either the step alone or the module with them"
+            )
+        return module
+    if not isinstance(module, nn.Module):
+        raise TypeError(f"fit_memory_budget: expected an nn.Module, got {type(module).__name__}")
+    if not inputs and not forward_kwargs:
+        raise ValueError("fit_memory_budget: pass the example inputs of the step")
+    return TrainingStep(
+        module,
+        *inputs,
+        loss_fn=loss_fn,
+        optimizer=optimizer,
+        scaler=scaler,
+        autocast_dtype=autocast_dtype,
+        forward_kwargs=forward_kwargs,
+    )
+
+
+@contextmanager
+def measuring(step: TrainingStep) -> Iterator[None]:
+    """The planner's steps: the module training, gradients kept allocated between steps;
+    everything the steps change put back afterwards (:func:`costs.preserved`)."""
+    set_to_none = step.set_to_none
+    with costs.preserved(step):
+        step.module.train()
+        step.set_to_none = False
+        try:
+            yield
+        finally:
+            step.set_to_none = set_to_none
+
+
+def _check_reserved(reserved_bytes: object) -> None:
+    if (
+        isinstance(reserved_bytes, bool)
+        or not isinstance(reserved_bytes, int)
+        or reserved_bytes < 0
+    ):
+        raise ValueError(f"reserved_bytes must be an int >= 0, got {reserved_bytes!r}")
