@@ -235,7 +235,9 @@ def test_memory_saving_keeps_training_memory_flat_in_depth():
     x = torch.randn(4, 16, WIDTH)
     shallow, deep = encoder(True, layers=2).float(), encoder(True, layers=6).float()
     saving = [_retained(make_reversible(m, "momentum"), x) for m in (shallow, deep)]
-    assert saving[0] == saving[1]
+    # the engine's bookkeeping grows by a few bytes per coupling (measured: 64 bytes for 8);
+    # one activation here is 4 KiB, one kept state 8 KiB
+    assert saving[1] - saving[0] < 1024
     assert _retained(deep, x) > 2 * saving[1]
     plain = [
         _retained(make_reversible(m, "momentum", memory_saving=False), x) for m in (shallow, deep)

@@ -84,11 +84,14 @@ def test_resnet_training_memory_is_flat_in_depth_and_kept_blocks_are_checkpointe
     x = images(32, 2, torch.float32)
     shallow = ResNet(Bottleneck, [1, 2, 2, 1], num_classes=10)
     deep = ResNet(Bottleneck, [1, 2, 6, 1], num_classes=10)
+    # what grows is the engine's copy of the BatchNorm statistics the added blocks write
+    # (it shows the recompute the statistics the forward saw), never their activations
+    added = sum(b.numel() * b.element_size() for block in deep.layer3[2:] for b in block.buffers())
     saving = [_retained(make_reversible(m, "momentum"), x) for m in (shallow, deep)]
-    assert saving[0] == saving[1]
+    assert 0 <= saving[1] - saving[0] <= added + 1024
     assert _retained(deep, x) > 3 * saving[1]
     flat = [_retained(make_reversible(m, "two_stream", anchor_every=0), x) for m in (shallow, deep)]
-    assert flat[0] == flat[1]
+    assert 0 <= flat[1] - flat[0] <= added + 1024
     anchored = [_retained(make_reversible(m, "two_stream"), x) for m in (shallow, deep)]
     # an anchor after each coupling of layer3 (1 coupling shallow, 3 deep) is stored
     assert anchored[0] == flat[0] and anchored[1] > flat[1]

@@ -28,6 +28,7 @@ from typing import Any, cast
 
 from torch import nn
 
+from invertible_core import MemorySaving, MemorySwitches, SwitchState
 from invertible_models.conversion.context import ConversionRecord
 from invertible_models.conversion.method import Coefficients
 from invertible_models.conversion.run import ReversibleRun
@@ -85,9 +86,15 @@ def _name_maps(original: nn.Module, converted: nn.Module) -> tuple[dict[str, str
     return keys, modules
 
 
-class ConvertedModel(nn.Module):
+class ConvertedModel(MemorySaving, nn.Module):
     """Mixed into the class of every network :func:`~invertible_models.make_reversible`
     returns (never instantiated alone).
+
+    ``memory_saving`` is the core's one switch (:class:`~invertible_core.MemorySaving`):
+    ``True`` sets every run to rebuild its activations (and, with ``checkpoint_kept``, every
+    kept block to be checkpointed), ``False`` is plain autograd; reading it says whether the
+    switches are as ``True`` sets them (a memory plan may have set some otherwise).
+    ``set_grad_checkpointing(enable)``, timm's name, sets it too.
 
     Attributes:
         conversion: the :class:`~invertible_models.conversion.ConversionRecord`: the method,
@@ -100,7 +107,6 @@ class ConvertedModel(nn.Module):
 
     conversion: ConversionRecord
     coefficients: Coefficients
-    _memory_saving: bool
     _checkpoint_kept: bool
     _anchor_every: int
     _base_class: type[nn.Module]
@@ -110,34 +116,36 @@ class ConvertedModel(nn.Module):
     _original_order: dict[str, int]
 
     # -- the switches ---------------------------------------------------------------------
-    @property
-    def memory_saving(self) -> bool:
-        """The zoo's one switch: while training, every reversible run rebuilds its
-        activations in backward instead of storing them (and, with ``checkpoint_kept``, the
-        kept blocks inside converted stages are recomputed with ``torch.utils.checkpoint``).
-        ``False``: plain autograd. Setting it applies at once and resets per-block choices
-        (``keep_blocks``, ``checkpointed``); it changes no parameter and no state_dict key."""
-        return self._memory_saving
-
-    @memory_saving.setter
-    def memory_saving(self, value: bool) -> None:
-        self._memory_saving = bool(value)
-        for run in self.runs():
-            run.blocks.memory_saving = self._memory_saving
-            run.blocks.keep_blocks = None
-        for kept in self.kept_blocks():
-            kept.checkpointed = self._memory_saving and self._checkpoint_kept
+    # ``memory_saving`` is the core's one switch (:class:`~invertible_core.MemorySaving`) over
+    # the runs' sequences and the kept blocks; only what "on" means is said here.
+    def memory_saving_state(self, enabled: bool) -> SwitchState:
+        """The switches as ``memory_saving = enabled`` sets them: every run rebuilding its
+        activations, and the kept blocks checkpointed when ``checkpoint_kept``; off, plain
+        autograd everywhere."""
+        switches = MemorySwitches(self)
+        state = switches.uniform(enabled)
+        if not enabled or self._checkpoint_kept:
+            return state
+        kept = {n for n, m in switches.checkpointables.items() if isinstance(m, KeptBlock)}
+        return SwitchState(
+            saving=state.saving,
+            keep=state.keep,
+            checkpointed={n: on and n not in kept for n, on in state.checkpointed.items()},
+        )
 
     @property
     def checkpoint_kept(self) -> bool:
         """Whether saving memory also checkpoints the blocks kept as they were inside
-        converted stages (a ResNet's downsampling blocks); applies at once."""
+        converted stages (a ResNet's stem and downsampling blocks); applies at once while
+        ``memory_saving`` is on."""
         return self._checkpoint_kept
 
     @checkpoint_kept.setter
     def checkpoint_kept(self, value: bool) -> None:
+        saving = self.memory_saving
         self._checkpoint_kept = bool(value)
-        self.memory_saving = self._memory_saving
+        if saving:
+            self.memory_saving = True
 
     @property
     def anchor_every(self) -> int:
@@ -296,7 +304,6 @@ def adopt(
         _converted_keys={old: new for new, old in keys.items()},
         _original_paths=modules,
         _original_order={key: i for i, key in enumerate(original.state_dict())},
-        _memory_saving=bool(memory_saving),
         _checkpoint_kept=bool(checkpoint_kept),
         _anchor_every=anchor_every,
         conversion=record,

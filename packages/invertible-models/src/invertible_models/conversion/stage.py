@@ -7,7 +7,7 @@ order, each maximal run of convertible blocks as one
 :class:`~invertible_models.conversion.run.ReversibleRun` and each other block as a
 :class:`KeptBlock`: the same module, computing what it computed, and recomputed in backward
 with ``torch.utils.checkpoint`` while its switch ``checkpointed`` is on (the core's
-``Checkpointable`` protocol, set by the converted network's ``memory_saving`` and
+``CheckpointableModule``, set by the converted network's ``memory_saving`` and
 ``checkpoint_kept``, or block by block by a memory plan).
 """
 
@@ -17,13 +17,13 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from invertible_models.blocks import CheckpointSwitch
+from invertible_core import CheckpointableModule
 from invertible_models.conversion.run import ReversibleRun
 
 __all__ = ["KeptBlock", "ReversibleStage"]
 
 
-class KeptBlock(CheckpointSwitch):
+class KeptBlock(CheckpointableModule):
     """A block the conversion could not make reversible, left as it was.
 
     ``forward(x)`` is ``module(x)``; while ``checkpointed`` (and training with grad) it keeps
