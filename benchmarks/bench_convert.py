@@ -66,9 +66,13 @@ from torch.utils.checkpoint import checkpoint
 
 import invertible_core
 import invertible_models
-from invertible_core import measure_memory
+from invertible_core import (
+    TrainingStep,
+    measure_memory,
+    measure_step_memory,
+    median_step_seconds,
+)
 from invertible_models import CoefficientSchedule, make_reversible
-from invertible_models.profiler import TrainingStep, measure_step_memory, median_step_seconds
 
 METHODS = ("momentum", "two_stream")
 #: the conversions the gradient and memory sections measure: label -> (method, options).
@@ -471,7 +475,11 @@ def bench_memory(args: argparse.Namespace) -> list[dict[str, Any]]:
                 if isinstance(net, str):
                     row["note"] = net
                     continue
-                step = TrainingStep(net, images=images, labels=labels)
+                net.train()
+                optimizer = torch.optim.SGD(net.parameters(), lr=0.01, momentum=0.9)
+                step = TrainingStep(
+                    net, images, loss_fn=F.cross_entropy, targets=labels, optimizer=optimizer
+                )
                 try:
                     memory = measure_step_memory(step, warmup=1)
                 except Exception as exc:  # a peer failing: reported, not fatal
