@@ -120,11 +120,16 @@ def test_the_summary_memory_is_the_profilers_measurement(tmp_path: Path) -> None
     trainer = Trainer(cfg, tmp_path / "run")
     summary = trainer.fit()
     images, labels = next(iter(trainer.evaluator.loader))
+    model = copy.deepcopy(trainer.model)
+    # the run's own step: a copy of its optimizer, with its state (momentum), on the copy
+    optimizer = type(trainer.optimizer)(model.parameters(), **trainer.optimizer.defaults)
+    optimizer.load_state_dict(trainer.optimizer.state_dict())
     step = TrainingStep(
-        copy.deepcopy(trainer.model),
+        model,
         trainer.transform.test(images[:16]),
         targets=labels[:16],
         loss_fn=F.cross_entropy,
+        optimizer=optimizer,
     )
     expected = measure_step_memory(step)
     assert summary["activation_bytes"] == expected.activation_bytes > 0

@@ -31,6 +31,8 @@ writes its inputs in place, before anything of the caller's is touched.
 
 from __future__ import annotations
 
+import functools
+import sys
 import threading
 import weakref
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,9 +51,9 @@ __all__ = [
     "call_with_logdet",
     "forked_rng",
     "fsdp_forward_method",
-    "register_with_fsdp",
     "guarded_call",
     "is_recomputing",
+    "register_with_fsdp",
     "report_logdet",
     "shared_call",
     "tensor_devices",
@@ -98,20 +100,47 @@ _ENTRY_REASON = (
 )
 
 
+def _lazily_disabled(fn: _F, recursive: bool, reason: str | None = None) -> _F:
+    """``torch.compiler.disable(fn, recursive)``, made on first use while dynamo is loaded.
+
+    ``torch.compiler.disable`` imports dynamo (seconds of CPU), which ``import
+    invertible_core`` should not cost: nothing can be compiling before dynamo is loaded, so
+    until then ``fn`` runs as it is. The wrapper carries the attribute by which dynamo,
+    tracing a caller, declines to inline a disabled function (a graph break, as for
+    ``torch.compiler.disable``)."""
+    disabled: Callable[..., Any] | None = None
+
+    @functools.wraps(fn)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        nonlocal disabled
+        if "torch._dynamo" not in sys.modules:
+            return fn(*args, **kwargs)
+        if disabled is None:
+            if reason is not None:
+                try:
+                    disabled = torch.compiler.disable(fn, recursive=recursive, reason=reason)  # type: ignore[call-arg]
+                except TypeError:  # torch before the reason argument
+                    disabled = torch.compiler.disable(fn, recursive=recursive)
+            else:
+                disabled = torch.compiler.disable(fn, recursive=recursive)
+        return disabled(*args, **kwargs)
+
+    call._torchdynamo_disable = True  # type: ignore[attr-defined]
+    call._torchdynamo_disable_msg = reason  # type: ignore[attr-defined]
+    return call  # type: ignore[return-value]
+
+
 def entry_frame(fn: _F) -> _F:
     """Run ``fn``'s own frame eagerly under torch.compile, with dynamo still watching: the
     public entry of a memory-saving call, which takes note of dynamo's callback
     (:func:`compile_context`) before the engine runs."""
-    try:
-        return torch.compiler.disable(fn, recursive=False, reason=_ENTRY_REASON)  # type: ignore[call-arg,no-any-return]
-    except TypeError:  # torch before the reason argument
-        return torch.compiler.disable(fn, recursive=False)  # type: ignore[no-any-return]
+    return _lazily_disabled(fn, recursive=False, reason=_ENTRY_REASON)
 
 
 def engine_only(fn: _F) -> _F:
     """Keep dynamo out of ``fn`` and everything it calls (engine bookkeeping); the engine
     re-enters dynamo itself around the code of the blocks (:func:`compiled_as`)."""
-    return torch.compiler.disable(fn)  # type: ignore[no-any-return]
+    return _lazily_disabled(fn, recursive=True)
 
 
 def run_compiled(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, Any]) -> Any:
@@ -123,6 +152,8 @@ def run_compiled(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, 
 
 def compile_context() -> Any:
     """Dynamo's frame callback now (``None`` outside torch.compile, or where unknown)."""
+    if "torch._dynamo" not in sys.modules:
+        return None
     try:
         from torch._C._dynamo.eval_frame import get_eval_frame_callback
     except ImportError:  # pragma: no cover - a torch without this entry point
@@ -223,7 +254,9 @@ def shared_call(slot: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any)
     return _shared_call(slot, fn, args, kwargs)
 
 
-def _shared_call(slot: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _shared_call(
+    slot: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     site = _local.site
     if site is None:
         return guarded_call(fn, args, kwargs)
@@ -271,8 +304,8 @@ _report_logdet_untraced = engine_only(_report_logdet)
 
 
 def with_logdet(
-    module: nn.Module, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any
-) -> tuple[Tensor, Tensor]:
+    module: nn.Module, fn: Callable[..., Any], x: Any, *args: Any, **kwargs: Any
+) -> tuple[Any, Tensor]:
     """``(fn(x, ...), log|det J|)``: runs ``fn`` while collecting what ``module`` reports.
 
     ``forward_with_logdet`` is ``with_logdet(self, self, x, ...)``: the block runs through
@@ -285,8 +318,8 @@ def with_logdet(
 
 
 def _with_logdet(
-    module: nn.Module, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any
-) -> tuple[Tensor, Tensor]:
+    module: nn.Module, fn: Callable[..., Any], x: Any, *args: Any, **kwargs: Any
+) -> tuple[Any, Tensor]:
     parts: list[Tensor] = []
     _local.logdet.append((module, parts))
     try:
@@ -305,13 +338,16 @@ def _with_logdet(
 _with_logdet_untraced = engine_only(_with_logdet)
 
 
-def call_with_logdet(block: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+def call_with_logdet(
+    block: nn.Module, x: Tensor, *args: Any, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
     """``block.forward_with_logdet(x, ...)``, also when ``block`` is a wrapper that hooks only
     ``forward`` (FSDP1's ``FullyShardedDataParallel``, whose other methods reach the wrapped
     module without unsharding it): then the wrapper's forward runs, and the log-determinant
     is what the wrapped block reports (see :func:`report_logdet`)."""
     if getattr(type(block), "forward_with_logdet", None) is not None:
-        return block.forward_with_logdet(x, *args, **kwargs)  # type: ignore[no-any-return]
+        method: Callable[..., tuple[Tensor, Tensor]] = block.forward_with_logdet  # type: ignore[assignment]
+        return method(x, *args, **kwargs)
     inner: Any = block
     while getattr(type(inner), "forward_with_logdet", None) is None and isinstance(
         getattr(inner, "module", None), nn.Module

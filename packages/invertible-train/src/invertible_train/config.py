@@ -23,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import sys
+import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -30,7 +31,7 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-from invertible_core.memory_plan import parse_bytes
+from invertible_core import parse_bytes
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -74,10 +75,12 @@ class ModelConfig:
     ``tv:NAME`` (torchvision) or ``timm:NAME`` (timm)."""
 
     name: str = ""
-    #: for models with a ``memory_saving`` switch (RevNets): recompute instead of storing
-    #: activations. May change when a run resumes: it changes what is stored, not what is
+    #: for models with a ``memory_saving`` switch: recompute instead of storing activations
+    #: (reversible networks rebuild them, plain ones checkpoint their blocks). Unset: the
+    #: model's own default, as timm has it (reversible networks save, plain ones train
+    #: plainly). May change when a run resumes: it changes what is stored, not what is
     #: computed.
-    memory_saving: bool = True
+    memory_saving: bool | None = None
     #: extra keyword arguments for ``create_model`` (e.g. a width), passed through as-is.
     options: dict[str, Any] = field(default_factory=dict)
     #: make the network reversible (``invertible_models.make_reversible``): ``momentum`` or
@@ -357,6 +360,9 @@ def _coerce(value: Any, hint: Any, key: str, source: str) -> Any:
     """Check ``value`` against a schema type; ints are accepted for floats."""
     origin = typing.get_origin(hint)
     ok: bool
+    optional = [a for a in typing.get_args(hint) if a is not type(None)]
+    if origin in (typing.Union, types.UnionType) and len(optional) == 1:
+        return None if value is None else _coerce(value, optional[0], key, source)
     if hint is bool:
         ok = isinstance(value, bool)
     elif hint is int:
@@ -520,11 +526,13 @@ def _toml_value(value: Any) -> str:
 
 
 def dump_toml(data: Mapping[str, Any]) -> str:
-    """Write nested dicts of scalars and lists as TOML (enough for a resolved config)."""
+    """Write nested dicts of scalars and lists as TOML (enough for a resolved config); a
+    ``None`` (an unset option) is left out."""
     lines: list[str] = []
 
     def table(node: Mapping[str, Any], path: str) -> None:
-        scalars = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        # an unset value (None) is written as absent, which reads back as unset
+        scalars = {k: v for k, v in node.items() if not isinstance(v, dict) and v is not None}
         tables = {k: v for k, v in node.items() if isinstance(v, dict)}
         if path:
             lines.append(f"\n[{path}]")

@@ -190,10 +190,10 @@ def _zoo_model(cfg: ModelConfig, num_classes: int, in_channels: int) -> nn.Modul
     options = dict(cfg.options)
     if in_channels != 3:
         options.setdefault("in_channels", in_channels)
+    if cfg.memory_saving is not None:  # unset: the model's own default
+        options["memory_saving"] = cfg.memory_saving
     try:
-        return create_model(
-            cfg.name, num_classes=num_classes, memory_saving=cfg.memory_saving, **options
-        )
+        return create_model(cfg.name, num_classes=num_classes, **options)
     except (TypeError, ValueError) as exc:
         found = re.search(r"keyword argument '(\w+)'", str(exc))
         if found is None:

@@ -145,7 +145,7 @@ class Run:
             if not distribution.is_main_process:
                 warnings.simplefilter("ignore")  # rank 0 tells the user once
             self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, self.total_iterations)
-            if not cfg.model.memory_saving and not has_memory_saving(model):
+            if cfg.model.memory_saving is False and not has_memory_saving(model):
                 warnings.warn(
                     f"model.memory_saving = false changes nothing: {cfg.model.name} has no "
                     "memory_saving switch",

@@ -260,7 +260,7 @@ class DensityEstimation(Task):
         )
 
     def after_evaluation(self, model: nn.Module, results_dir: Path, iteration: int) -> Tensor:
-        """Write ``samples/iteration-NNNNNNN.png``: a grid of :data:`SAMPLE_GRID` samples.
+        """Write ``samples/iteration-NNNNNNN.png``: a grid of :data:`~invertible_train.tasks.SAMPLE_GRID` samples.
 
         Drawn from a fixed seed with the random state forked, so the grids of successive
         evaluations show the same latent points and training's random state is untouched.

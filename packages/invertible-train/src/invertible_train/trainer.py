@@ -434,13 +434,21 @@ class Trainer(Run):
         memory: dict[str, int | None] = {"activation_bytes": None, "step_peak_bytes": None}
         if self.cfg.train.measure_memory:
             memory.update(
-                self.evaluator.step_memory(self.model, self.local_batch_size, self.amp_dtype)
+                self.evaluator.step_memory(
+                    self.model,
+                    self.local_batch_size,
+                    self.amp_dtype,
+                    optimizer=self.optimizer,
+                    scaler=self.scaler,
+                )
             )
         # images/s of the whole job over the run's training time (the main process's clock)
         seconds = self._clock.total_seconds
         timed = (self.iteration - self._trained["since_iteration"]) * self.cfg.data.batch_size
         saving = (
-            {"memory_saving": self.cfg.model.memory_saving} if has_memory_saving(self.model) else {}
+            {"memory_saving": bool(self.model.memory_saving)}
+            if has_memory_saving(self.model)
+            else {}
         )
         plan = {} if self.memory_plan is None else {"memory_plan": self.memory_plan.to_dict()}
         summary: dict[str, Any] = {
