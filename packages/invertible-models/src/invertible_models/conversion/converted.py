@@ -101,8 +101,8 @@ class ConvertedModel(MemorySaving, nn.Module):
             each reversible run and each block kept as it was, by original path.
         coefficients: the method's coefficients (``gamma``; ``alpha`` and ``beta``), shared
             by every coupling and read at every call; change them with
-            :meth:`set_coefficients` or a :class:`~invertible_models.conversion.
-            CoefficientSchedule`.
+            :meth:`set_coefficients` or a
+            :class:`~invertible_models.conversion.CoefficientSchedule`.
     """
 
     conversion: ConversionRecord

@@ -26,7 +26,8 @@ class CoefficientSchedule:
     of :meth:`step` (then held at the end values).
 
     Args:
-        target: a converted network (its ``coefficients``) or a :class:`Coefficients`.
+        target: a converted network (its ``coefficients``) or its
+            :class:`~invertible_models.conversion.Coefficients`.
         steps: the number of :meth:`step` calls from the start values to the end values
             (at least 1).
         **ranges: ``name=(start, end)`` per coefficient, e.g. ``alpha=(1.0, 0.0),
