@@ -151,9 +151,11 @@ def build_model(cfg: ModelConfig, num_classes: int, in_channels: int = 3) -> nn.
         model = _zoo_model(cfg, num_classes, in_channels)
     if not cfg.reversible:
         return model
+    # unset: the converted network's own default, which saves memory
+    saving = True if cfg.memory_saving is None else cfg.memory_saving
     try:
         return make_reversible(
-            model, cfg.reversible, memory_saving=cfg.memory_saving, **cfg.reversible_options
+            model, cfg.reversible, memory_saving=saving, **cfg.reversible_options
         )
     except (ConversionError, TypeError, ValueError) as exc:
         raise ConfigError(f"model.reversible = {cfg.reversible!r}: {exc}") from None
