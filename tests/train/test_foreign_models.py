@@ -57,6 +57,9 @@ def test_the_conversion_takes_its_coefficients_and_the_memory_switch() -> None:
     assert isinstance(model, ConvertedModel)
     assert model.coefficients.as_dict() == {"alpha": 1.0, "beta": 0.25}
     assert model.memory_saving is False
+    # model.memory_saving unset: the converted network's own default, saving
+    default = build_model(ModelConfig(name="tv:resnet18", reversible="momentum"), num_classes=4)
+    assert isinstance(default, ConvertedModel) and default.memory_saving is True
 
 
 @pytest.mark.parametrize(
