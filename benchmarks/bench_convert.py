@@ -712,7 +712,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "--batch-size", type=int, default=None, help="memory rows (default 8; quick 2)"
     )
     parser.add_argument(
-        "--image-size", type=int, default=None, help="ResNet memory rows (default 64; quick 32)"
+        "--image-size", type=int, default=None, help="ResNet memory rows (default 64)"
     )
     parser.add_argument(
         "--vit-image-size", type=int, default=None, help="ViT memory rows (default 96; quick 32)"
@@ -735,7 +735,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.pretrain_steps = args.pretrain_steps or (2 if quick else 150)
     args.finetune_steps = args.finetune_steps or (2 if quick else 100)
     args.batch_size = args.batch_size or (2 if quick else 8)
-    args.image_size = args.image_size or (32 if quick else 64)
+    args.image_size = args.image_size or 64
     args.vit_image_size = args.vit_image_size or (32 if quick else 96)
     args.repeats = args.repeats or (1 if quick else 5)
     if quick:
