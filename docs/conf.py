@@ -28,6 +28,7 @@ extensions = [
     "sphinx.ext.viewcode",
     "myst_parser",
     "invertible_docs",
+    "benchmark_results",
 ]
 
 # Guides are Markdown (MyST); the API reference is reStructuredText, because autodoc
