@@ -28,7 +28,7 @@ extensions = [
     "sphinx.ext.viewcode",
     "myst_parser",
     "invertible_docs",
-    "benchmark_results",
+    "benchmark_results.directives",
 ]
 
 # Guides are Markdown (MyST); the API reference is reStructuredText, because autodoc

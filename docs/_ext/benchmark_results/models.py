@@ -25,7 +25,7 @@ MODELS = RecordSpec("models.json", "python benchmarks/bench_models.py", _conditi
 #: which table a row belongs to, by the first word of its label
 FAMILIES = {
     "cnn": ("resnet", "revnet"),
-    "transformers": ("vit_tiny", "revvit_tiny"),
+    "transformers": ("vit", "revvit"),
     "flows": ("irevnet", "glow", "freia"),
 }
 
@@ -39,9 +39,15 @@ def _family(label: str) -> str | None:
 
 
 def _label(label: str) -> str:
-    """The recorded label as the tables read it."""
+    """A recorded row label as the tables read it."""
     label = label.replace("+checkpoint", "+ checkpoint").replace("+ckpt", "+ checkpoint")
     return label.replace(" nosave", ", saving off").replace("freia", "FrEIA")
+
+
+def _ratio_label(ratio: str) -> str:
+    """A recorded ratio's description as the tables read it."""
+    ratio = ratio.replace("saving / nosave", "saving on / off").replace(" nosave", " saving off")
+    return ratio.replace("+ckpt", " + checkpoint").replace("freia", "FrEIA")
 
 
 def _profiles_table(record: Record, family: str) -> Table:
@@ -73,7 +79,7 @@ def _ratios_table(record: Record, family: str) -> Table:
         target: Any = record.field(row, "target")
         met = record.field(row, "met")
         table.add(
-            _label(what),
+            _ratio_label(what),
             ratio(record.field(row, "value"), 3),
             "" if target is None else f"<= {target:.2f}",
             "" if met is None else ("yes" if met else "no"),
