@@ -1,6 +1,6 @@
 """What the GPU suite measures: the rows of every stage, and MemCNN's figures to compare with.
 
-Torch-free, so that the report can lay out its tables (and the README's placeholders) from
+Torch-free, so that the report can lay out its tables (and the site's placeholders) from
 the same lists the stages measure.
 """
 

@@ -1,6 +1,6 @@
 """The GPU suite's result record: stage statuses, and JSON written so that it is never torn.
 
-Torch-free on purpose: the driver (``suite.py``), the report and ``fill_readme.py`` import
+Torch-free on purpose: the driver (``suite.py``) and the report import
 it without paying for torch, and a driver that never touches CUDA cannot hang in it.
 """
 

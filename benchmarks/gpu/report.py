@@ -1,9 +1,10 @@
-"""Markdown from a GPU suite record: the suite's own page, the README's tables, a summary.
+"""Markdown from a GPU suite record: the suite's own page, the site's tables, a summary.
 
 Every table is laid out from the suite's plan (``plan.py``), not from whatever rows a record
-happens to hold, so a missing row shows as "not run" and the README's tables have the same
-rows before and after a run. Given no record at all, every cell says "to be measured":
-those are the placeholders ``fill_readme.py`` puts in the README until a GPU run fills them.
+happens to hold, so a missing row shows as "not run" and the site's tables have the same rows
+before and after a run. Given no record at all, every cell says "to be measured": those are
+the tables the documentation site (``docs/results/gpu.md``) shows until a GPU run's record is
+committed; the site lays them out from the newest one when it is built.
 """
 
 from __future__ import annotations
@@ -230,8 +231,8 @@ def fit_batch_table(record: Record) -> str:
     return table(header, body)
 
 
-#: the README's GPU tables, by the name of their markers (see fill_readme.py)
-README_TABLES: dict[str, Callable[[Record], str]] = {
+#: the site's GPU tables, by name (``docs/_ext/benchmark_results/gpu.py`` shows them)
+SITE_TABLES: dict[str, Callable[[Record], str]] = {
     "environment": environment_table,
     "tests": tests_table,
     "memory": memory_table,

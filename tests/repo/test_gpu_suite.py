@@ -1,10 +1,10 @@
-"""The GPU suite works before any GPU sees it: its dry run, its time boxes, its README filler.
+"""The GPU suite works before any GPU sees it: its dry run, its time boxes, its site tables.
 
 A lent GPU gives this project a few minutes, once; the suite (``benchmarks/gpu``) must work
 the first time. So its whole dry run (every stage at toy sizes on the CPU) runs here end to
 end and its record is checked stage by stage, the driver's time boxing is checked with
-stages that hang or crash, the largest-batch search with a synthetic memory model, and
-``fill_readme.py`` with a synthetic GPU record.
+stages that hang or crash, the largest-batch search with a synthetic memory model, and the
+documentation site's GPU tables (``docs/results/gpu.md``) with a synthetic GPU record.
 """
 
 from __future__ import annotations
@@ -24,11 +24,11 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
 GPU = ROOT / "benchmarks" / "gpu"
-README = ROOT / "README.md"
+#: the documentation build's tables (``benchmark_results``), importable from here
+DOCS_EXT = ROOT / "docs" / "_ext"
 #: the suite's own modules, importable by these names once GPU is on sys.path
 SUITE_MODULES = (
-    "record", "plan", "report", "common", "suite", "fill_readme",
-    "stage_fit_batch", "stage_tests",
+    "record", "plan", "report", "common", "suite", "stage_fit_batch", "stage_tests",
 )  # fmt: skip
 #: a dry run takes about 2 minutes on a loaded 2-core machine; this is the hang guard
 DRY_RUN_TIMEOUT = 900
@@ -202,7 +202,7 @@ def test_the_dry_runs_markdown_holds_every_table_of_its_record(
     (name,) = (f for f in dry_run["files"] if f.endswith(".md"))
     markdown = (dry_run["out"] / name).read_text()
     assert markdown.startswith("# GPU suite, ") and "dry run" in markdown.splitlines()[0]
-    for render in gpu["report"].README_TABLES.values():
+    for render in gpu["report"].SITE_TABLES.values():
         assert render(record) in markdown
     assert "to be measured" not in markdown
 
@@ -371,7 +371,7 @@ def test_the_time_of_a_larger_try_is_estimated_from_the_cost_per_image(
     assert estimate(noisy, 12_000) == pytest.approx(1.3 * (0.08 + 0.25 * 0.08 / 256 * 11_744) + 0.5)
 
 
-# -- fill_readme.py --------------------------------------------------------------------------
+# -- the site's GPU tables ------------------------------------------------------------------
 def _synthetic_record(gpu: dict[str, ModuleType]) -> dict[str, Any]:
     """A GPU run's record with every row measured, and numbers that are easy to spot."""
     plan = gpu["plan"]
@@ -418,36 +418,29 @@ def _synthetic_record(gpu: dict[str, ModuleType]) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _fill(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, str(GPU / "fill_readme.py"), *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+@pytest.fixture
+def site_gpu_tables() -> Iterator[dict[str, Any]]:
+    """The documentation build's GPU tables (``docs/_ext/benchmark_results/gpu.py``), by name."""
+    sys.path.insert(0, str(DOCS_EXT))
+    try:
+        from benchmark_results import gpu as site
+
+        yield {spec.table: spec for spec in site.TABLES}
+    finally:
+        sys.path.remove(str(DOCS_EXT))
 
 
-def _gpu_section(text: str) -> str:
-    return text[text.index("## GPU results") : text.index("## Development")]
-
-
-def test_fill_readme_puts_a_records_figures_in_every_table_and_nothing_else(
-    gpu: dict[str, ModuleType], tmp_path: Path
+def test_the_site_lays_out_a_gpu_records_figures_in_every_table(
+    gpu: dict[str, ModuleType], site_gpu_tables: dict[str, Any], tmp_path: Path
 ) -> None:
-    readme = tmp_path / "README.md"
-    original = README.read_text(encoding="utf-8")
-    readme.write_text(original, encoding="utf-8")
-    record = tmp_path / "gpu-2027-01-15.json"
-    record.write_text(json.dumps(_synthetic_record(gpu)))
-    done = _fill(str(record), "--readme", str(readme))
-    assert done.returncode == 0, done.stderr
-    filled = readme.read_text(encoding="utf-8")
-    section = _gpu_section(filled)
-    tables = [
-        gpu["fill_readme"].marker_pattern(name).search(filled).group(2)  # type: ignore[union-attr]
-        for name in gpu["report"].README_TABLES
-    ]
-    assert all(t.strip() and "to be measured" not in t for t in tables)
+    record = _synthetic_record(gpu)
+    (tmp_path / "gpu-2027-01-15.json").write_text(json.dumps(record))
+    assert set(site_gpu_tables) == set(gpu["report"].SITE_TABLES)
+    pages = {name: spec.render(tmp_path) for name, spec in site_gpu_tables.items()}
+    for name, page in pages.items():
+        assert page.startswith(gpu["report"].SITE_TABLES[name](record)), name
+        assert "to be measured" not in page and "gpu-2027-01-15.json" in page
+    shown = "\n".join(pages.values())
     for figure in (
         "NVIDIA H200",
         "`0123456789ab`",
@@ -458,8 +451,8 @@ def test_fill_readme_puts_a_records_figures_in_every_table_and_nothing_else(
         "39.00",
         "24,576",
     ):
-        assert figure in section, figure  # fmt: skip
-    memory = _stage(_synthetic_record(gpu), "memory")["result"]["rows"]
+        assert figure in shown, figure  # fmt: skip
+    memory = _stage(record, "memory")["result"]["rows"]
     revnet = next(
         r
         for r in memory
@@ -471,47 +464,30 @@ def test_fill_readme_puts_a_records_figures_in_every_table_and_nothing_else(
         if (r["model"], r["precision"], r["saving"]) == ("resnet164", "fp32", False)
     )
     ratio = 100 * revnet["step_peak_mib"] / resnet["step_peak_mib"]
-    assert f"fp32: {ratio:.1f}% (MemCNN: 17.6%)" in section
-    outside = original.replace(_gpu_section(original), "")
-    assert filled.replace(section, "") == outside
-    # and back: the placeholders give the README as it is committed, byte for byte
-    assert _fill("--placeholders", "--readme", str(readme)).returncode == 0
-    assert readme.read_text(encoding="utf-8") == original
+    assert f"fp32: {ratio:.1f}% (MemCNN: 17.6%)" in pages["memory"]
 
 
-def test_the_committed_readme_holds_placeholders_or_a_gpu_runs_tables(
-    gpu: dict[str, ModuleType],
+def test_without_a_gpu_run_the_site_shows_placeholders_and_never_a_dry_run(
+    gpu: dict[str, ModuleType], site_gpu_tables: dict[str, Any], tmp_path: Path
 ) -> None:
-    """Every table is either "to be measured" or exactly what fill_readme.py lays out from
-    a GPU record committed beside it: a figure typed into a table by hand fails here."""
-    text = README.read_text(encoding="utf-8")
-    fill = gpu["fill_readme"]
-    records = sorted((ROOT / "benchmarks" / "results").glob("gpu-2*.json"))
-    sources = [None, *(json.loads(r.read_text()) for r in records)]
-    assert any(fill.fill(text, record) == text for record in sources), (
-        "the README's GPU tables are neither placeholders nor a committed record's: run "
-        "benchmarks/gpu/fill_readme.py (--placeholders, or with the record)"
-    )
-    edited = text.replace("| resnet164 | off | 2452.8 |", "| resnet164 | off | 2452.8 | 1.0 |", 1)
-    assert edited != text and not any(fill.fill(edited, record) == edited for record in sources)
-
-
-def test_fill_readme_refuses_a_dry_run_and_a_readme_without_its_markers(
-    gpu: dict[str, ModuleType], tmp_path: Path
-) -> None:
-    readme = tmp_path / "README.md"
-    readme.write_text(README.read_text(encoding="utf-8"), encoding="utf-8")
+    """Until a GPU run's record is committed every cell says "to be measured"; a dry run's
+    record (toy sizes on the CPU) is not a measurement and is never shown."""
     dry = copy.deepcopy(_synthetic_record(gpu))
     dry["dry_run"] = True
-    record = tmp_path / "dry.json"
-    record.write_text(json.dumps(dry))
-    done = _fill(str(record), "--readme", str(readme))
-    assert done.returncode == 2 and "dry run" in done.stderr and "--allow-dry-run" in done.stderr
-    assert readme.read_text(encoding="utf-8") == README.read_text(encoding="utf-8")
-    assert _fill(str(record), "--readme", str(readme), "--allow-dry-run").returncode == 0
+    (tmp_path / "gpu-2027-01-16.json").write_text(json.dumps(dry))
+    for name, spec in site_gpu_tables.items():
+        page = spec.render(tmp_path)
+        assert page.startswith(gpu["report"].SITE_TABLES[name](None)), name
+        assert "to be measured" in page and "No GPU run is recorded yet" in page
+        assert "NVIDIA H200" not in page
 
-    broken = README.read_text(encoding="utf-8").replace("<!-- /gpu-table:fit-batch -->", "")
-    readme.write_text(broken, encoding="utf-8")
-    done = _fill("--placeholders", "--readme", str(readme))
-    assert done.returncode == 2 and "gpu-table:fit-batch" in done.stderr
-    assert readme.read_text(encoding="utf-8") == broken  # untouched, not half-filled
+
+def test_the_site_shows_the_newest_gpu_run(
+    gpu: dict[str, ModuleType], site_gpu_tables: dict[str, Any], tmp_path: Path
+) -> None:
+    old, new = _synthetic_record(gpu), _synthetic_record(gpu)
+    new["git"]["commit"] = "fedcba9876543210"
+    (tmp_path / "gpu-2027-01-15.json").write_text(json.dumps(old))
+    (tmp_path / "gpu-2027-02-01.json").write_text(json.dumps(new))
+    page = site_gpu_tables["environment"].render(tmp_path)
+    assert "`fedcba987654`" in page and "gpu-2027-02-01.json" in page

@@ -64,12 +64,12 @@ class GpuTableSpec:
     """A table of the GPU suite's report: the newest GPU record's, or placeholders."""
 
     name: str
-    table: str  # the name in report.README_TABLES
+    table: str  # the name in report.SITE_TABLES
     record: RecordSpec = GPU
 
     def render(self, results_dir: Path | None = None) -> str:
         found = newest_gpu_record(results_dir or RESULTS_DIR)
-        tables: dict[str, Callable[[Any], str]] = suite_report().README_TABLES
+        tables: dict[str, Callable[[Any], str]] = suite_report().SITE_TABLES
         if self.table not in tables:
             raise RecordError(
                 f"benchmarks/gpu/report.py has no table {self.table!r} (it has "
