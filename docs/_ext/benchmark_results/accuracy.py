@@ -16,8 +16,13 @@ def _conditions(record: Record) -> str:
     )
 
 
+#: optional: the record was never committed (the README's former figures were typed in by
+#: hand); until a run's record is, the page and the headlines say that it is not measured yet
 ACCURACY = RecordSpec(
-    "accuracy.json", "OMP_NUM_THREADS=1 python benchmarks/bench_accuracy.py", _conditions
+    "accuracy.json",
+    "OMP_NUM_THREADS=1 python benchmarks/bench_accuracy.py",
+    _conditions,
+    optional=True,
 )
 
 
