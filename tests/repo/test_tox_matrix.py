@@ -1,6 +1,6 @@
 """tox.ini agrees with what it must agree with: every test folder runs somewhere, every env
-plain ``tox`` names exists, the README documents the envs there are, and the oldest torch
-tested is the one the core declares.
+plain ``tox`` names exists, the development page (``docs/contributing/development.md``)
+documents the envs there are, and the oldest torch tested is the one the core declares.
 
 Each test compares tox.ini with another file of the repository (or with the test folders on
 disk), so that changing one side alone fails here; none restates tox.ini's own text.
@@ -60,14 +60,13 @@ def test_every_test_folder_is_run_by_an_env_of_plain_tox() -> None:
     assert not unrun, f"no env of plain tox runs {unrun}"
 
 
-def test_the_readme_documents_exactly_the_envs_tox_defines() -> None:
-    readme = (REPO_ROOT / "README.md").read_text(encoding="utf-8")
-    development = readme[readme.index("## Development") :]
+def test_the_development_page_documents_exactly_the_envs_tox_defines() -> None:
+    development = (REPO_ROOT / "docs/contributing/development.md").read_text(encoding="utf-8")
     table = development[: development.index("\n\n", development.index("| env |"))]
     documented = set(re.findall(r"^\| `([^`]+)` \|", table, re.MULTILINE))
     assert documented == set(env_sections()), (
-        "README's env table and tox.ini disagree: "
-        f"only in the README {sorted(documented - set(env_sections()))}, "
+        "the env table of docs/contributing/development.md and tox.ini disagree: "
+        f"only on the page {sorted(documented - set(env_sections()))}, "
         f"only in tox.ini {sorted(set(env_sections()) - documented)}"
     )
 
