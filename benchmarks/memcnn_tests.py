@@ -7,8 +7,8 @@ invertible-core's names under MemCNN's (``memcnn.AdditiveCoupling`` is
 (``--json`` writes them). Install MemCNN first, without its dependencies
 (``pip install --no-deps memcnn==1.5.2``; ``tox -e bench`` does).
 
-Two adaptations, each a documented difference (packages/invertible-core/README.md, "Migrating
-from MemCNN"), are made and reported, never hidden:
+Two adaptations, each a documented difference (``docs/guides/migrating-from-memcnn.md``), are
+made and reported, never hidden:
 
 - MemCNN's ``is_memory_cleared`` asserts that the wrapper *freed* its input's storage;
   invertible-core never frees a caller's tensor, so the helper asserts the storage intact.

@@ -4,13 +4,17 @@ Speed and memory targets are judged from full benchmark runs (`tox -e bench`), n
 this only keeps the scripts from rotting as the packages change, and checks that what
 bench_core reports is well formed: our rows are numbers, ratios are positive, gradient
 errors are small, and a peer that is missing or fails is reported, not dropped. The peers
-are installed in the bench environment only; here they may be absent.
+are installed in the bench environment only; here they may be absent. The JSON a smoke run
+writes makes the documentation site's tables of that benchmark (``docs/_ext/benchmark_results``),
+so a benchmark that renames or drops a field the site reads fails here, before its record
+is rerun.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -21,6 +25,7 @@ import torch
 from torch import nn
 
 BENCHMARKS = Path(__file__).resolve().parents[2] / "benchmarks"
+DOCS_EXT = Path(__file__).resolve().parents[2] / "docs" / "_ext"
 
 CASES = {
     "bench_accuracy.py": (["--quick"], "--json", {"runs", "pairs", "glow"}),
@@ -50,6 +55,32 @@ CASES = {
     ),
 }
 
+#: the site's tables a benchmark's smoke record makes (the record's file name, the tables);
+#: tables of rows a smoke run leaves out (``bench_models --only``) are not listed
+SITE_TABLES: dict[str, tuple[str, list[str]]] = {
+    "bench_accuracy.py": ("accuracy.json", ["accuracy:digits", "accuracy:parity"]),
+    "bench_models.py": (
+        "models.json",
+        ["models:cnn", "models:transformers", "models:flows", "models:reconstruction"],
+    ),
+    "bench_budget.py": ("budget.json", ["budget:frontier"]),
+    "bench_unet.py": ("unet.json", ["unet:profiles", "unet:ratios"]),
+    "bench_resampling.py": ("resampling.json", ["resampling:outputs", "resampling:flows"]),
+    "bench_segmentation.py": ("segmentation-shapes2d.json", ["segmentation:shapes2d"]),
+    "bench_core.py": ("core.json", ["core:conv", "core:transformer", "core:flatness"]),
+    "bench_convert.py": (
+        "convert.json",
+        [
+            "convert:memory",
+            "convert:gradients",
+            "convert:distance-momentum",
+            "convert:distance-two-stream",
+            "convert:schedule",
+            "convert:parity",
+        ],
+    ),
+}
+
 OURS = ("plain", "plain_blocks", "wrapper", "sequence", "sequence_fixed16", "checkpoint")
 PEERS = ("memcnn", "revlib", "revtorch", "reformer")
 
@@ -74,6 +105,23 @@ def test_benchmark_runs_and_writes_json(script: str, tmp_path: Path) -> None:
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip(), "a benchmark prints a table"
     assert keys <= set(json.loads(out.read_text()))
+    if script in SITE_TABLES:
+        _site_tables_render(script, out, tmp_path / "site")
+
+
+def _site_tables_render(script: str, record: Path, folder: Path) -> None:
+    """The site's tables of ``script`` are made from the record its smoke run wrote."""
+    sys.path.insert(0, str(DOCS_EXT))
+    try:
+        from benchmark_results import TABLES
+    finally:
+        sys.path.remove(str(DOCS_EXT))
+    file, names = SITE_TABLES[script]
+    folder.mkdir()
+    shutil.copy(record, folder / file)
+    for name in names:
+        table = TABLES[name].render(folder)
+        assert table is not None and table.count("\n| ") >= 2, f"{name}: {table}"
 
 
 @pytest.fixture(scope="module")
@@ -109,6 +157,15 @@ def test_core_prints_a_table_per_chain_and_writes_json(core: tuple[dict[str, Any
     assert set(payload["results"]) == {"conv", "transformer"}
     for title in ("conv chain", "transformer chain", "flatness", "torch.compile"):
         assert title in stdout
+
+
+@pytest.mark.slow  # a fresh interpreter that imports torch, then a benchmark at smoke size
+def test_core_record_makes_the_sites_tables(
+    core: tuple[dict[str, Any], str], tmp_path: Path
+) -> None:
+    record = tmp_path / "core.json"
+    record.write_text(json.dumps(core[0]))
+    _site_tables_render("bench_core.py", record, tmp_path / "site")
 
 
 @pytest.mark.slow  # a fresh interpreter that imports torch, then a benchmark at smoke size
@@ -310,6 +367,14 @@ def test_convert_prints_every_table_and_writes_json(convert: tuple[dict[str, Any
         "parity",
     ):
         assert title in stdout
+
+
+def test_convert_record_makes_the_sites_tables(
+    convert: tuple[dict[str, Any], str], tmp_path: Path
+) -> None:
+    record = tmp_path / "convert.json"
+    record.write_text(json.dumps(convert[0]))
+    _site_tables_render("bench_convert.py", record, tmp_path / "site")
 
 
 def test_convert_gradients_with_saving_are_plain_autograd_s(

@@ -100,7 +100,7 @@ def make_reversible(
             ill-conditioned; costs one state per anchor. Default: the method's (momentum: 0;
             two-stream: 1, since near the original its inverse is ill-conditioned on long
             runs; set ``model.anchor_every = 0`` once a schedule has lowered ``alpha``, see
-            the package README).
+            ``docs/guides/your-own-model.md``).
         **options: the method's coefficients: ``gamma`` (momentum, default 0.9);
             ``alpha`` (default 1) and ``beta`` (default 0.1) for two-stream.
 

@@ -35,7 +35,7 @@ zero in the forward pass but rebuilt only up to rounding, and BatchNorm with bat
 statistics (train mode) scales a channel of pure rounding noise to unit variance: the
 reconstruction in train mode goes wrong, and with it the memory-saving gradients (the core's
 drift check warns). In float arithmetic use ``stem_padding="repeat"``, whose stem gives
-every channel real data (measured in the package README). The chain re-rounds its state
+every channel real data (measured in ``docs/results/models.md``). The chain re-rounds its state
 after each downsampling (a no-op on values already on the grid) until the core's
 ``InvertibleDownsampling`` declares ``preserves_grid``.
 """

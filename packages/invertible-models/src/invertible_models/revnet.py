@@ -27,7 +27,7 @@ budget.
 Float32 drift: rebuilding inputs from outputs repeats additions and subtractions, so each
 block adds rounding error that the next reconstruction carries along. ``anchor_every=k``
 keeps the exact input of every k-th block (one stored feature map per k blocks) and resets
-the drift there; see the package README for the error measured against depth.
+the drift there; the error measured against it: ``docs/guides/model-zoo.md``.
 """
 
 from __future__ import annotations

@@ -7,7 +7,7 @@ with the measurement ``invertible-profile`` uses
 (:func:`invertible_core.measure_step_memory`, exact on the CPU), and the time
 (median of interleaved steps). Its closing lines say what the two memory figures mean and
 what the saving costs in time. It needs no download and no GPU: with one thread it took
-41 to 88 s on a shared 2-core machine (see the package README).
+41 to 88 s on a shared 2-core machine (``docs/results/harness.md``).
 
 Threads: torch's default of one thread per core turns into a crawl when other work holds
 some of the cores (the threads wait on each other; on a shared 2-core machine the demo took

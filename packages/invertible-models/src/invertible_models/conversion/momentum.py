@@ -18,8 +18,8 @@ Where it starts: at ``gamma -> 0`` the step is the original ``x + f(x)``, but th
 divides by ``gamma``; the paper's and momentumnet's default ``gamma = 0.9`` is
 well-conditioned and changes the function (the velocity reaches ``f`` only after a few
 steps), so a converted pretrained network starts away from the original and is fine-tuned
-from there, as the paper does. The distance at conversion is measured in the package
-README. Exact up to float rounding: the core has no fixed-point arithmetic for affine
+from there, as the paper does. The distance at conversion is measured in
+``docs/results/convert.md``. Exact up to float rounding: the core has no fixed-point arithmetic for affine
 couplings (momentumnet keeps an exact integer representation of ``v`` instead), so float32
 reconstruction error grows by about ``1 / gamma`` per step.
 """

@@ -8,7 +8,7 @@ additive couplings, a well-conditioned inverse), so that training starts from th
 pretrained function and ends on a network whose reversible backward is exact to rounding.
 :class:`CoefficientSchedule` does that, linearly over a number of steps; it works for
 momentum's ``gamma`` the same way. Where each point of the path lies (distance to the
-original, reconstruction error, gradient error) is measured in the package README.
+original, reconstruction error, gradient error) is measured in ``docs/results/convert.md``.
 """
 
 from __future__ import annotations

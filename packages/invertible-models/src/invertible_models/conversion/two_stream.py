@@ -13,7 +13,7 @@ two streams ``(x1, x2)``, both started from the run's input:
 At ``alpha = 1, beta = 0`` this is the original network exactly (``y1 = h1``, ``y2 = h2``)
 but not invertible; the inverse, ``x2 = (y2 - alpha y1 - g(y1)) / beta`` and likewise
 ``x1``, divides by ``beta``, so a small ``beta`` starts close to the original (the output
-moves by about ``beta``, measured in the package README) and amplifies float rounding of
+moves by about ``beta``, measured in ``docs/results/convert.md``) and amplifies float rounding of
 the reconstruction by about ``1 / beta`` per step. Dr2Net's remedy is a schedule: fine-tune
 while moving ``alpha`` towards 0 and ``beta`` towards 1, where each coupling is RevNet's
 ``y1 = x1 + f(x2)`` and the inverse is well-conditioned
@@ -51,7 +51,7 @@ from invertible_models.conversion.units import IdentityUnit, ResidualUnit
 
 __all__ = ["DEFAULT_BETA", "TwoStream", "TwoStreamCoefficients", "TwoStreamStep"]
 
-#: the new skip connection's scale at conversion (see the package README for what it costs)
+#: the new skip connection's scale at conversion (what it costs: ``docs/results/convert.md``)
 DEFAULT_BETA = 0.1
 
 
