@@ -49,14 +49,15 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
+from invertible_core import TrainingStep
 from invertible_models import create_model
 from invertible_models.profiler import (
     ModelProfile,
-    TrainingStep,
     format_table,
     median_step_seconds,
     profile_step,
 )
+from invertible_models.step import training_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "unet.json"
 
@@ -103,7 +104,7 @@ def build_step(row: Row, sizes: dict[str, int], seed: int = 0) -> TrainingStep:
         width=sizes["width"],
         levels=sizes["levels"],
     )
-    return TrainingStep(model, batch_size=sizes["batch"], image_size=sizes["size"])
+    return training_step(model, batch_size=sizes["batch"], image_size=sizes["size"])
 
 
 def ratios(profiles: list[ModelProfile], depths: tuple[int, ...]) -> list[dict[str, Any]]:
@@ -125,12 +126,12 @@ def ratios(profiles: list[ModelProfile], depths: tuple[int, ...]) -> list[dict[s
                 f"{dim}D iunet / unet peak, d{depth}",
                 f"iunet {dim}d d{depth}",
                 f"unet {dim}d d{depth}",
-                "peak_step_mib",
+                "step_peak_mib",
                 target,
             )
         if f"iunet {dim}d d{deep}" in by and f"unet {dim}d d{deep}" in by:
             ours, twin = by[f"iunet {dim}d d{deep}"], by[f"unet {dim}d d{deep}"]
-            value = (ours.peak_step_mib + ours.state_mib) / (twin.peak_step_mib + twin.state_mib)
+            value = (ours.step_peak_mib + ours.state_mib) / (twin.step_peak_mib + twin.state_mib)
             rows.append(
                 {
                     "ratio": f"{dim}D iunet / unet peak + state, d{deep}",
@@ -151,7 +152,7 @@ def ratios(profiles: list[ModelProfile], depths: tuple[int, ...]) -> list[dict[s
             f"{dim}D iunet peak: d{deep} / d{shallow}",
             f"iunet {dim}d d{deep}",
             f"iunet {dim}d d{shallow}",
-            "peak_step_mib",
+            "step_peak_mib",
             1.10,
         )
         add(
@@ -165,7 +166,7 @@ def ratios(profiles: list[ModelProfile], depths: tuple[int, ...]) -> list[dict[s
             f"{dim}D unet peak: d{deep} / d{shallow}",
             f"unet {dim}d d{deep}",
             f"unet {dim}d d{shallow}",
-            "peak_step_mib",
+            "step_peak_mib",
             None,
         )
         for depth in depths:
@@ -195,7 +196,7 @@ def ratios(profiles: list[ModelProfile], depths: tuple[int, ...]) -> list[dict[s
             f"{dim}D iunet / iunet nosave peak, d{deep}",
             f"iunet {dim}d d{deep}",
             f"iunet nosave {dim}d d{deep}",
-            "peak_step_mib",
+            "step_peak_mib",
             None,
         )
     return rows
