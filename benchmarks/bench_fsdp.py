@@ -43,7 +43,7 @@ import torch.distributed as dist
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from chains import Attention, MLP
+from chains import MLP, Attention
 from invertible_core import (
     AdditiveCoupling,
     InvertibleModuleWrapper,
@@ -106,7 +106,12 @@ def build(method: str, fg: list[tuple[nn.Module, nn.Module]]) -> tuple[nn.Module
 
 # -- counting collectives --------------------------------------------------------------------
 _GATHERS = ("all_gather_into_tensor", "all_gather_single", "_all_gather_base", "all_gather")
-_SCATTERS = ("reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "reduce_scatter")
+_SCATTERS = (
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "_reduce_scatter_base",
+    "reduce_scatter",
+)
 
 
 @contextmanager
@@ -118,7 +123,9 @@ def counting(counts: dict[str, int]) -> Iterator[None]:
             if real is None:
                 continue
 
-            def wrapper(*a: Any, _real: Callable[..., Any] = real, _key: str = key, **k: Any) -> Any:
+            def wrapper(
+                *a: Any, _real: Callable[..., Any] = real, _key: str = key, **k: Any
+            ) -> Any:
                 counts[_key] += 1
                 return _real(*a, **k)
 
@@ -188,9 +195,13 @@ def worker(args: argparse.Namespace) -> None:
                 try:
                     rows.append(measure(method, depth, args))
                 except ImportError as exc:
-                    rows.append({"method": method, "depth": depth, "error": f"not installed: {exc}"})
+                    rows.append(
+                        {"method": method, "depth": depth, "error": f"not installed: {exc}"}
+                    )
                 except Exception as exc:  # a method that fails is reported, not hidden
-                    rows.append({"method": method, "depth": depth, "error": f"{type(exc).__name__}: {exc}"})
+                    rows.append(
+                        {"method": method, "depth": depth, "error": f"{type(exc).__name__}: {exc}"}
+                    )
         if dist.get_rank() == 0:
             Path(args.out).write_text(json.dumps(rows))
     finally:
@@ -201,7 +212,8 @@ def worker(args: argparse.Namespace) -> None:
 def table(rows: list[dict[str, Any]], depths: list[int]) -> str:
     mib = 1024 * 1024
     lines = [
-        "| method | " + " | ".join(f"fwd-retained d={d} (MiB)" for d in depths)
+        "| method | "
+        + " | ".join(f"fwd-retained d={d} (MiB)" for d in depths)
         + f" | d={depths[-1]}/d={depths[0]} | step peak d={depths[-1]} (MiB) | step d={depths[-1]} (s) | all-gathers / reduce-scatters per step |",
         "|---" * (len(depths) + 5) + "|",
     ]
@@ -215,7 +227,8 @@ def table(rows: list[dict[str, Any]], depths: list[int]) -> str:
         cells = [f"{mine[d]['forward_retained_bytes'] / mib:.2f}" for d in depths]
         growth = hi["forward_retained_bytes"] / max(lo["forward_retained_bytes"], 1)
         lines.append(
-            f"| {method} | " + " | ".join(cells)
+            f"| {method} | "
+            + " | ".join(cells)
             + f" | {growth:.2f} | {hi['step_peak_bytes'] / mib:.2f} | {hi['step_seconds']:.3f}"
             + f" | {hi['all_gather_per_step']} / {hi['reduce_scatter_per_step']} |"
         )
@@ -259,7 +272,9 @@ def main(argv: list[str] | None = None) -> None:
         "machine": platform.machine(),
         "world_size": 2,
         "backend": "gloo",
-        "settings": {k: getattr(args, k) for k in ("depths", "width", "heads", "tokens", "batch", "repeats")},
+        "settings": {
+            k: getattr(args, k) for k in ("depths", "width", "heads", "tokens", "batch", "repeats")
+        },
         "rows": rows,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -61,7 +61,9 @@ def fsdp2_available() -> bool:
 
 def mlp(width: int) -> nn.Module:
     """A pre-norm MLP at ``width`` (LayerNorm: an op that refuses mixed DTensor inputs)."""
-    return nn.Sequential(nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width))
+    return nn.Sequential(
+        nn.LayerNorm(width), nn.Linear(width, 2 * width), nn.GELU(), nn.Linear(2 * width, width)
+    )
 
 
 class ConditionedMLP(nn.Module):
@@ -90,13 +92,21 @@ class Model(nn.Module):
         if body == "flow":
             blocks: list[nn.Module] = []
             for _ in range(depth):
-                net = nn.Sequential(nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1))
-                blocks += [ActNorm(4), InvertibleConv1x1(4), AffineCoupling(net, adapter=AffineAdapterSigmoid)]
+                net = nn.Sequential(
+                    nn.Conv2d(2, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3, padding=1)
+                )
+                blocks += [
+                    ActNorm(4),
+                    InvertibleConv1x1(4),
+                    AffineCoupling(net, adapter=AffineAdapterSigmoid),
+                ]
             self.body: nn.Module = ReversibleSequence(blocks)
             self.head = nn.Parameter(torch.zeros(4))
             return
         if body == "wrapper":
-            self.body = nn.Sequential(*(InvertibleModuleWrapper(coupling(width)) for _ in range(depth)))
+            self.body = nn.Sequential(
+                *(InvertibleModuleWrapper(coupling(width)) for _ in range(depth))
+            )
         else:
             emb = 3 if body == "conditioned" else None
             self.body = ReversibleSequence(
@@ -170,7 +180,12 @@ def units(model: Model, unit: str) -> list[nn.Module]:
 
 # -- counting collectives ------------------------------------------------------------------------
 _GATHERS = ("all_gather_into_tensor", "all_gather_single", "_all_gather_base", "all_gather")
-_SCATTERS = ("reduce_scatter_tensor", "reduce_scatter_single", "_reduce_scatter_base", "reduce_scatter")
+_SCATTERS = (
+    "reduce_scatter_tensor",
+    "reduce_scatter_single",
+    "_reduce_scatter_base",
+    "reduce_scatter",
+)
 
 
 @contextmanager
@@ -183,7 +198,9 @@ def counting(counts: dict[str, int]) -> Iterator[None]:
             if real is None:
                 continue
 
-            def wrapper(*args: Any, _real: Callable[..., Any] = real, _key: str = key, **kwargs: Any) -> Any:
+            def wrapper(
+                *args: Any, _real: Callable[..., Any] = real, _key: str = key, **kwargs: Any
+            ) -> Any:
                 counts[_key] += 1
                 return _real(*args, **kwargs)
 
@@ -226,6 +243,7 @@ def shard(model: Model, fsdp: str, unit: str) -> nn.Module:
 
 def full_parameters(model: nn.Module, fsdp: str) -> dict[str, tuple[Tensor, Tensor | None]]:
     """Every parameter by its unsharded name, with its gradient (None: it got none)."""
+
     def clean(name: str) -> str:
         for token in ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module."):
             name = name.replace(token, "")
@@ -311,7 +329,9 @@ def retained_forward_bytes(body: str, unit: str, depth: int, saving: bool = True
     return stats.retained_bytes
 
 
-def worker(rank: int, store: str, out: str, cases: list[tuple[str, str, str, bool]], depths: list[int]) -> None:
+def worker(
+    rank: int, store: str, out: str, cases: list[tuple[str, str, str, bool]], depths: list[int]
+) -> None:
     os.environ.setdefault("OMP_NUM_THREADS", "1")
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=WORLD_SIZE)
@@ -321,7 +341,15 @@ def worker(rank: int, store: str, out: str, cases: list[tuple[str, str, str, boo
             try:
                 results.append(run_case(fsdp, body, unit, saving, rank))
             except Exception as exc:  # reported by the test, with the case
-                results.append({"fsdp": fsdp, "body": body, "unit": unit, "saving": saving, "error": f"{type(exc).__name__}: {exc}"})
+                results.append(
+                    {
+                        "fsdp": fsdp,
+                        "body": body,
+                        "unit": unit,
+                        "saving": saving,
+                        "error": f"{type(exc).__name__}: {exc}",
+                    }
+                )
         memory = {}
         for body in ("sequence", "wrapper"):
             for saving in (True, False):

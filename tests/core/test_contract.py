@@ -293,7 +293,9 @@ def test_downsampling_keeps_the_grid_so_a_fully_invertible_chain_is_bit_exact() 
 
 
 @pytest.mark.parametrize("path", ["eval", "no_grad", "inverse"])
-def test_leaving_the_exact_range_is_warned_about_on_every_path_not_only_while_saving(path: str) -> None:
+def test_leaving_the_exact_range_is_warned_about_on_every_path_not_only_while_saving(
+    path: str,
+) -> None:
     # an inverse or an eval-mode network relies on the grid as much as memory saving does
     seq = ReversibleSequence(AdditiveCoupling(nn.Linear(2, 2), fixed_point_bits=16))
     x = torch.full((3, 4), 300.0)  # 300 > 2**(24 - 16) = 256

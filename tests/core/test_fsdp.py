@@ -20,10 +20,9 @@ import json
 from pathlib import Path
 from typing import Any
 
+import fsdp_matrix as matrix
 import pytest
 import torch.multiprocessing as mp
-
-import fsdp_matrix as matrix
 
 FLAVOURS = ("fsdp2", "fsdp1") if matrix.fsdp2_available() else ("fsdp1",)
 CASES = [
@@ -87,7 +86,9 @@ def test_collectives_are_those_of_plain_fsdp_on_the_same_units(
         assert 0 <= extra <= units
 
 
-@pytest.mark.skipif(not matrix.fsdp2_available(), reason="FSDP2 needs torch.distributed.fsdp.fully_shard")
+@pytest.mark.skipif(
+    not matrix.fsdp2_available(), reason="FSDP2 needs torch.distributed.fsdp.fully_shard"
+)
 @pytest.mark.parametrize("body", ["sequence", "wrapper"])
 def test_forward_memory_per_rank_is_flat_in_depth_under_fsdp2_per_block(
     results: dict[str, Any], body: str

@@ -53,7 +53,9 @@ def test_a_forward_hook_on_every_block_fires_once_per_forward_and_once_per_recom
 ) -> None:
     seq = chain()
     blocks = list(seq)
-    model: nn.Module = seq if kind == "sequence" else nn.Sequential(*map(InvertibleModuleWrapper, blocks))
+    model: nn.Module = (
+        seq if kind == "sequence" else nn.Sequential(*map(InvertibleModuleWrapper, blocks))
+    )
     calls: Counter[tuple[int, bool]] = Counter()
     pre_calls: Counter[tuple[int, bool]] = Counter()
     for i, block in enumerate(blocks):
@@ -73,7 +75,9 @@ def test_hooks_on_fm_and_gm_fire_once_per_forward_and_once_per_recompute() -> No
     calls: Counter[str] = Counter()
     for i, block in enumerate(seq):
         for name in ("Fm", "Gm"):
-            getattr(block, name).register_forward_hook(lambda *a, key=f"{i}{name}": calls.update([key]))
+            getattr(block, name).register_forward_hook(
+                lambda *a, key=f"{i}{name}": calls.update([key])
+            )
     seq(leaf_copy(_x())).sum().backward()
     assert calls == Counter({f"{i}{name}": 2 for i in range(3) for name in ("Fm", "Gm")})
 
@@ -181,5 +185,7 @@ def test_a_flows_forward_with_logdet_runs_every_block_through_call() -> None:
         block.register_forward_pre_hook(lambda m, a: seen.update([type(m).__name__]))
     x = torch.randn(2, 4, 3, 3, dtype=torch.float64)
     z, logdet = flow.forward_with_logdet(x)
-    assert logdet.shape == (2,)
-    assert seen == Counter({"ReversibleSequence": 1, "ActNorm": 1, "InvertibleConv1x1": 1, "AffineCoupling": 1})
+    assert z.shape == x.shape and logdet.shape == (2,)
+    assert seen == Counter(
+        {"ReversibleSequence": 1, "ActNorm": 1, "InvertibleConv1x1": 1, "AffineCoupling": 1}
+    )

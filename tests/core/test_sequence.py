@@ -13,7 +13,6 @@ from invertible_core import (
     AdditiveCoupling,
     AffineAdapterNaive,
     AffineCoupling,
-    Coupling,
     ReversibleSequence,
     measure_memory,
 )

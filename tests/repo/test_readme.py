@@ -15,24 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from markdown_blocks import code_blocks
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 README = REPO_ROOT / "README.md"
 CI_RUN = REPO_ROOT / ".ci" / "run"
 EXAMPLE_TIMEOUT_S = 300
-
-FENCE = re.compile(
-    r"^```(?P<lang>[\w+-]*)[^\n]*\n(?P<body>.*?)^```[ \t]*$", re.MULTILINE | re.DOTALL
-)
-
-
-def code_blocks(text: str, lang: str) -> list[tuple[int, str]]:
-    """(line number, body) of each fenced block in ``lang``."""
-    return [
-        (text.count("\n", 0, m.start()) + 1, m.group("body"))
-        for m in FENCE.finditer(text)
-        if m.group("lang") == lang
-    ]
 
 
 def section(text: str, title: str) -> str:

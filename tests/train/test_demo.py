@@ -43,8 +43,9 @@ def test_revnet38_saves_memory_and_the_closing_lines_say_what_that_means_and_cos
     )
     assert found is not None, out
     activations, peak, time = (float(g) for g in found.groups())
-    assert activations == pytest.approx(off_act / on_act, abs=0.1) and activations > 1
-    assert peak == pytest.approx(off_peak / on_peak, abs=0.1) and peak > 1
+    # the table's figures are rounded to 0.01 MiB, the printed ratios come from exact bytes
+    assert activations == pytest.approx(off_act / on_act, rel=0.05) and activations > 1
+    assert peak == pytest.approx(off_peak / on_peak, rel=0.05) and peak > 1
     assert time > 0 and on_ms > 0 and off_ms > 0
 
 

@@ -63,7 +63,6 @@ def _terms(h: CouplingTerm) -> tuple[Tensor, ...]:
     return h if isinstance(h, tuple) else (h,)
 
 
-
 def _check_implementation(implementation_fwd: int, implementation_bwd: int) -> None:
     for name, value in (
         ("implementation_fwd", implementation_fwd),
@@ -85,7 +84,6 @@ def _check_implementation(implementation_fwd: int, implementation_bwd: int) -> N
         )
 
 
-
 _ROUTES: dict[str, tuple[bool, bool]] = {
     "both": (True, True),
     "Fm": (True, False),
@@ -94,13 +92,11 @@ _ROUTES: dict[str, tuple[bool, bool]] = {
 }
 
 
-
 def _dense(x: Tensor) -> Tensor:
     """``x`` densely laid out, keeping a channels-last layout channels-last."""
     if x.dim() == 4 and x.stride(1) == 1 and x.shape[1] > 1:
         return x.contiguous(memory_format=torch.channels_last)
     return x.contiguous()
-
 
 
 def _check_like(h: Tensor, half: Tensor, coupling: str, name: str, what: str) -> None:
@@ -116,6 +112,7 @@ def _check_like(h: Tensor, half: Tensor, coupling: str, name: str, what: str) ->
             f"the coupling would silently change the output's dtype. Make {name} return "
             f"{half.dtype} (e.g. cast its parameters with .to({half.dtype}))"
         )
+
 
 @dataclass(frozen=True)
 class Partition:
@@ -438,6 +435,7 @@ class AdditiveCoupling(Coupling):
     def _decouple_into(self, y: Tensor, h: CouplingTerm, out: Tensor) -> Tensor:
         assert isinstance(h, Tensor)
         return torch.sub(y, h, out=out)
+
 
 def _per_sample_sum(t: Tensor) -> Tensor:
     return t.reshape(t.shape[0], -1).sum(dim=1)

@@ -52,9 +52,9 @@ from invertible_core.recompute import (
     AutocastState,
     RngState,
     active_site,
-    current_site,
     call_with_logdet,
     compiled_as,
+    current_site,
     fsdp_forward_method,
     guarded_call,
     recomputing,
@@ -461,7 +461,9 @@ class Frame:
             self.run.differentiable = True
             # create_graph=True: first-order gradients are right, but a second
             # differentiation would treat the rebuilt activations as constants
-            return _NoDoubleBackward.apply(t.detach().requires_grad_(t.is_floating_point()), self.run.who)  # type: ignore[no-any-return]
+            return _NoDoubleBackward.apply(
+                t.detach().requires_grad_(t.is_floating_point()), self.run.who
+            )  # type: ignore[no-any-return]
         return t
 
     def _take(self, slot: int, index: int) -> Tensor:
@@ -510,7 +512,9 @@ class Frame:
             got = [(t.shape, t.dtype) for t in storage.get(slot, ()) if t is not None]
             if got != recorded:
                 if len(got) != len(recorded):
-                    what = f"it saved {len(got)} tensors where the forward pass saved {len(recorded)}"
+                    what = (
+                        f"it saved {len(got)} tensors where the forward pass saved {len(recorded)}"
+                    )
                 else:
                     i = next(k for k, (a, b) in enumerate(zip(got, recorded)) if a != b)
                     what = (

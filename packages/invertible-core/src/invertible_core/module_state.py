@@ -13,6 +13,7 @@ import warnings
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+
 import torch
 from torch import Tensor, nn
 
@@ -78,9 +79,7 @@ def _updates_statistics(m: nn.Module) -> bool:
     """A norm layer that will update its running statistics in this forward pass: its kernel
     writes them without moving their version counters, so they are always watched."""
     return (
-        isinstance(m, nn.modules.batchnorm._NormBase)
-        and m.training
-        and bool(m.track_running_stats)
+        isinstance(m, nn.modules.batchnorm._NormBase) and m.training and bool(m.track_running_stats)
     )
 
 

@@ -51,9 +51,9 @@ __all__ = [
     "call_with_logdet",
     "forked_rng",
     "fsdp_forward_method",
-    "register_with_fsdp",
     "guarded_call",
     "is_recomputing",
+    "register_with_fsdp",
     "report_logdet",
     "shared_call",
     "tensor_devices",
@@ -254,7 +254,9 @@ def shared_call(slot: int, fn: Callable[..., Any], /, *args: Any, **kwargs: Any)
     return _shared_call(slot, fn, args, kwargs)
 
 
-def _shared_call(slot: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]) -> Any:
+def _shared_call(
+    slot: int, fn: Callable[..., Any], args: tuple[Any, ...], kwargs: dict[str, Any]
+) -> Any:
     site = _local.site
     if site is None:
         return guarded_call(fn, args, kwargs)
@@ -302,8 +304,8 @@ _report_logdet_untraced = engine_only(_report_logdet)
 
 
 def with_logdet(
-    module: nn.Module, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any
-) -> tuple[Tensor, Tensor]:
+    module: nn.Module, fn: Callable[..., Any], x: Any, *args: Any, **kwargs: Any
+) -> tuple[Any, Tensor]:
     """``(fn(x, ...), log|det J|)``: runs ``fn`` while collecting what ``module`` reports.
 
     ``forward_with_logdet`` is ``with_logdet(self, self, x, ...)``: the block runs through
@@ -316,8 +318,8 @@ def with_logdet(
 
 
 def _with_logdet(
-    module: nn.Module, fn: Callable[..., Tensor], x: Tensor, *args: Any, **kwargs: Any
-) -> tuple[Tensor, Tensor]:
+    module: nn.Module, fn: Callable[..., Any], x: Any, *args: Any, **kwargs: Any
+) -> tuple[Any, Tensor]:
     parts: list[Tensor] = []
     _local.logdet.append((module, parts))
     try:
@@ -336,13 +338,16 @@ def _with_logdet(
 _with_logdet_untraced = engine_only(_with_logdet)
 
 
-def call_with_logdet(block: nn.Module, x: Tensor, *args: Any, **kwargs: Any) -> tuple[Tensor, Tensor]:
+def call_with_logdet(
+    block: nn.Module, x: Tensor, *args: Any, **kwargs: Any
+) -> tuple[Tensor, Tensor]:
     """``block.forward_with_logdet(x, ...)``, also when ``block`` is a wrapper that hooks only
     ``forward`` (FSDP1's ``FullyShardedDataParallel``, whose other methods reach the wrapped
     module without unsharding it): then the wrapper's forward runs, and the log-determinant
     is what the wrapped block reports (see :func:`report_logdet`)."""
     if getattr(type(block), "forward_with_logdet", None) is not None:
-        return block.forward_with_logdet(x, *args, **kwargs)  # type: ignore[no-any-return]
+        method: Callable[..., tuple[Tensor, Tensor]] = block.forward_with_logdet  # type: ignore[assignment]
+        return method(x, *args, **kwargs)
     inner: Any = block
     while getattr(type(inner), "forward_with_logdet", None) is None and isinstance(
         getattr(inner, "module", None), nn.Module

@@ -396,7 +396,8 @@ class ReversibleSequence(nn.Module):
         total: Tensor | None = None
         for block in blocks:
             if direction is Direction.FORWARD:
-                out = block.forward_with_logdet(x, *args, **kwargs) if logdet else block(x, *args, **kwargs)
+                with_ld: Any = block.forward_with_logdet
+                out = with_ld(x, *args, **kwargs) if logdet else block(x, *args, **kwargs)
             else:
                 name = "inverse_with_logdet" if logdet else "inverse"
                 out = getattr(block, name)(x, *args, **kwargs)
@@ -518,7 +519,11 @@ class ReversibleSequence(nn.Module):
         with saving_hooks():
             for pos, index in enumerate(order):
                 block = blocks[index]
-                name = "forward_with_logdet" if direction is Direction.FORWARD else "inverse_with_logdet"
+                name = (
+                    "forward_with_logdet"
+                    if direction is Direction.FORWARD
+                    else "inverse_with_logdet"
+                )
                 if logdet and not callable(getattr(block, name, None)):
                     raise _no_logdet(block, direction)
                 want = _layout(block)
@@ -626,7 +631,9 @@ def _layout(block: nn.Module) -> Partition | None:
     return block.partition if isinstance(block, Coupling) else None
 
 
-def _convert(state: State, frm: Partition | None, to: Partition | None, block: nn.Module | None) -> State:
+def _convert(
+    state: State, frm: Partition | None, to: Partition | None, block: nn.Module | None
+) -> State:
     """``state`` re-cut from layout ``frm`` to ``to``: consecutive couplings that cut alike
     pass their parts on as they are; a merge or a split happens only where they differ."""
     if frm == to:

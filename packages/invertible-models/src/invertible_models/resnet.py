@@ -134,7 +134,7 @@ class ResNet(MemorySaving, nn.Module):
 
     @property
     def checkpoint_blocks(self) -> bool:
-        """Deprecated alias of :attr:`memory_saving`."""
+        """Deprecated alias of ``memory_saving``."""
         _warn_checkpoint_blocks()
         return self.memory_saving
 

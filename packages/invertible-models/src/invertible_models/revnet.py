@@ -73,7 +73,7 @@ class RevNetStage(nn.Module):
         num_blocks: blocks in the stage, the transition included.
         stride: stride of the stage's first block.
         preactivate_first: whether the first block starts with BN + ReLU.
-        memory_saving, anchor_every: passed to the :class:`ReversibleSequence`.
+        memory_saving, anchor_every: passed to the :class:`~invertible_core.ReversibleSequence`.
         fixed_point_bits: grid of the reversible blocks' additions (see :class:`RevNet`).
     """
 
@@ -136,7 +136,7 @@ class RevNet(MemorySaving, nn.Module):
         stem: ``"cifar"`` (conv3x3) or ``"imagenet"`` (conv7x7 stride 2 + max-pool).
         in_channels: image channels.
         memory_saving: run the reversible stages without storing activations. Can be
-            changed later through the :attr:`memory_saving` attribute; parameters and
+            changed later through the ``memory_saving`` attribute; parameters and
             ``state_dict`` keys are the same either way.
         checkpoint_transitions: while saving memory in training, also recompute the stem
             and the transition blocks in backward (default True; see the module docstring).

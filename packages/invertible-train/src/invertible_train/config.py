@@ -524,11 +524,13 @@ def _toml_value(value: Any) -> str:
 
 
 def dump_toml(data: Mapping[str, Any]) -> str:
-    """Write nested dicts of scalars and lists as TOML (enough for a resolved config)."""
+    """Write nested dicts of scalars and lists as TOML (enough for a resolved config); a
+    ``None`` (an unset option) is left out."""
     lines: list[str] = []
 
     def table(node: Mapping[str, Any], path: str) -> None:
-        scalars = {k: v for k, v in node.items() if not isinstance(v, dict)}
+        # an unset value (None) is written as absent, which reads back as unset
+        scalars = {k: v for k, v in node.items() if not isinstance(v, dict) and v is not None}
         tables = {k: v for k, v in node.items() if isinstance(v, dict)}
         if path:
             lines.append(f"\n[{path}]")

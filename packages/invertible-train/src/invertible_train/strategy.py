@@ -119,7 +119,7 @@ class Distribution(Protocol):
 
 
 class SingleProcess:
-    """The :class:`Distribution` of a run in one process: every method does nothing."""
+    """The :class:`~invertible_train.strategy.Distribution` of a run in one process: every method does nothing."""
 
     rank = 0
     world_size = 1

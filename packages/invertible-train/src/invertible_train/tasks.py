@@ -272,7 +272,7 @@ class DensityEstimation(Task):
         self, model: nn.Module, results_dir: Path, iteration: int, write: bool = True
     ) -> Tensor:
         """Write ``samples/iteration-NNNNNNN.png`` (where ``write``): a grid of
-        :data:`SAMPLE_GRID` samples.
+        :data:`~invertible_train.tasks.SAMPLE_GRID` samples.
 
         Drawn from a fixed seed with the random state forked, so the grids of successive
         evaluations show the same latent points and training's random state is untouched.

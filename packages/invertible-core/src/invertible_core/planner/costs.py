@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 
 from invertible_core.contract import is_recomputing
+from invertible_core.couplings import Coupling
 from invertible_core.memory import mark_phase, measure_memory, measure_memory_phases
 from invertible_core.planner.step import (
     StateSnapshot,
@@ -31,7 +32,6 @@ from invertible_core.planner.step import (
 )
 from invertible_core.planner.switches import MemorySwitches, SwitchState
 from invertible_core.sequence import ReversibleSequence
-from invertible_core.couplings import Coupling
 
 #: the methods through which a sequence is run, each an entry the planner watches
 SEQUENCE_METHODS = ("forward", "inverse", "forward_with_logdet", "inverse_with_logdet")

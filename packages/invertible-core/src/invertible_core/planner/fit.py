@@ -272,7 +272,7 @@ class MemoryProfile:
 
     def predict_peak(self, stored: frozenset[int]) -> int:
         """Predicted peak bytes (the budget's measure) when the units in ``stored`` store
-        their activations (indices into :attr:`units`)."""
+        their activations (indices into ``units``)."""
         if len(stored) == len(self.units):
             return self.plain_peak_bytes
         base = self.minimum_peak_bytes - self.held_bytes

@@ -67,7 +67,7 @@ _SIZE = re.compile(r"\s*([0-9]*\.?[0-9]+(?:[eE][+-]?[0-9]+)?)\s*([A-Za-z]*)\s*")
 
 class MemoryBudgetError(ValueError):
     """The budget is below the least memory the step can run in (every block rebuilt or
-    checkpointed); :attr:`minimum_bytes` is that least memory."""
+    checkpointed); ``minimum_bytes`` is that least memory."""
 
     def __init__(self, message: str, budget_bytes: int, minimum_bytes: int) -> None:
         super().__init__(message)

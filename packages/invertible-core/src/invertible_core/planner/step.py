@@ -29,7 +29,7 @@ The quantities, one name each (bytes; tensors that share a storage count once):
 
 :func:`measure_step_memory` measures them (exactly on the CPU, with the allocator's counters
 on CUDA) and :func:`median_step_seconds` times steps. Both *rewind*: every measured step
-starts from one state of the model (:class:`StateSnapshot`: parameters, buffers, the
+starts from one state of the model (``StateSnapshot``: parameters, buffers, the
 optimizer's and the scaler's state, put back between steps, outside what is measured), so
 they measure what a step costs at that state, whatever the learning rate, and never carry
 the model off to NaN. A step whose loss is not finite raises :class:`NonFiniteLossError`
@@ -354,7 +354,7 @@ def measure_step_memory(step: TrainingStep, warmup: int = 2) -> StepMemory:
     ``warmup`` steps run first (gradients and the optimizer's state allocated, one-off
     initialisations such as ActNorm's done), then one measured step, then one measured
     forward pass. Every step after the first starts from the state the first left (a
-    :class:`StateSnapshot`, restored between steps), and the module is left in that state:
+    ``StateSnapshot``, restored between steps), and the module is left in that state:
     measure a copy when it must stay as it was. Raises :class:`NonFiniteLossError`
     (nothing measured) when a loss on the way is not finite.
     """
@@ -394,7 +394,7 @@ def median_step_seconds(
     B...), so that load on a shared machine falls on all alike and their ratios hold.
 
     Every timed step starts from the state its step was in when this was called (a
-    :class:`StateSnapshot` restored before each, untimed), and is left there; warm the
+    ``StateSnapshot`` restored before each, untimed), and is left there; warm the
     steps up first. Raises :class:`NonFiniteLossError` when a loss is not finite.
     """
     snapshots = [StateSnapshot(step) for step in steps]

@@ -8,7 +8,7 @@ A network trained with this library has two kinds of switch that trade memory fo
 - each *checkpointable* module (:class:`Checkpointable`: a module with a bool
   ``checkpointed``) is *checkpointed* (its forward keeps only its input and recomputes the
   rest in backward, ``torch.utils.checkpoint``'s trade) or *stores* its activations.
-  :class:`CheckpointableModule` is the implementation: subclass it and write ``compute``.
+  :class:`~invertible_core.CheckpointableModule` is the implementation: subclass it and write ``compute``.
 
 :class:`MemorySwitches` finds every switch of a module by module path and reads them all
 (:meth:`MemorySwitches.state`, a :class:`SwitchState`) or sets them all
@@ -51,7 +51,7 @@ class Checkpointable(Protocol):
     outputs, gradients and buffer updates as ``False``, which stores its activations as
     plain autograd does. In eval mode and without grad both are the plain forward.
     The attribute is read at every forward, so it may change at any time.
-    :class:`CheckpointableModule` implements it.
+    :class:`~invertible_core.CheckpointableModule` implements it.
     """
 
     checkpointed: bool
