@@ -45,7 +45,9 @@ import pickle
 import shutil
 import tempfile
 import uuid
-from collections.abc import Mapping
+import warnings
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -304,21 +306,18 @@ def load_sharded_state(
     if not isinstance(saved, Mapping):
         raise CheckpointError(f"checkpoint {folder} has no sharded state in {STATE_FILE}; {FIX}")
     try:
-        dcp.load(
-            tensors,
-            storage_reader=_safe_reader(folder),
-            planner=_tensors_only_planner(),
-            no_dist=_one_process(),
-        )
-    except CheckpointError:
+        with _in_one_process_on_purpose():
+            dcp.load(
+                tensors,
+                storage_reader=_safe_reader(folder),
+                planner=_tensors_only_planner(),
+                no_dist=_one_process(),
+            )
+    except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # DCP gathers every process's failure into a BaseException
-        if isinstance(exc, (KeyboardInterrupt, SystemExit)):
-            raise
-        first = str(exc).strip().splitlines()
         raise CheckpointError(
-            f"checkpoint {folder} does not fit this experiment ({type(exc).__name__}: "
-            f"{first[-1][:200] if first else ''}); {FIX}"
+            f"checkpoint {folder} does not fit this experiment ({_why(exc)}); {FIX}"
         ) from None
     set_state_dict(
         model,
@@ -328,8 +327,33 @@ def load_sharded_state(
     )
 
 
+def _why(exc: BaseException) -> str:
+    """What went wrong, in one line: the first failing process's error when DCP gathered
+    them (a ``CheckpointException``), else ``exc`` itself."""
+    failures = getattr(exc, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (error, _) = sorted(failures.items(), key=lambda item: item[0])[0]
+        if isinstance(error, CheckpointError):
+            return str(error).split(f"; {FIX}")[0]
+        where = "" if _one_process() else f"process {rank}: "
+        exc = error
+    else:
+        where = ""
+    text = str(exc).strip().splitlines()
+    return f"{where}{type(exc).__name__}: {text[0][:200] if text else ''}"
+
+
 def _one_process() -> bool:
     return not (dist.is_available() and dist.is_initialized())
+
+
+@contextmanager
+def _in_one_process_on_purpose() -> Iterator[None]:
+    """DCP warns whenever it runs without a process group; here that is meant (one process
+    writes or reads the whole checkpoint), so the notice is not shown."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
 
 
 def read_tensors(folder: Path) -> dict[str, Tensor]:
@@ -346,12 +370,13 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
     for key, entry in metadata.state_dict_metadata.items():
         assert not isinstance(entry, BytesStorageMetadata)  # _check_contents refused them
         tensors[key] = torch.empty(entry.size, dtype=entry.properties.dtype)
-    dcp.load(
-        tensors,
-        storage_reader=_safe_reader(folder),
-        planner=_tensors_only_planner(flatten=False),
-        no_dist=True,
-    )
+    with _in_one_process_on_purpose():
+        dcp.load(
+            tensors,
+            storage_reader=_safe_reader(folder),
+            planner=_tensors_only_planner(flatten=False),
+            no_dist=True,
+        )
     return tensors
 
 
@@ -447,10 +472,12 @@ class ShardedCheckpointStore(CheckpointFolder):
         partial = Path(run_on_main(make_folder))
         try:
             _every_process_sees(partial)
-            dcp.save(
-                {"model": model_tensors, "optimizer": optimizer_tensors},
-                storage_writer=_writer(partial),
-            )
+            with _in_one_process_on_purpose():
+                dcp.save(
+                    {"model": model_tensors, "optimizer": optimizer_tensors},
+                    storage_writer=_writer(partial),
+                    no_dist=_one_process(),
+                )
 
             def finish() -> None:
                 whole = {
@@ -464,10 +491,16 @@ class ShardedCheckpointStore(CheckpointFolder):
                 _replace_folder(partial, target)
 
             run_on_main(finish)
-        except BaseException:
-            if not (dist.is_available() and dist.is_initialized()) or dist.get_rank() == 0:
+        except BaseException as exc:
+            if _one_process() or dist.get_rank() == 0:
                 shutil.rmtree(partial, ignore_errors=True)
-            raise
+            if isinstance(exc, (KeyboardInterrupt, SystemExit, CheckpointError)):
+                raise
+            # DCP gathers every process's failure into a BaseException; one line instead
+            raise CheckpointError(
+                f"writing checkpoint {target} failed ({_why(exc)}); the checkpoints written "
+                "before it are kept"
+            ) from None
         return target
 
     def read(self, path: Path) -> dict[str, Any]:
