@@ -19,7 +19,6 @@ import os
 import pickle
 import signal
 import subprocess
-import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -45,19 +44,17 @@ from invertible_train.strategy import SingleProcess
 from invertible_train.trainer import Trainer
 
 from .conftest import FAST
-from .processes import wait_for_checkpoint
+from .processes import kill_job, start_and_wait_for_checkpoint
 from .test_distributed import (
     LAUNCH,
     TIMEOUT,
     WORLD_SIZE,
     assert_close_to_scale,
     environment,
-    kill_job,
     records,
     revnet_data,
     revnet_experiment,
     torchrun,
-    worker_pids,
 )
 
 fsdp2 = pytest.importorskip("torch.distributed.fsdp", reason="FSDP2 needs torch 2.6")
@@ -73,7 +70,7 @@ def unit_names(model: nn.Module, mixed_precision: bool = False) -> list[str]:
     return [names[id(unit)] for unit in shard_units(model, mixed_precision)]
 
 
-def test_every_coupling_and_every_residual_block_is_a_unit_then_the_root() -> None:
+def test_every_coupling_and_every_residual_block_is_a_unit() -> None:
     revnet = create_model("revnet38")  # stages of 3, 3, 3 blocks; a transition opens 2 and 3
     couplings = [
         f"stages.{s}.blocks.{b}" for s, count in enumerate((3, 2, 2)) for b in range(count)
@@ -167,6 +164,14 @@ def test_fsdp_in_one_process_is_refused_before_anything_is_written(
     assert not (tmp_path / "results").exists()
     with pytest.raises(ConfigError, match="this run is one process"):
         Trainer(sharded_experiment(), tmp_path / "api", data=revnet_data())
+
+
+def test_a_torch_without_fsdp2_is_refused_naming_the_version_needed(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.delattr(fsdp2, "fully_shard")  # as in torch 2.4 and 2.5
+    with one_rank_job(tmp_path) as job, pytest.raises(ConfigError, match="torch 2.6 or newer"):
+        Trainer(sharded_experiment(), tmp_path / "run", data=revnet_data(), distribution=job)
 
 
 def test_a_sharded_run_leaves_a_folder_it_did_not_make_alone(tmp_path: Path) -> None:
@@ -514,18 +519,8 @@ def assert_same_tensors(ended: Path, uninterrupted: Path) -> None:
 
 
 def start_and_wait_for_a_checkpoint(results: Path) -> tuple[subprocess.Popen, list[int]]:
-    agent = subprocess.Popen(
-        sharded_command(results), env=environment(), start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        wait_for_checkpoint(agent, results / RUN / "checkpoints" / "last.dcp", TIMEOUT)
-        time.sleep(0.05)  # somewhere after the first checkpoint, possibly mid-write
-        workers = worker_pids(agent.pid)
-    except BaseException:
-        kill_job(agent)
-        raise
-    return agent, workers
+    last = results / RUN / "checkpoints" / "last.dcp"
+    return start_and_wait_for_checkpoint(sharded_command(results), last, environment(), TIMEOUT)
 
 
 def iteration_of(results: Path) -> int:

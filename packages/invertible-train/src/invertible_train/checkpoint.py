@@ -45,6 +45,7 @@ __all__ = [
     "CheckpointStore",
     "LatestCheckpoint",
     "capture_rng_state",
+    "fsync_folder",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
@@ -81,11 +82,11 @@ def save_checkpoint(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make the rename itself durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)

@@ -59,6 +59,7 @@ from invertible_train.checkpoint import (
     FIX,
     CheckpointError,
     CheckpointFolder,
+    fsync_folder,
     load_checkpoint,
     save_checkpoint,
 )
@@ -383,19 +384,6 @@ def read_tensors(folder: Path) -> dict[str, Tensor]:
 # -- the folder --------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:  # pragma: no cover - Windows
-        return
-    try:
-        os.fsync(fd)
-    except OSError:  # pragma: no cover - some file systems refuse
-        pass
-    finally:
-        os.close(fd)
-
-
 def _replace_folder(source: Path, destination: Path) -> None:
     """Rename the folder ``source`` to ``destination``; a ``destination`` already there
     goes to a hidden ``.NAME.XXXX.old`` first and is deleted after (put back by
@@ -405,7 +393,7 @@ def _replace_folder(source: Path, destination: Path) -> None:
         old = destination.with_name(f".{destination.name}.{uuid.uuid4().hex[:8]}.old")
         os.replace(destination, old)
     os.replace(source, destination)
-    _fsync_dir(destination.parent)
+    fsync_folder(destination.parent)
     if old is not None:
         shutil.rmtree(old, ignore_errors=True)
 
