@@ -1,7 +1,8 @@
 """The invertible layers: exact inverses, log-determinants against the brute-force Jacobian.
 
-InvertibleDownsampling, HaarDownsampling, InvertibleConv1x1, ActNorm and Permutation, each
-honouring the LogDetBlock contract. Float64 throughout where precision is asserted.
+InvertibleDownsampling, HaarDownsampling, OrthogonalDownsampling, OrthogonalUpsampling,
+InvertibleConv1x1, ActNorm and Permutation, each honouring the LogDetBlock contract, on 1D,
+2D and 3D data (3-, 4- and 5-D tensors). Float64 throughout where precision is asserted.
 """
 
 from __future__ import annotations
@@ -19,7 +20,10 @@ from invertible_core import (
     InvertibleConv1x1,
     InvertibleDownsampling,
     LogDetBlock,
+    OrthogonalDownsampling,
+    OrthogonalUpsampling,
     Permutation,
+    ReversibleSequence,
     is_invertible_module,
 )
 from invertible_core.recompute import recomputing
@@ -48,7 +52,36 @@ def _initialised_actnorm(channels: int, shape: tuple[int, ...], dim: int = 1) ->
 CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("downsampling", lambda: InvertibleDownsampling().to(DTYPE), (2, 3, 4, 4)),
     ("downsampling-3", lambda: InvertibleDownsampling(3).to(DTYPE), (2, 2, 3, 6)),
+    ("downsampling-1d", lambda: InvertibleDownsampling(2).to(DTYPE), (2, 3, 6)),
+    ("downsampling-3d", lambda: InvertibleDownsampling(2).to(DTYPE), (2, 2, 2, 4, 2)),
+    ("downsampling-3d-221", lambda: InvertibleDownsampling((2, 2, 1)).to(DTYPE), (2, 2, 2, 4, 3)),
+    ("downsampling-2d-13", lambda: InvertibleDownsampling((1, 3)).to(DTYPE), (2, 2, 2, 6)),
     ("haar", lambda: HaarDownsampling().to(DTYPE), (2, 3, 4, 2)),
+    ("haar-1d", lambda: HaarDownsampling().to(DTYPE), (2, 3, 6)),
+    ("haar-3d", lambda: HaarDownsampling().to(DTYPE), (2, 2, 2, 4, 2)),
+    ("haar-3d-122", lambda: HaarDownsampling((1, 2, 2)).to(DTYPE), (2, 2, 3, 2, 4)),
+    ("orthogonal-1d-exp", lambda: _perturbed(OrthogonalDownsampling(3, dim=1)), (2, 3, 6)),
+    (
+        "orthogonal-2d-cayley",
+        lambda: _perturbed(OrthogonalDownsampling(2, dim=2, method="cayley")),
+        (2, 2, 4, 2),
+    ),
+    (
+        "orthogonal-3d-221-random",
+        lambda: _perturbed(OrthogonalDownsampling(2, dim=3, factor=(2, 2, 1), init="random")),
+        (2, 2, 2, 4, 3),
+    ),
+    (
+        "orthogonal-2d-factor-3",
+        lambda: _perturbed(OrthogonalDownsampling(1, dim=2, factor=3, init="squeeze")),
+        (2, 1, 3, 3),
+    ),
+    ("upsampling-2d-exp", lambda: _perturbed(OrthogonalUpsampling(2, dim=2)), (2, 8, 2, 1)),
+    (
+        "upsampling-3d-cayley",
+        lambda: _perturbed(OrthogonalUpsampling(1, dim=3, method="cayley")),
+        (2, 8, 1, 2, 1),
+    ),
     ("conv1x1-lu", lambda: _perturbed(InvertibleConv1x1(3, seed=0)), (2, 3, 2, 3)),
     ("conv1x1-full", lambda: _perturbed(InvertibleConv1x1(3, lu=False, seed=0)), (2, 3, 2, 3)),
     ("conv1x1-vectors", lambda: _perturbed(InvertibleConv1x1(4, seed=1)), (2, 4)),
@@ -57,6 +90,8 @@ CASES: list[tuple[str, Callable[[], nn.Module], tuple[int, ...]]] = [
     ("conv1x1-volume", lambda: _perturbed(InvertibleConv1x1(2, seed=4)), (2, 2, 2, 2, 2)),
     ("actnorm", lambda: _initialised_actnorm(3, (4, 3, 2, 3)), (2, 3, 2, 3)),
     ("actnorm-vectors", lambda: _initialised_actnorm(4, (8, 4)), (2, 4)),
+    ("actnorm-1d", lambda: _initialised_actnorm(3, (4, 3, 5)), (2, 3, 4)),
+    ("actnorm-3d", lambda: _initialised_actnorm(2, (4, 2, 2, 3, 2)), (2, 2, 2, 2, 3)),
     ("actnorm-channels-last", lambda: _initialised_actnorm(3, (2, 5, 3), dim=-1), (2, 5, 3)),
     ("permutation", lambda: Permutation(5, seed=1).to(DTYPE), (2, 5, 2, 2)),
     ("permutation-channels-last", lambda: Permutation(4, seed=2, dim=-1).to(DTYPE), (2, 3, 4)),
@@ -117,10 +152,11 @@ def test_inverse_logdet_is_that_of_the_jacobian_and_the_negative_of_the_forwards
 
 
 def test_a_layer_in_a_volume_changing_state_reports_a_nonzero_logdet() -> None:
-    # guards the Jacobian tests against comparing zeros with zeros only
+    # guards the Jacobian tests against comparing zeros with zeros only (the orthogonal
+    # resampling layers learn, and preserve volume whatever they learn)
     for name, build, shape in CASES:
         layer = build()
-        if any(True for _ in layer.parameters()):
+        if any(True for _ in layer.parameters()) and not name.startswith(("orth", "upsampl")):
             _, logdet = layer.forward_with_logdet(torch.randn(shape, dtype=DTYPE))
             assert logdet.abs().min() > 1e-3, name
 
@@ -211,7 +247,7 @@ def test_downsampling_is_bit_exact_in_float32() -> None:
 
 @pytest.mark.parametrize("shape", [(2, 3, 5, 4), (2, 3, 4, 5)])
 def test_downsampling_refuses_a_size_not_divisible_by_the_factor(shape: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError, match=r"height and width divisible by 2.*\(2, 3,"):
+    with pytest.raises(ValueError, match=r"spatial size divisible by its factor \(2, 2\).*\(2, 3,"):
         InvertibleDownsampling()(torch.randn(shape))
 
 
@@ -221,12 +257,46 @@ def test_downsampling_inverse_refuses_channels_not_divisible_by_factor_squared()
 
 
 @pytest.mark.parametrize("layer", [InvertibleDownsampling(), HaarDownsampling()])
-@pytest.mark.parametrize("shape", [(3, 4, 4), (1, 1, 2, 4, 4)])
-def test_downsampling_needs_an_image_batch(layer: nn.Module, shape: tuple[int, ...]) -> None:
-    with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
+@pytest.mark.parametrize("shape", [(3, 4), (1, 1, 2, 2, 4, 4)])
+def test_downsampling_needs_one_to_three_spatial_axes(
+    layer: nn.Module, shape: tuple[int, ...]
+) -> None:
+    with pytest.raises(ValueError, match=r"1 to 3 spatial axes.*got shape"):
         layer(torch.randn(shape))
-    with pytest.raises(ValueError, match=r"\(batch, channels, height, width\)"):
+    with pytest.raises(ValueError, match=r"1 to 3 spatial axes.*got shape"):
         layer.inverse(torch.randn(shape))
+
+
+@pytest.mark.parametrize("layer", [InvertibleDownsampling((2, 2)), HaarDownsampling((2, 1))])
+def test_a_factor_per_axis_must_match_the_inputs_axes(layer: nn.Module) -> None:
+    with pytest.raises(ValueError, match=r"factor=\(2, \d\), one per axis of 2-dimensional"):
+        layer(torch.randn(1, 1, 4, 4, 4))
+    with pytest.raises(ValueError, match="one per axis of 2-dimensional data"):
+        layer.inverse(torch.randn(1, 4, 2))
+
+
+def test_downsampling_in_3d_is_space_to_depth_per_axis() -> None:
+    x = torch.arange(2 * 3 * 4 * 6 * 2, dtype=DTYPE).reshape(2, 3, 4, 6, 2)
+    y = InvertibleDownsampling((2, 3, 1))(x)
+    assert y.shape == (2, 18, 2, 2, 2)
+    # output channel c*6 + i*3 + j holds input channel c at offset (i, j, 0) of each patch
+    torch.testing.assert_close(y[:, 6 + 5], x[:, 1, 1::2, 2::3, :], rtol=0, atol=0)
+    torch.testing.assert_close(y[:, 12], x[:, 2, 0::2, 0::3, :], rtol=0, atol=0)
+    z = InvertibleDownsampling(2)(torch.arange(8.0).reshape(1, 1, 8))
+    assert z.tolist() == [[[0.0, 2.0, 4.0, 6.0], [1.0, 3.0, 5.0, 7.0]]]
+
+
+@pytest.mark.parametrize("factor", [2, (2, 1, 2)])
+def test_downsampling_in_3d_is_bit_exact_in_float32(factor: int | tuple[int, ...]) -> None:
+    x = torch.randn(2, 3, 4, 6, 8)
+    layer = InvertibleDownsampling(factor)
+    assert torch.equal(layer.inverse(layer(x)), x)
+
+
+@pytest.mark.parametrize("factor", [(), (2, 2, 2, 2), (2, 0)])
+def test_downsampling_refuses_a_bad_factor_per_axis(factor: tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="factor"):
+        InvertibleDownsampling(factor)
 
 
 @pytest.mark.parametrize("factor", [0, -2, 2.0, True, "2"])
@@ -264,10 +334,77 @@ def test_haar_detail_bands_of_a_constant_image_are_zero() -> None:
 
 
 def test_haar_refuses_odd_sizes_and_inverse_refuses_channels_not_divisible_by_4() -> None:
-    with pytest.raises(ValueError, match="divisible by 2"):
+    with pytest.raises(ValueError, match=r"divisible by its factor \(2, 2\)"):
         HaarDownsampling()(torch.randn(1, 1, 3, 4))
     with pytest.raises(ValueError, match="channel count divisible by 4"):
         HaarDownsampling().inverse(torch.randn(1, 6, 2, 2))
+
+
+def test_haar_in_1d_and_3d_are_the_kronecker_products_of_the_1d_wavelet() -> None:
+    signal = torch.randn(2, 3, 8, dtype=DTYPE)
+    y = HaarDownsampling()(signal)
+    even, odd = signal[..., 0::2], signal[..., 1::2]
+    root2 = 2.0**0.5
+    torch.testing.assert_close(y[:, :3], (even + odd) / root2, rtol=0, atol=1e-15)
+    torch.testing.assert_close(y[:, 3:], (even - odd) / root2, rtol=0, atol=1e-15)
+    volume = torch.randn(1, 2, 4, 2, 6, dtype=DTYPE)
+    bands = HaarDownsampling()(volume)
+    corners = {
+        (i, j, k): volume[:, :, i::2, j::2, k::2] for i in (0, 1) for j in (0, 1) for k in (0, 1)
+    }
+    for band in range(8):
+        bits = ((band >> 2) & 1, (band >> 1) & 1, band & 1)  # depth, height, width
+        expected = sum(
+            (-1) ** sum(b * o for b, o in zip(bits, offset)) * value
+            for offset, value in corners.items()
+        )
+        torch.testing.assert_close(
+            bands[:, 2 * band : 2 * band + 2], expected / 2**1.5, rtol=0, atol=1e-14
+        )
+
+
+def test_haar_along_chosen_axes_leaves_the_others_alone() -> None:
+    volume = torch.randn(2, 3, 5, 4, 6, dtype=DTYPE)
+    y = HaarDownsampling((1, 2, 2))(volume)
+    assert y.shape == (2, 12, 5, 2, 3)
+    for d in range(5):  # each depth slice is transformed as an image
+        torch.testing.assert_close(
+            y[:, :, d], HaarDownsampling()(volume[:, :, d]), rtol=0, atol=1e-15
+        )
+
+
+@pytest.mark.parametrize("factor", [4, (2, 3), 1])
+def test_haar_refuses_factors_other_than_2(factor: int | tuple[int, ...]) -> None:
+    with pytest.raises(ValueError, match="factor must be 2 or one factor per axis, each 1 or 2"):
+        HaarDownsampling(factor)
+
+
+def test_haar_is_orthonormal_in_3d() -> None:
+    layer = HaarDownsampling()
+    x = torch.randn(1, 1, 2, 2, 4, dtype=DTYPE)
+    jac = torch.autograd.functional.jacobian(layer, x).reshape(x.numel(), x.numel())
+    torch.testing.assert_close(jac @ jac.T, torch.eye(x.numel(), dtype=DTYPE), rtol=0, atol=1e-15)
+
+
+def test_gradients_with_memory_saving_equal_plain_autograd(case: tuple[nn.Module, Tensor]) -> None:
+    layer, x = case
+    chain = ReversibleSequence(layer, memory_saving=True)
+    grads = []
+    for saving in (True, False):
+        chain.memory_saving = saving
+        layer.zero_grad()
+        inp = x.clone().requires_grad_()
+        y, logdet = chain.forward_with_logdet(inp)
+        (
+            (y * torch.linspace(-1, 1, y.numel(), dtype=DTYPE).view_as(y)).sum() + logdet.sum()
+        ).backward()
+        assert inp.grad is not None
+        grads.append(
+            [inp.grad] + [p.grad.clone() for p in layer.parameters() if p.grad is not None]
+        )
+    assert len(grads[0]) == len(grads[1]) == 1 + sum(1 for _ in layer.parameters())
+    for saved, plain in zip(*grads):
+        torch.testing.assert_close(saved, plain, rtol=1e-10, atol=1e-12)
 
 
 # -- InvertibleConv1x1 -----------------------------------------------------------------------

@@ -156,7 +156,7 @@ def test_a_step_whose_loss_is_not_finite_is_never_timed_and_nothing_is_recorded(
 
 def test_cli_rejects_unknown_models(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["resnet33"]) == 2
-    assert "known models: glow, irevnet, resnet32" in capsys.readouterr().err
+    assert "known models: glow, irevnet, iunet, iunet3d, resnet32" in capsys.readouterr().err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message without CUDA")

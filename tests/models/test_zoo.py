@@ -86,7 +86,7 @@ def test_a_plain_network_trains_plainly_a_reversible_one_saves_and_both_take_the
 def test_unknown_model_name_lists_the_known_ones() -> None:
     with pytest.raises(
         ValueError,
-        match="unknown model 'revnet56'; known models: glow, irevnet, resnet32, resnet110",
+        match="unknown model .revnet56.; known models: glow, irevnet, iunet, iunet3d, resnet32",
     ):
         create_model("revnet56")
 

@@ -40,6 +40,9 @@ CASES = {
     ),
     "bench_budget.py": (["--quick"], "--json", {"results", "targets", "environment"}),
     "bench_demo.py": (["--quick", "--threads", "1", "auto"], "--json", {"runs", "environment"}),
+    "bench_unet.py": (["--quick", "--steps", "1"], "--json", {"profiles", "ratios", "sizes"}),
+    "bench_resampling.py": (["--quick"], "--json", {"outputs", "flows"}),
+    "bench_segmentation.py": (["--quick"], "--json", {"runs", "dice", "parity"}),
     "bench_train.py": (
         ["--iterations", "4", "--repeats", "1", "--image-size", "8"],
         "--output",

@@ -172,7 +172,9 @@ def test_image_folder_errors_name_the_missing_parts(tmp_path: Path) -> None:
 def test_unknown_dataset_is_a_config_error_listing_the_known_ones() -> None:
     with pytest.raises(ConfigError, match="data.dataset must be one of cifar10, cifar100, digits"):
         build_data(DataConfig(dataset="mnist"))
-    with pytest.raises(ConfigError, match="imagefolder:PATH; got 'imagefolder:'"):
+    with pytest.raises(
+        ConfigError, match="imagefolder:PATH, shapes2d, shapes3d, masks:PATH; got 'imagefolder:'"
+    ):
         check_dataset_name("imagefolder:")
     check_dataset_name("imagefolder:/some/where")
 

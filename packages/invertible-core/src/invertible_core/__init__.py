@@ -6,8 +6,10 @@ inverse calls the functions its forward calls shares them (:func:`shared_call`) 
 recomputed once. Couplings turn any functions into such blocks; invertible layers (:class:`InvertibleDownsampling`,
 :class:`HaarDownsampling`, :class:`InvertibleConv1x1`, :class:`ActNorm`,
 :class:`Permutation`) change shape or mix channels and report their log-determinants, for
-fully invertible nets and flows. A :class:`ReversibleSequence` trains a chain of any of
-them with memory flat in depth; the :class:`InvertibleModuleWrapper` (MemCNN's API) saves
+fully invertible nets and flows, in 1D, 2D and 3D; :class:`OrthogonalDownsampling` and
+:class:`OrthogonalUpsampling` learn it (iUNets), :class:`ChannelSplit` and
+:class:`ChannelConcat` factor channels out and back in. A :class:`ReversibleSequence` trains
+a chain of any of them with memory flat in depth, a :class:`ReversibleUNet` a U of them; the :class:`InvertibleModuleWrapper` (MemCNN's API) saves
 memory around any single invertible module; :func:`is_invertible_module` checks
 invertibility without side effects. :func:`fit_memory_budget` chooses, for a memory budget,
 which blocks keep their activations and which recompute them (a :class:`MemoryPlan`), by
@@ -26,6 +28,7 @@ from typing import TYPE_CHECKING, Any
 from invertible_core._version import __version__
 from invertible_core.actnorm import ActNorm
 from invertible_core.channel_mixing import InvertibleConv1x1, Permutation
+from invertible_core.channel_split import ChannelConcat, ChannelSplit
 from invertible_core.checks import is_invertible_module
 from invertible_core.contract import InvertibleBlock, LogDetBlock
 from invertible_core.couplings import (
@@ -39,6 +42,7 @@ from invertible_core.couplings import (
     create_coupling,
 )
 from invertible_core.fixed_point import round_to_grid
+from invertible_core.orthogonal_resampling import OrthogonalDownsampling, OrthogonalUpsampling
 from invertible_core.planner.plan import (
     MemoryBudgetError,
     MemoryPlan,
@@ -66,6 +70,7 @@ from invertible_core.recompute import (
 )
 from invertible_core.resampling import HaarDownsampling, InvertibleDownsampling
 from invertible_core.sequence import ReversibleSequence
+from invertible_core.unet import ReversibleUNet
 from invertible_core.wrapper import InvertibleModuleWrapper, ReversibleBlock
 
 if TYPE_CHECKING:
@@ -131,6 +136,8 @@ __all__ = [
     "AffineAdapterNaive",
     "AffineAdapterSigmoid",
     "AffineCoupling",
+    "ChannelConcat",
+    "ChannelSplit",
     "Checkpointable",
     "CheckpointableModule",
     "Coupling",
@@ -148,11 +155,14 @@ __all__ = [
     "MemoryStats",
     "MemorySwitches",
     "NonFiniteLossError",
+    "OrthogonalDownsampling",
+    "OrthogonalUpsampling",
     "Partition",
     "Permutation",
     "PlanMismatchError",
     "ReversibleBlock",
     "ReversibleSequence",
+    "ReversibleUNet",
     "StepMemory",
     "SwitchState",
     "TrainingStep",

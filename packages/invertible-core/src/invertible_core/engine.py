@@ -175,9 +175,15 @@ def _has_forward_hooks(module: nn.Module) -> bool:
     )
 
 
+_PLAIN = (Tensor, nn.Parameter)
+
+
 def _pack(t: Tensor) -> Any:
     frame = current_site()
-    if not isinstance(frame, Frame):
+    if not isinstance(frame, Frame) or type(t) not in _PLAIN or torch.compiler.is_compiling():
+        # Only the run's own tensors are dropped and rebuilt. A tensor subclass is kept as it
+        # is: the fake and functional tensors torch.compile traces with (AOTAutograd of torch
+        # 2.4 traces under the caller's saved-tensor hooks), or a user's subclass.
         return t
     return frame.pack(t)
 
@@ -305,8 +311,11 @@ class Frame:
         self.kept_output: list[Tensor | None] = []
         self.output_unpack: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None
         self.output_versions: list[int] = []
-        #: whether a frame before this one takes this frame's rebuilt input
-        self.input_wanted = False
+        #: the frames (by id) that take this frame's rebuilt input as their output, and those
+        #: that have not taken it yet in the current backward pass: it is released when
+        #: the last of them has
+        self.claimants: set[int] = set()
+        self.pending: set[int] = set()
         # filled by the backward pass
         self.storage: dict[int, list[Tensor | None]] | None = None
         self.storage_task = -1
@@ -382,13 +391,13 @@ class Frame:
         slot: int,
         convert: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
     ) -> None:
-        """Output ``position`` is ``consumer``'s input ``slot`` (or, with ``convert``, the
-        ``position``-th of ``convert(consumer's inputs)``: the two parts of a coupling merged
-        into one tensor, or a tensor split into them): the consumer rebuilds it in backward,
-        so this frame need not keep it."""
+        """Output ``position`` is ``consumer``'s input ``slot``, where ``convert`` (if given)
+        turns the consumer's inputs as it takes them into the tensors it was handed (the two
+        parts of a coupling merged into one tensor, or a tensor split into them): the
+        consumer rebuilds it in backward, so this frame need not keep it."""
         self.sources[position] = Source(consumer, slot, convert)
         self.kept_output[position] = None
-        consumer.input_wanted = True
+        consumer.claimants.add(id(self))
 
     # -- what the block's code calls ---------------------------------------------------------
     def pack(self, t: Tensor) -> Any:
@@ -530,13 +539,12 @@ class Frame:
         for position, source in enumerate(self.sources):
             if source is not None:
                 inputs = source.consumer.rebuilt_input(task)
-                if source.convert is None:
-                    values.append(inputs[source.slot])
-                else:
+                if source.convert is not None:
                     key = id(source.consumer)
                     if key not in converted:
                         converted[key] = source.convert(inputs)
-                    values.append(converted[key][position])
+                    inputs = converted[key]
+                values.append(inputs[source.slot])
                 continue
             kept = self.kept_output[position]
             if kept is None:
@@ -583,14 +591,18 @@ class Frame:
         if self.remaining == 0:
             self.storage = None
         self.rebuilt, self.rebuilt_task = inputs, task
-        for source in self.sources:
-            if source is not None and source.consumer.kept_input is None:
-                source.consumer.rebuilt = None  # consumed: the block above no longer needs it
+        self.pending = set(self.claimants)
+        for consumer in {
+            id(s.consumer): s.consumer for s in self.sources if s is not None
+        }.values():
+            consumer.pending.discard(id(self))
+            if not consumer.pending and consumer.kept_input is None:
+                consumer.rebuilt = None  # taken by every frame that needed it
         if last_pass:
             self.kept_output = [None] * len(self.kept_output)
         if self.run.on_rebuilt is not None:
             self.run.on_rebuilt(self, inputs)
-        if not self.input_wanted and self.kept_input is None:
+        if not self.pending and self.kept_input is None:
             self.rebuilt = None
 
     def _rebuild_and_replay(
@@ -705,8 +717,13 @@ def offer_outputs(
             _PRODUCER_POSITION[key] = position
 
 
-def claim_inputs(frame: Frame, inputs: tuple[Tensor, ...]) -> None:
-    """Take over the inputs of ``frame`` that an earlier memory-saving call still keeps."""
+def claim_inputs(
+    frame: Frame,
+    inputs: tuple[Tensor, ...],
+    convert: Callable[[tuple[Tensor, ...]], tuple[Tensor, ...]] | None = None,
+) -> None:
+    """Take over the inputs of ``frame`` (as the caller handed them: ``convert`` turns the
+    frame's own inputs into these) that an earlier memory-saving call still keeps."""
     for slot, t in enumerate(inputs):
         key = _memory_key(t)
         producer = _PRODUCERS.pop(key, None)
@@ -716,7 +733,7 @@ def claim_inputs(frame: Frame, inputs: tuple[Tensor, ...]) -> None:
         kept = producer.kept_output[position] if position < len(producer.kept_output) else None
         if kept is None or kept._version != producer.output_versions[position]:
             continue
-        producer.hand_to(position, frame, slot)
+        producer.hand_to(position, frame, slot, convert)
     if len(_PRODUCER_POSITION) > 4 * len(_PRODUCERS) + 64:
         for key in [k for k in _PRODUCER_POSITION if k not in _PRODUCERS]:
             del _PRODUCER_POSITION[key]

@@ -550,7 +550,7 @@ class ReversibleSequence(nn.Module):
                     for position in range(len(outputs)):
                         before.hand_to(position, frame, position, _converter(want, layout))
                 else:
-                    claim_inputs(frame, (x,))
+                    claim_inputs(frame, (x,), _converter(want, None))
                 if checking:  # what the block saw: a fixed-point coupling rounds its input
                     bits = getattr(block, "fixed_point_bits", None)
                     truths[index] = tuple(round_to_grid(t.detach(), bits) for t in state)

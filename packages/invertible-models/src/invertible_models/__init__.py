@@ -3,6 +3,9 @@
 ResNets and RevNets (the RevNet paper), ViTs and RevViTs (the RevViT paper), each one
 ``create_model(name)`` away; ``memory_saving`` is one switch with one meaning on all of them,
 on by default for the reversible networks and off for the plain ones (as timm's).
+ResNets and RevNets (the RevNet paper), ViTs and RevViTs (the RevViT paper), the
+i-RevNet, Glow, and the iUNet (fully invertible 2D/3D U-Net) with its plain twin, each one
+``create_model(name)`` away; ``memory_saving`` is one switch with one meaning on all of them.
 
 Build a model by name::
 
@@ -26,12 +29,14 @@ from invertible_models.blocks import (
 )
 from invertible_models.glow import Glow
 from invertible_models.irevnet import IRevNet
+from invertible_models.iunet import IUNet
 from invertible_models.registry import create_model, list_models, register_model
 
 # The model files register their constructors on import (the registry imports none of them).
 from invertible_models.resnet import ResNet
 from invertible_models.revnet import RevNet, RevNetStage
 from invertible_models.revvit import ReversibleVisionTransformer
+from invertible_models.unet import UNet
 from invertible_models.vit import VisionTransformer
 
 __all__ = [
@@ -41,11 +46,13 @@ __all__ = [
     "BottleneckResidual",
     "Glow",
     "IRevNet",
+    "IUNet",
     "ResNet",
     "ResidualBlock",
     "RevNet",
     "RevNetStage",
     "ReversibleVisionTransformer",
+    "UNet",
     "VisionTransformer",
     "__version__",
     "create_model",

@@ -23,7 +23,13 @@ from torch import nn
 from invertible_core import TrainingStep
 from invertible_models.registry import create_model
 
-__all__ = ["build_model", "is_density_model", "negative_log_likelihood", "training_step"]
+__all__ = [
+    "build_model",
+    "is_density_model",
+    "is_segmentation_model",
+    "negative_log_likelihood",
+    "training_step",
+]
 
 
 def build_model(
@@ -41,6 +47,12 @@ def build_model(
 def is_density_model(model: nn.Module) -> bool:
     """Whether ``model`` is a density model (it has ``log_prob``; its forward is that)."""
     return callable(getattr(model, "log_prob", None))
+
+
+def is_segmentation_model(model: nn.Module) -> bool:
+    """Whether ``model`` is a segmentation model: it declares ``spatial_dims`` (2 or 3) and
+    returns class logits per position, ``(batch, num_classes, *spatial)``."""
+    return isinstance(getattr(model, "spatial_dims", None), int)
 
 
 def negative_log_likelihood(log_prob: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -72,12 +84,17 @@ def training_step(
     device = torch.device(device) if images is None else images.device
     model = model.to(device).train()
     density = is_density_model(model)
+    segmentation = is_segmentation_model(model)
     if images is None:
-        channels = int(getattr(model, "in_channels", 3)) if density else 3
-        shape = (batch_size, channels, image_size, image_size)
+        channels = int(getattr(model, "in_channels", 3)) if density or segmentation else 3
+        axes = int(getattr(model, "spatial_dims", 2))
+        shape = (batch_size, channels, *([image_size] * axes))
         images = torch.rand(shape, device=device) if density else torch.randn(shape, device=device)
     if labels is None:
-        labels = torch.randint(0, num_classes, (images.shape[0],), device=device)
+        # a segmentation model: one class per position, from its own number of classes
+        classes = int(getattr(model, "num_classes", num_classes)) if segmentation else num_classes
+        positions = tuple(images.shape[2:]) if segmentation else ()
+        labels = torch.randint(0, classes, (images.shape[0], *positions), device=device)
     if loss is None:
         dims = images[0].numel()
         loss = (

@@ -1,7 +1,7 @@
 """invertible-train: the training harness of the invertible model zoo.
 
 Train any ``invertible_models`` network on CIFAR-10/100, handwritten digits, your own images
-or synthetic data, reproducing the RevNet paper's recipe, with atomic rotating checkpoints,
+or synthetic data (segmentation networks on synthetic 2D/3D shapes or your own masks), reproducing the RevNet paper's recipe, with atomic rotating checkpoints,
 bit-exact resumption (after a kill, a Ctrl-C or a SIGTERM) and density models trained by
 likelihood. Most users need only the command line (``invertible-train``,
 ``invertible-eval``, ``invertible-demo``, ``invertible-plot``); the names below are for
@@ -22,6 +22,8 @@ from invertible_train.config import ConfigError, ExperimentConfig, load_experime
 from invertible_train.data import DatasetUnavailableError, build_data
 from invertible_train.interrupts import Interrupted
 from invertible_train.results import ResultsDirError
+from invertible_train.segmentation import Segmentation
+from invertible_train.segmentation_data import build_segmentation_data
 from invertible_train.strategy import SingleProcess
 from invertible_train.tasks import Classification, DensityEstimation, Task
 from invertible_train.trainer import NonFiniteLossError, Trainer
@@ -36,11 +38,13 @@ __all__ = [
     "Interrupted",
     "NonFiniteLossError",
     "ResultsDirError",
+    "Segmentation",
     "SingleProcess",
     "Task",
     "Trainer",
     "__version__",
     "build_data",
+    "build_segmentation_data",
     "load_checkpoint",
     "load_experiment",
     "save_checkpoint",

@@ -97,7 +97,7 @@ class Evaluator:
         forward = self.task.forward_module(model)
         was_training = model.training
         model.eval()
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(self.task.sums_size, dtype=torch.float64, device=self.device)
         devices = [self.device.index or 0] if self.device.type == "cuda" else []
         # random numbers a model draws here (a flow's dequantisation noise) come from a
         # seed fixed per test batch, with the random state forked: every evaluation of a

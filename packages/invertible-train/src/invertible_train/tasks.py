@@ -49,7 +49,7 @@ from __future__ import annotations
 
 import math
 from abc import ABC, abstractmethod
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +62,7 @@ from invertible_train.data.transforms import BatchTransform
 
 __all__ = [
     "SAMPLE_GRID",
+    "TASK_FACTORIES",
     "Classification",
     "DensityEstimation",
     "Task",
@@ -94,6 +95,9 @@ class Task(ABC):
     #: :meth:`forward_module` or :meth:`after_evaluation`); a sharded model (``--fsdp``)
     #: gathers its parameters around each, as around ``forward``.
     model_methods: tuple[str, ...] = ()
+    #: the length of :meth:`sums` (the trainer and the evaluator add them up); entry 2 is
+    #: the number of samples
+    sums_size: int = 3
 
     def __init__(self, transform: BatchTransform) -> None:
         self.transform = transform
@@ -296,11 +300,22 @@ class DensityEstimation(Task):
         return grid
 
 
+#: the tasks of other modules, asked first and in order by :func:`task_for`: each returns its
+#: task for a model it recognises, else ``None`` (:mod:`invertible_train.segmentation`
+#: registers segmentation's; the package's ``__init__`` imports it)
+TASK_FACTORIES: list[Callable[[nn.Module, BatchTransform, tuple[int, ...]], Task | None]] = []
+
+
 def task_for(model: nn.Module, transform: BatchTransform, image_shape: tuple[int, ...]) -> Task:
-    """:class:`DensityEstimation` for a model with ``log_prob`` and ``sample`` (checked
-    against the data by :func:`check_density_model`, the levels being
+    """The task of a registered factory that recognises the model (:data:`TASK_FACTORIES`:
+    segmentation), else :class:`DensityEstimation` for a model with ``log_prob`` and
+    ``sample`` (checked against the data by :func:`check_density_model`, the levels being
     ``transform.levels``), else :class:`Classification`; ``image_shape`` is ``(C, H, W)``
     of the dataset's images."""
+    for factory in TASK_FACTORIES:
+        task = factory(model, transform, image_shape)
+        if task is not None:
+            return task
     if is_density_model(model):
         check_density_model(model, image_shape, transform.levels)
         return DensityEstimation(transform, math.prod(image_shape))

@@ -314,7 +314,7 @@ class Trainer(Run):
         every = self.intervals
         cpu = self.device.type == "cpu"
         one_process = self.distribution.world_size == 1
-        sums = torch.zeros(3, dtype=torch.float64, device=self.device)
+        sums = torch.zeros(self.task.sums_size, dtype=torch.float64, device=self.device)
         bad = torch.zeros((), dtype=torch.bool, device=self.device)
         checked = self.iteration
         last_eval: dict[str, float] | None = None

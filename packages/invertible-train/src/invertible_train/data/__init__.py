@@ -9,6 +9,7 @@
 """
 
 from invertible_train.data.datasets import (
+    DATASET_BUILDERS,
     DATASETS,
     DIGITS_LEVELS,
     DIGITS_TEST_SIZE,
@@ -28,6 +29,7 @@ from invertible_train.data.transforms import BatchTransform, augment_batch
 
 __all__ = [
     "DATASETS",
+    "DATASET_BUILDERS",
     "DIGITS_LEVELS",
     "DIGITS_TEST_SIZE",
     "MAX_STATS_IMAGES",

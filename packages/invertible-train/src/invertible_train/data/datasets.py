@@ -15,7 +15,7 @@ offline; the optional extra ``invertible-train[digits]``), ``imagefolder:PATH``
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -28,6 +28,7 @@ from invertible_train.config import ConfigError, DataConfig
 
 __all__ = [
     "DATASETS",
+    "DATASET_BUILDERS",
     "DIGITS_LEVELS",
     "DIGITS_TEST_SIZE",
     "MAX_STATS_IMAGES",
@@ -44,6 +45,11 @@ __all__ = [
 
 #: the names ``data.dataset`` accepts (``imagefolder:`` takes a path after the colon).
 DATASETS = ("cifar10", "cifar100", "digits", "synthetic", "imagefolder:PATH")
+
+#: datasets of other modules, by name (a name ending in ``:`` takes a path after it), and
+#: how to build them (:mod:`invertible_train.segmentation_data` registers ``shapes2d``,
+#: ``shapes3d`` and ``masks:``; the package's ``__init__`` imports it)
+DATASET_BUILDERS: dict[str, Callable[[DataConfig, int], ImageData]] = {}
 
 #: scans of ``digits`` held out as its test set (20%, the same ones in every run).
 DIGITS_TEST_SIZE = 360
@@ -255,17 +261,28 @@ def _imagefolder(cfg: DataConfig, path: str) -> tuple[FolderImages, FolderImages
     return train, test, len(train.classes)
 
 
+def _registered(name: str) -> Callable[[DataConfig, int], ImageData] | None:
+    for key, build in DATASET_BUILDERS.items():
+        if name == key or (key.endswith(":") and name.startswith(key) and len(name) > len(key)):
+            return build
+    return None
+
+
 def check_dataset_name(name: str) -> None:
     """Raise :class:`ConfigError` (naming the choices) when ``name`` is no dataset."""
     known = name in DATASETS or (name.startswith("imagefolder:") and len(name) > 12)
-    if not known:
-        raise ConfigError(f"data.dataset must be one of {', '.join(DATASETS)}; got {name!r}")
+    if not known and _registered(name) is None:
+        choices = [*DATASETS, *(k + "PATH" if k.endswith(":") else k for k in DATASET_BUILDERS)]
+        raise ConfigError(f"data.dataset must be one of {', '.join(choices)}; got {name!r}")
 
 
 def build_data(cfg: DataConfig, seed: int = 0) -> ImageData:
     """Load the dataset named in ``cfg`` and compute normalisation from its training split."""
     name = cfg.dataset
     check_dataset_name(name)
+    registered = _registered(name)
+    if registered is not None:
+        return registered(cfg, seed)
     train: Dataset[Any]
     test: Dataset[Any]
     levels = 256
