@@ -106,9 +106,11 @@ def test_core_requires_torch_and_nothing_else(built):
 
 
 def test_models_requires_core_and_torch(built):
-    always, extra = requirements(built["invertible-models"].wheel_metadata())
+    meta = built["invertible-models"].wheel_metadata()
+    always, extra = requirements(meta)
     assert set(always) == {"invertible-core", "torch"}
-    assert set(extra) <= {"matplotlib"}
+    assert set(extra) <= {"matplotlib", "timm"}
+    assert {"plot", "timm"} <= set(meta.get_all("Provides-Extra") or [])
 
 
 def test_train_requires_models_torchvision_tqdm_tensorboard_plots_and_digits_only_as_extras(

@@ -288,3 +288,54 @@ def test_budget_plans_stay_within_their_budgets_and_the_plot_is_drawn(tmp_path: 
         assert all(r["peak_bytes"] > 0 and r["step_s"] > 0 for r in result["checkpoint"])
         assert payload["targets"][name]["peak_within_1.05_budget"] is True
     assert out.with_suffix(".png").stat().st_size > 0
+
+
+@pytest.fixture(scope="module")
+def convert(tmp_path_factory: pytest.TempPathFactory) -> tuple[dict[str, Any], str]:
+    """One smoke run of bench_convert (every section, at quick size)."""
+    out = tmp_path_factory.mktemp("bench_convert") / "convert.json"
+    done = _run("bench_convert.py", ["--quick"], "--json", out)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(out.read_text()), done.stdout
+
+
+def test_convert_prints_every_table_and_writes_json(convert: tuple[dict[str, Any], str]) -> None:
+    payload, stdout = convert
+    assert {"gradients", "distance", "schedule", "memory", "parity", "environment"} <= set(payload)
+    for title in (
+        "Gradients",
+        "Output at conversion",
+        "schedule's path",
+        "Forward-retained",
+        "parity",
+    ):
+        assert title in stdout
+
+
+def test_convert_gradients_with_saving_are_plain_autograd_s(
+    convert: tuple[dict[str, Any], str],
+) -> None:
+    rows = convert[0]["gradients"]
+    ours = [r for r in rows if r["method"] in ("momentum", "two_stream")]
+    assert len(ours) >= 10
+    assert all(r["error"] <= 1e-6 for r in ours), ours
+    peer = [r for r in rows if r["method"].startswith("momentumnet")]
+    assert len(peer) == 1 and (peer[0]["error"] is not None or peer[0]["note"])
+
+
+def test_convert_memory_of_the_conversions_is_flat_in_depth(
+    convert: tuple[dict[str, Any], str],
+) -> None:
+    rows = [r for r in convert[0]["memory"] if "retained_mib" in r]
+    for network in ("resnet50", "ViT-S"):
+        growth = {}
+        flat = ("make_reversible momentum", "make_reversible two_stream alpha 0, no anchors")
+        for variant in ("original", *flat):
+            by_depth = [r for r in rows if r["network"] == network and r["variant"] == variant]
+            assert len(by_depth) == 2, (network, variant)
+            lo, hi = sorted(by_depth, key=lambda r: r["depth"])
+            growth[variant] = hi["retained_mib"] - lo["retained_mib"]
+        # the engine's bookkeeping may grow (written BatchNorm statistics), activations not
+        assert growth["original"] > 0
+        for variant in flat:
+            assert 0 <= growth[variant] <= 0.1 * growth["original"], (network, variant, growth)

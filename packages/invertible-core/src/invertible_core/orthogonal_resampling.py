@@ -202,7 +202,7 @@ class OrthogonalDownsampling(_OrthogonalResampling):
         seed: for ``init='random'``: a private generator's seed (the global random state is
             untouched); ``None`` draws from the global one.
 
-    :meth:`inverse` is the matching upsampling (the transposed convolution), exact up to
+    ``inverse`` is the matching upsampling (the transposed convolution), exact up to
     float rounding; ``log|det J| = 0``. Side inputs are accepted and ignored.
     """
 
@@ -229,7 +229,7 @@ class OrthogonalUpsampling(_OrthogonalResampling):
     """Learnable invertible upsampling: ``(B, C * sigma, *S) -> (B, C, *S * f)``.
 
     The map of :class:`OrthogonalDownsampling` the other way round, with its own kernels:
-    ``forward`` is the transposed convolution, :meth:`inverse` the strided one. ``channels``
+    ``forward`` is the transposed convolution, ``inverse`` the strided one. ``channels``
     is ``C``, the channels of the *output* (the fine resolution), so that a U's
     ``OrthogonalDownsampling(C, ...)`` and ``OrthogonalUpsampling(C, ...)`` connect the same
     two levels. The arguments are :class:`OrthogonalDownsampling`'s; ``init='haar'`` makes a

@@ -15,6 +15,12 @@ Build a model by name::
     plain = create_model("revnet110", num_classes=100, memory_saving=False)
     resnet = create_model("resnet110", num_classes=100)  # the conventional ResNet
 
+Or make an existing residual network reversible, with its weights::
+
+    from invertible_models import make_reversible
+
+    model = make_reversible(torchvision.models.resnet50(), method="momentum")
+
 Run ``invertible-profile revnet110 resnet110`` to see what reversibility buys.
 """
 
@@ -27,6 +33,8 @@ from invertible_models.blocks import (
     ResidualBlock,
     reversible_block,
 )
+from invertible_models.conversion import CoefficientSchedule, ConvertedModel
+from invertible_models.convert import ConversionError, make_reversible
 from invertible_models.glow import Glow
 from invertible_models.irevnet import IRevNet
 from invertible_models.iunet import IUNet
@@ -44,6 +52,9 @@ __all__ = [
     "BasicResidual",
     "Bottleneck",
     "BottleneckResidual",
+    "CoefficientSchedule",
+    "ConversionError",
+    "ConvertedModel",
     "Glow",
     "IRevNet",
     "IUNet",
@@ -57,6 +68,7 @@ __all__ = [
     "__version__",
     "create_model",
     "list_models",
+    "make_reversible",
     "register_model",
     "reversible_block",
 ]

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+from invertible_models.convert import METHODS
 from invertible_train import __version__
 from invertible_train.checkpoint import CheckpointError, load_checkpoint
 from invertible_train.config import (
@@ -46,7 +47,7 @@ from invertible_train.distributed import (
     torchrun_ranks,
 )
 from invertible_train.interrupts import Interrupted
-from invertible_train.model import check_model_config
+from invertible_train.model import check_model_config, with_data_image_size
 from invertible_train.optim import check_optim_config
 from invertible_train.results import ResultsDirError, read_summary, results_path
 from invertible_train.sharded_checkpoint import ShardedCheckpointStore
@@ -75,7 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "model",
-        help="model name from the zoo, e.g. resnet32, revnet38, revnet110, revnet164",
+        help="model name from the zoo (resnet32, revnet38, revnet110, revnet164, ...), or "
+        "tv:NAME from torchvision (tv:resnet18), or timm:NAME from timm "
+        "(timm:vit_tiny_patch16_224, built for the data's image size)",
     )
     parser.add_argument(
         "dataset",
@@ -134,6 +137,13 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="train reversible models without memory saving (model.memory_saving = false); "
         "a resumed run may switch it either way",
+    )
+    parser.add_argument(
+        "--reversible",
+        choices=sorted(METHODS),
+        help="make the network reversible with invertible_models.make_reversible "
+        "(model.reversible): momentum or two_stream; coefficients with --set "
+        "model.reversible_options.gamma=0.9",
     )
     parser.add_argument(
         "--memory-budget",
@@ -217,6 +227,8 @@ def _named_options(args: argparse.Namespace) -> dict[str, Any]:
             values[key] = getattr(args, option)
     if args.no_memory_saving:
         values["model.memory_saving"] = False
+    if args.reversible is not None:
+        values["model.reversible"] = args.reversible
     if args.sync_bn:
         values["train.sync_bn"] = True
     if args.fsdp:
@@ -264,7 +276,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         cfg = load_experiment(args.model, args.config, dataset=args.dataset)
         cfg = apply_values(cfg, _named_options(args), source="command line")
-        cfg = apply_overrides(cfg, args.overrides)
+        cfg = with_data_image_size(apply_overrides(cfg, args.overrides))
         check_experiment(cfg)
         if args.print_config:
             print(dump_toml(config_to_dict(cfg)), end="")

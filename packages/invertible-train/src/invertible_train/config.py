@@ -71,7 +71,8 @@ class ConfigError(ValueError):
 
 @dataclass
 class ModelConfig:
-    """Which network to build: a name from ``invertible_models.list_models()``."""
+    """Which network to build: a name from ``invertible_models.list_models()``, or
+    ``tv:NAME`` (torchvision) or ``timm:NAME`` (timm)."""
 
     name: str = ""
     #: for models with a ``memory_saving`` switch: recompute instead of storing activations
@@ -82,6 +83,11 @@ class ModelConfig:
     memory_saving: bool | None = None
     #: extra keyword arguments for ``create_model`` (e.g. a width), passed through as-is.
     options: dict[str, Any] = field(default_factory=dict)
+    #: make the network reversible (``invertible_models.make_reversible``): ``momentum`` or
+    #: ``two_stream``; empty: train it as built.
+    reversible: str = ""
+    #: the conversion's coefficients (``gamma``; ``alpha``, ``beta``).
+    reversible_options: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
