@@ -290,9 +290,9 @@ def revnet_experiment() -> ExperimentConfig:
     )
 
 
-def revnet_data() -> ImageData:
-    train = InMemoryImages(*synthetic_images(32, 10, 8, seed=1))
-    test = InMemoryImages(*synthetic_images(8, 10, 8, seed=2))
+def revnet_data(size: int = 8) -> ImageData:
+    train = InMemoryImages(*synthetic_images(32, 10, size, seed=1))
+    test = InMemoryImages(*synthetic_images(8, 10, size, seed=2))
     mean, std = channel_stats(train)
     return ImageData(train=train, test=test, num_classes=10, mean=mean, std=std)
 

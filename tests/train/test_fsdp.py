@@ -148,6 +148,35 @@ def test_with_amp_blocks_compute_in_bf16_while_norms_shards_and_the_stream_stay_
     assert seen["block output"] and set(seen["block output"]) == {torch.float32}
 
 
+def test_a_checkpoint_after_an_evaluation_holds_the_shards_the_optimizer_steps(
+    tmp_path: Path,
+) -> None:
+    """An evaluation leaves the root's parameters gathered (FSDP2 reshards the root only
+    after a backward); a converted torchvision ResNet (its own state-dict keys, a root
+    with the classifier) is then checkpointed, resumed, and read whole in one process."""
+    pytest.importorskip("torchvision")
+    cfg = apply_values(
+        sharded_experiment(),
+        {
+            "model.name": "tv:resnet18", "model.reversible": "momentum",
+            "train.iterations": 2, "train.eval_every": 1, "train.checkpoint_every": 1,
+            "train.tensorboard": False, "data.image_size": 16,
+        },
+    )  # fmt: skip
+    data = revnet_data(size=16)
+    with one_rank_job(tmp_path) as job:
+        trainer = Trainer(cfg, tmp_path / "run", quiet=True, data=data, distribution=job)
+        assert trainer.fit()["iterations"] == 2
+        head = trainer.model.fc.weight.full_tensor().detach().clone()
+        resumed = Trainer(
+            apply_values(cfg, {"train.iterations": 3}), tmp_path / "run", quiet=True,
+            data=data, distribution=job,
+        )  # fmt: skip
+        assert resumed.fit()["iterations"] == 3
+    saved = read_tensors(tmp_path / "run" / "checkpoints" / "previous.dcp")  # iteration 2
+    assert torch.equal(saved["model.fc.weight"], head)
+
+
 def test_a_memory_budget_is_refused_for_a_sharded_model(tmp_path: Path) -> None:
     with one_rank_job(tmp_path) as job, pytest.raises(ConfigError, match="cannot plan a sharded"):
         Trainer(

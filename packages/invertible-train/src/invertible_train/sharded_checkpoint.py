@@ -64,6 +64,7 @@ from invertible_train.checkpoint import (
     save_checkpoint,
 )
 from invertible_train.distributed import run_on_main
+from invertible_train.sharding import reshard
 
 if TYPE_CHECKING:
     from torch.distributed.checkpoint.metadata import Metadata
@@ -278,13 +279,16 @@ def _merge(tensors: Mapping[str, Any], rest: Mapping[str, Any]) -> dict[str, Any
 def _model_and_optimizer(
     model: nn.Module, optimizer: torch.optim.Optimizer
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """The model's and the optimizer's state dicts by parameter name, each process's shards
-    (``torch.distributed.checkpoint.state_dict.get_state_dict``; a fresh optimizer's
-    state is made to exist, so that it can be loaded into)."""
-    from torch.distributed.checkpoint.state_dict import get_state_dict
+    """The model's state dict as ``model.state_dict()`` gives it (a sharded model: each
+    process's shards; the keys its state-dict hooks make, as in ``last.pt``) and the
+    optimizer's by parameter name
+    (``torch.distributed.checkpoint.state_dict.get_optimizer_state_dict``; a fresh
+    optimizer's state is made to exist, so that it can be loaded into)."""
+    from torch.distributed.checkpoint.state_dict import get_optimizer_state_dict
 
-    model_state, optimizer_state = get_state_dict(model, optimizer)
-    return dict(model_state), dict(optimizer_state)
+    reshard(model)  # the shards, not parameters a forward without backward left gathered
+    optimizer_state = get_optimizer_state_dict(model, optimizer)
+    return dict(model.state_dict()), dict(optimizer_state)
 
 
 def load_sharded_state(
@@ -299,7 +303,7 @@ def load_sharded_state(
     checkpoint does not fit them (other parameters, other shapes).
     """
     import torch.distributed.checkpoint as dcp
-    from torch.distributed.checkpoint.state_dict import set_state_dict
+    from torch.distributed.checkpoint.state_dict import set_optimizer_state_dict
 
     model_state, optimizer_state = _model_and_optimizer(model, optimizer)
     tensors = {"model": _split(model_state)[0], "optimizer": _split(optimizer_state)[0]}
@@ -320,11 +324,9 @@ def load_sharded_state(
         raise CheckpointError(
             f"checkpoint {folder} does not fit this experiment ({_why(exc)}); {FIX}"
         ) from None
-    set_state_dict(
-        model,
-        optimizer,
-        model_state_dict=_merge(tensors["model"], saved.get("model", {})),
-        optim_state_dict=_merge(tensors["optimizer"], saved.get("optimizer", {})),
+    model.load_state_dict(_merge(tensors["model"], saved.get("model", {})))
+    set_optimizer_state_dict(
+        model, optimizer, optim_state_dict=_merge(tensors["optimizer"], saved.get("optimizer", {}))
     )
 
 

@@ -53,6 +53,7 @@ __all__ = [
     "check_fsdp_available",
     "mixed_precision_policy",
     "refuse_fsdp_in_one_process",
+    "reshard",
     "shard_model",
     "shard_units",
 ]
@@ -157,3 +158,17 @@ def shard_model(
     for name in methods:
         register_fsdp_forward_method(model, name)
     return model
+
+
+def reshard(model: nn.Module) -> None:
+    """Free every gathered parameter of the sharded ``model``, leaving each module holding
+    its shards. FSDP2 keeps the root's parameters gathered after a forward pass until the
+    backward pass (``reshard_after_forward`` is off for the root), so after a forward
+    without backward (evaluation, sampling) the model holds whole parameters that its
+    optimizer does not know; checkpointing needs the shards. A model without FSDP units is
+    left alone."""
+    from torch.distributed.fsdp import FSDPModule
+
+    for module in model.modules():
+        if isinstance(module, FSDPModule):
+            module.reshard()
