@@ -18,7 +18,8 @@ estimation) and a :class:`~invertible_train.strategy.Distribution` (how the work
 one process, or one rank of a torchrun job).
 
 Rerunning the same command resumes from the newest usable checkpoint (``last.pt``, else
-``previous.pt``): same iteration, same position in the epoch's data order, same random
+``previous.pt``; under ``--fsdp`` the sharded folders ``last.dcp`` and ``previous.dcp``,
+:mod:`invertible_train.sharded_checkpoint`): same iteration, same position in the epoch's data order, same random
 states, so on the CPU the resumed run ends with bit-for-bit the weights of an uninterrupted
 one. A run that had finished is reported, not trained or rewritten. SIGINT (Ctrl-C) and
 SIGTERM are caught while training (:mod:`invertible_train.interrupts`): the step in
