@@ -49,9 +49,14 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import torch
 
-from invertible_core import TrainingStep, median_step_seconds
+from invertible_core import TrainingStep
 from invertible_models import create_model
-from invertible_models.profiler import ModelProfile, format_table, profile_step
+from invertible_models.profiler import (
+    ModelProfile,
+    format_table,
+    median_step_seconds,
+    profile_step,
+)
 from invertible_models.step import training_step
 
 RESULTS = Path(__file__).resolve().parent / "results" / "unet.json"

@@ -428,6 +428,25 @@ def test_conv1x1_is_a_1x1_convolution_with_its_matrix(lu: bool) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("shape", "dim"),
+    [((2, 4, 5), 1), ((2, 4, 3, 5), 1), ((2, 4, 2, 3, 5), 1), ((2, 3, 4), -1), ((2, 3, 4, 5), 2)],
+)
+def test_conv1x1_outputs_are_tensors_of_their_own_not_views(
+    shape: tuple[int, ...], dim: int
+) -> None:
+    # FSDP2 hooks a unit's outputs for its backward and warns about a view (an in-place op
+    # downstream would detach it from the hook); the mixing and its inverse make none
+    layer = _perturbed(InvertibleConv1x1(4, seed=0, dim=dim))
+    x = torch.randn(shape, dtype=DTYPE, requires_grad=True)
+    y = layer(x)
+    assert y._base is None and layer.inverse(y)._base is None
+    moved = x.detach().movedim(dim, -1)
+    torch.testing.assert_close(
+        y.detach().movedim(dim, -1), moved @ layer.matrix().detach().T, rtol=0, atol=1e-13
+    )
+
+
 def test_conv1x1_lu_is_the_product_of_its_factors_and_its_logdet_their_log_scales() -> None:
     layer = _perturbed(InvertibleConv1x1(4, seed=0))
     lower = torch.tril(layer.lower, -1) + torch.eye(4, dtype=DTYPE)

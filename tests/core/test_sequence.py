@@ -492,7 +492,11 @@ def test_compile_captures_graphs_of_fm_and_gm_and_the_recompute_runs_them() -> N
     graphs: list[tuple[set[str], list[int]]] = []
 
     def counting_backend(gm: torch.fx.GraphModule, inputs: list[torch.Tensor]):  # type: ignore[no-untyped-def]
+        # torch >= 2.5 inlines the modules (a batch_norm call); 2.4 calls them as submodules
         targets = {getattr(n.target, "__name__", str(n.target)) for n in gm.graph.nodes}
+        for n in gm.graph.nodes:
+            if n.op == "call_module" and isinstance(gm.get_submodule(n.target), nn.BatchNorm2d):
+                targets.add("batch_norm")
         runs = [0]
         graphs.append((targets, runs))
 
@@ -524,7 +528,8 @@ def test_fullgraph_compiles_plain_autograd_and_refuses_memory_saving_with_a_clea
     torch.testing.assert_close(compiled(x), net(x))  # one graph: plain autograd
     torch._dynamo.reset()
     net.body.memory_saving = True
-    with pytest.raises(Exception, match="memory saving"):
+    # torch >= 2.5 gives dynamo our reason; 2.4 names the function (_memory_saving_entry)
+    with pytest.raises(Exception, match="memory.saving"):
         torch.compile(net, fullgraph=True, backend="eager")(x)
 
 

@@ -17,7 +17,6 @@ import signal
 import socket
 import subprocess
 import sys
-import time
 import weakref
 from collections.abc import Callable
 from pathlib import Path
@@ -40,7 +39,7 @@ from invertible_train.sync_batchnorm import SyncBatchNorm, convert_sync_batchnor
 from invertible_train.trainer import Trainer
 
 from .conftest import FAST
-from .processes import wait_for_checkpoint
+from .processes import kill_job, start_and_wait_for_checkpoint
 
 WORLD_SIZE = 2
 #: Bound on ``max|ddp - single| / max|single|`` per tensor. The two runs sum BatchNorm
@@ -291,9 +290,9 @@ def revnet_experiment() -> ExperimentConfig:
     )
 
 
-def revnet_data() -> ImageData:
-    train = InMemoryImages(*synthetic_images(32, 10, 8, seed=1))
-    test = InMemoryImages(*synthetic_images(8, 10, 8, seed=2))
+def revnet_data(size: int = 8) -> ImageData:
+    train = InMemoryImages(*synthetic_images(32, 10, size, seed=1))
+    test = InMemoryImages(*synthetic_images(8, 10, size, seed=2))
     mean, std = channel_stats(train)
     return ImageData(train=train, test=test, num_classes=10, mean=mean, std=std)
 
@@ -454,31 +453,6 @@ def test_resuming_a_torchrun_job_with_one_process_is_refused(
     assert "written by 2 processes; resume with the same number (now 1)" in capsys.readouterr().err
 
 
-def worker_pids(agent: int) -> list[int]:
-    """The processes torchrun started (each in a session of its own), from /proc."""
-    children = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        with contextlib.suppress(OSError):
-            # the name field may hold spaces; the parent pid is the second field after it
-            fields = stat.read_text().rsplit(")", 1)[1].split()
-            if int(fields[1]) == agent:
-                children.append(int(stat.parent.name))
-    return children
-
-
-def kill_job(agent: subprocess.Popen) -> None:
-    """SIGKILL torchrun and its workers at once: a machine that lost power, as they see it."""
-    workers = worker_pids(agent.pid)
-    for pid in [agent.pid, *workers]:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(pid, signal.SIGKILL)
-    agent.wait(timeout=30)
-    deadline = time.monotonic() + 30
-    while any(Path(f"/proc/{pid}").exists() for pid in workers):
-        assert time.monotonic() < deadline, "torchrun's workers outlived SIGKILL"
-        time.sleep(0.05)
-
-
 ITERATIONS = 300
 
 
@@ -506,18 +480,7 @@ def uninterrupted_job(tmp_path_factory: pytest.TempPathFactory) -> dict:
 
 def start_job_and_wait_for_a_checkpoint(results: Path) -> tuple[subprocess.Popen, list[int]]:
     last = results / "tiny-synthetic" / "checkpoints" / "last.pt"
-    agent = subprocess.Popen(
-        tiny_command(results), env=environment(), start_new_session=True,
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-    )  # fmt: skip
-    try:
-        wait_for_checkpoint(agent, last, TIMEOUT)
-        time.sleep(0.05)  # somewhere after the first checkpoint, possibly mid-write
-        workers = worker_pids(agent.pid)
-    except BaseException:
-        kill_job(agent)
-        raise
-    return agent, workers
+    return start_and_wait_for_checkpoint(tiny_command(results), last, environment(), TIMEOUT)
 
 
 def resume_and_compare(results: Path, stopped_at: int, uninterrupted: dict) -> None:

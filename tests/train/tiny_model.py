@@ -5,7 +5,9 @@ send itself SIGINT during its N-th training forward); ``tiny_nan`` is the same n
 producing NaN logits from its sixth training forward on, to test the non-finite stop;
 ``tiny_flow`` is a density model (``log_prob`` and ``sample``): an elementwise affine flow
 onto a standard normal, whose exact log-likelihood is known in closed form;
-``uniform_density`` is the density model uniform over the levels of the data.
+``uniform_density`` is the density model uniform over the levels of the data;
+``tiny_revnet`` is the zoo's RevNet at width 8 (a stem, reversible blocks, transitions:
+every kind of FSDP unit the harness makes, in milliseconds).
 Registered in-process by ``conftest.py`` and in subprocesses by ``launch.py``.
 """
 
@@ -20,6 +22,7 @@ from torch import nn
 
 from invertible_models import register_model
 from invertible_models.flow_blocks import dequantize
+from invertible_models.revnet import RevNet
 
 
 class TinyNet(nn.Module):
@@ -145,9 +148,18 @@ def uniform_density(num_classes: int = 10, **options: Any) -> UniformDensity:
     return UniformDensity(**options)
 
 
+def tiny_revnet(num_classes: int = 10, memory_saving: bool = True, **options: Any) -> RevNet:
+    """The zoo's RevNet with basic blocks, 2 blocks per stage (a transition opens the
+    second and the third), widths 8, 8, 8, 16."""
+    return RevNet(
+        "basic", (2, 2, 2), (8, 8, 8, 16), num_classes, memory_saving=memory_saving, **options
+    )
+
+
 def register() -> None:
     """Add the tiny models to ``invertible_models``' registry (idempotent)."""
     register_model(tiny)
     register_model(tiny_nan)
     register_model(tiny_flow)
     register_model(uniform_density)
+    register_model(tiny_revnet)

@@ -177,12 +177,22 @@ class InvertibleConv1x1(InvertibleLayer):
         return f"channels={self.channels}, lu={self.lu}, dim={self.dim}"
 
 
+#: a 1x1 convolution per number of positional dims: what an image's mixing is
+_CONVOLUTIONS = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
+
+
 def _mix(matrix: Tensor, x: Tensor, d: int) -> Tensor:
-    """``matrix`` (``C x C``) applied to the channel vector at each position of dim ``d``."""
+    """``matrix`` (``C x C``) applied to the channel vector at each position of dim ``d``.
+
+    The result is a tensor of its own, never a view of one (a reshape's or a movedim's):
+    FSDP2 hooks a unit's outputs for its backward and warns about a view, which an in-place
+    op downstream could detach from the hook."""
     if d == x.dim() - 1:  # channels last: one matmul, contiguous output
         return F.linear(x, matrix)
-    moved = x if d == 1 else x.movedim(d, 1)
+    spatial = x.dim() - 2
+    if d == 1 and spatial in _CONVOLUTIONS:  # (B, C, L), (B, C, H, W), (B, C, D, H, W)
+        return _CONVOLUTIONS[spatial](x, matrix.reshape(*matrix.shape, *([1] * spatial)))
+    moved = x.movedim(d, 1)
     batch, channels = moved.shape[:2]
     mixed = torch.matmul(matrix, moved.reshape(batch, channels, positions(moved, 1)))
-    mixed = mixed.reshape(moved.shape)
-    return mixed if d == 1 else mixed.movedim(1, d)
+    return mixed.reshape(moved.shape).movedim(1, d).contiguous()

@@ -150,15 +150,23 @@ def run_compiled(fn: Callable[..., Any], args: Sequence[Any], kwargs: dict[str, 
     return fn(*args, **kwargs)
 
 
+def _eval_frame_module() -> Any:
+    """torch's C module of dynamo's frame hook (``torch._C._dynamo.eval_frame``), reached by
+    attribute: before torch 2.5 it is not importable by name."""
+    return torch._C._dynamo.eval_frame  # type: ignore[attr-defined]
+
+
 def compile_context() -> Any:
-    """Dynamo's frame callback now (``None`` outside torch.compile, or where unknown)."""
+    """Dynamo's frame callback now (``None`` outside torch.compile)."""
     if "torch._dynamo" not in sys.modules:
         return None
-    try:
-        from torch._C._dynamo.eval_frame import get_eval_frame_callback
-    except ImportError:  # pragma: no cover - a torch without this entry point
-        return None
-    callback = get_eval_frame_callback()
+    eval_frame = _eval_frame_module()
+    getter = getattr(eval_frame, "get_eval_frame_callback", None)
+    if getter is not None:
+        callback = getter()
+    else:  # torch before 2.5 has no getter: setting a callback returns the one it replaces
+        callback = eval_frame.set_eval_frame(None)
+        eval_frame.set_eval_frame(callback)
     return callback if callback not in (None, False) else None
 
 
@@ -168,13 +176,12 @@ def compiled_as(callback: Any) -> Iterator[None]:
     if callback is None:
         yield
         return
-    from torch._C._dynamo.eval_frame import set_eval_frame
-
-    before = set_eval_frame(callback)
+    eval_frame = _eval_frame_module()
+    before = eval_frame.set_eval_frame(callback)
     try:
         yield
     finally:
-        set_eval_frame(before)
+        eval_frame.set_eval_frame(before)
 
 
 def current_site() -> CallSite | None:

@@ -356,7 +356,7 @@ class ReversibleSequence(nn.Module):
         if torch.compiler.is_compiling() and not self._saving(x, args, kwargs):
             # dynamo traces plain autograd into the graph (eval, no grad, memory_saving=False)
             return self._traced(x, args, kwargs, direction, logdet)
-        return self._entry(x, args, kwargs, direction, logdet)
+        return self._memory_saving_entry(x, args, kwargs, direction, logdet)
 
     def _saving(self, x: Tensor, args: tuple[Any, ...], kwargs: dict[str, Any]) -> bool:
         """Whether this call saves memory: training, with grad, and something needs one."""
@@ -372,7 +372,7 @@ class ReversibleSequence(nn.Module):
         )
 
     @entry_frame
-    def _entry(
+    def _memory_saving_entry(
         self,
         x: Tensor,
         args: tuple[Any, ...],
@@ -392,7 +392,9 @@ class ReversibleSequence(nn.Module):
         direction: Direction,
         logdet: bool,
     ) -> Tensor | tuple[Tensor, Tensor]:
-        blocks = list(self) if direction is Direction.FORWARD else list(self)[::-1]
+        # the blocks from _modules: dynamo before torch 2.5 cannot trace a module's __iter__
+        in_order = [b for b in self._modules.values() if b is not None]
+        blocks = in_order if direction is Direction.FORWARD else in_order[::-1]
         total: Tensor | None = None
         for block in blocks:
             if direction is Direction.FORWARD:

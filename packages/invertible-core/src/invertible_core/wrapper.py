@@ -118,14 +118,14 @@ class InvertibleModuleWrapper(nn.Module):
         arguments are side inputs (a mask, an embedding), passed to ``fn`` and, for a
         coupling, to its ``Fm``/``Gm``; tensors among them that require grad get theirs.
         """
-        return self._run_direction(xin, side, inverse=False)
+        return self._memory_saving_entry(xin, side, inverse=False)
 
     def inverse(self, *yin: Tensor, **side: Any) -> Tensor | tuple[Tensor, ...]:
         """``fn.inverse(*yin, **side)``; while training, keeps no activation of its own."""
-        return self._run_direction(yin, side, inverse=True)
+        return self._memory_saving_entry(yin, side, inverse=True)
 
     @entry_frame  # eager under torch.compile (a graph break); the module's code compiles
-    def _run_direction(
+    def _memory_saving_entry(
         self, inputs: tuple[Tensor, ...], kwargs: dict[str, Any], inverse: bool
     ) -> Tensor | tuple[Tensor, ...]:
         return self._run_eagerly(inputs, kwargs, inverse, compile_context())

@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import inspect
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
-from invertible_core import TrainingStep
 from invertible_models.registry import create_model
+
+if TYPE_CHECKING:  # the measuring machinery loads when a step is made, not on import
+    from invertible_core import TrainingStep
 
 __all__ = [
     "build_model",
@@ -110,6 +112,8 @@ def training_step(
         made: torch.optim.Optimizer = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9)
     else:
         made = optimizer(model)
+    from invertible_core import TrainingStep
+
     return TrainingStep(
         model,
         images,

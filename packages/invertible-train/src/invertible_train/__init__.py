@@ -9,10 +9,11 @@ scripts.
 
 The house: ``cli`` reads an experiment (``config``, the schema) and runs a ``trainer``. A
 run is built (``run``: ``data``, ``model``, ``optim``, a ``tasks`` task, a ``strategy``: one
-process, or a ``distributed`` torchrun rank, with ``sync_batchnorm``), checked before
+process, or a ``distributed`` torchrun rank, with ``sync_batchnorm``, or ``sharding``
+under ``--fsdp``), checked before
 anything is written (``preflight``: ``results``, ``resume``, ``budget``), then trained
 (``trainer``: the loop, shown by ``progress``); around the loop: ``evaluation``,
-``checkpoint``, ``interrupts``, ``results``.
+``checkpoint`` (``sharded_checkpoint`` under ``--fsdp``), ``interrupts``, ``results``.
 """
 
 from invertible_train._version import __version__

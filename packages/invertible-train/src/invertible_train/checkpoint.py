@@ -20,6 +20,8 @@ unusable (a disk that lost its tail, a copy cut short) the run resumes from
 (:meth:`CheckpointStore.latest`) changes nothing on disk; an unusable ``last.pt`` is moved
 aside (:meth:`CheckpointStore.set_aside`) only once the run that passed over it begins, to
 ``last.pt.unusable``, ``last.pt.unusable.1``, ... so that every such file is kept.
+:class:`CheckpointFolder` is what this layout shares with the sharded checkpoints of
+``--fsdp`` (:mod:`invertible_train.sharded_checkpoint`): one folder per checkpoint.
 """
 
 from __future__ import annotations
@@ -36,11 +38,14 @@ from typing import Any
 import torch
 
 __all__ = [
+    "FIX",
     "FORMAT_VERSION",
     "CheckpointError",
+    "CheckpointFolder",
     "CheckpointStore",
     "LatestCheckpoint",
     "capture_rng_state",
+    "fsync_folder",
     "load_checkpoint",
     "restore_rng_state",
     "save_checkpoint",
@@ -77,11 +82,11 @@ def save_checkpoint(
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    _fsync_dir(path.parent)
+    fsync_folder(path.parent)
     return path
 
 
-def _fsync_dir(folder: Path) -> None:
+def fsync_folder(folder: Path) -> None:
     """Make the rename itself durable (a no-op where directories cannot be opened)."""
     try:
         fd = os.open(folder, os.O_RDONLY)
@@ -96,7 +101,7 @@ def _fsync_dir(folder: Path) -> None:
 
 
 #: the way out of an unusable checkpoint, for every message about one.
-_FIX = "rerun with --fresh to start the experiment over, or use another --results-dir"
+FIX = "rerun with --fresh to start the experiment over, or use another --results-dir"
 
 
 def _reason(exc: Exception) -> str:
@@ -125,14 +130,14 @@ def load_checkpoint(path: str | Path) -> dict[str, Any]:
     except Exception as exc:  # the unpickler raises many types; all mean "unusable"
         raise CheckpointError(
             f"checkpoint {path} is corrupt or not a checkpoint of this package "
-            f"({_reason(exc)}); {_FIX}"
+            f"({_reason(exc)}); {FIX}"
         ) from None
     if not isinstance(state, dict) or "format_version" not in state:
-        raise CheckpointError(f"{path} is not an invertible-train checkpoint; {_FIX}")
+        raise CheckpointError(f"{path} is not an invertible-train checkpoint; {FIX}")
     if state["format_version"] != FORMAT_VERSION:
         raise CheckpointError(
             f"checkpoint {path} has format version {state['format_version']}, this version of "
-            f"invertible-train reads version {FORMAT_VERSION}; {_FIX}"
+            f"invertible-train reads version {FORMAT_VERSION}; {FIX}"
         )
     return state
 
@@ -149,7 +154,97 @@ class LatestCheckpoint:
     skipped: str | None = None
 
 
-class CheckpointStore:
+class CheckpointFolder:
+    """What both layouts of a run's ``checkpoints/`` folder share: ``last``, ``previous``
+    and ``best`` (named ``NAME`` + :attr:`suffix`), reading the newest usable one
+    (:meth:`latest`) and setting an unusable one aside (:meth:`set_aside`).
+
+    :class:`CheckpointStore` keeps one file per checkpoint (``.pt``), written by the main
+    process; :class:`~invertible_train.sharded_checkpoint.ShardedCheckpointStore` one
+    folder per checkpoint (``.dcp``), written by every process of a sharded run.
+    """
+
+    #: how a checkpoint of this layout is named: ``last`` + suffix.
+    suffix = ".pt"
+    #: the suffix of the other layout (whose checkpoints this run must not pass over).
+    other_suffix = ".dcp"
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = Path(folder)
+        self.last = self.folder / f"last{self.suffix}"
+        self.previous = self.folder / f"previous{self.suffix}"
+        self.best = self.folder / f"best{self.suffix}"
+
+    def read(self, path: Path) -> dict[str, Any]:
+        """The checkpoint ``path`` (the state :meth:`latest` returns); raises
+        :class:`CheckpointError` naming it and the way out when it is unusable."""
+        raise NotImplementedError
+
+    def remove_stale(self) -> None:
+        """Clean up after a kill mid-write (never a finished checkpoint); main process."""
+        raise NotImplementedError
+
+    def exists(self) -> bool:
+        """Whether a checkpoint to resume from (``last`` or ``previous``) exists."""
+        return self.last.exists() or self.previous.exists()
+
+    def foreign(self) -> list[str]:
+        """The checkpoints of the other layout in the folder (``last.dcp`` beside a run that
+        writes ``.pt`` files, or the reverse), by name: a run must not start over past them."""
+        return sorted(
+            f"{name}{self.other_suffix}"
+            for name in ("last", "previous", "best")
+            if (self.folder / f"{name}{self.other_suffix}").exists()
+        )
+
+    def latest(self) -> LatestCheckpoint | None:
+        """The newest usable checkpoint, or None when none exists; reads, changes nothing.
+
+        ``last`` first; when it is unusable, ``previous``, with the reason ``last`` was
+        passed over in :attr:`LatestCheckpoint.skipped`. When neither is usable the
+        :class:`CheckpointError` names both.
+        """
+        errors: list[str] = []
+        for path in (self.last, self.previous):
+            if not path.exists():
+                continue
+            try:
+                state = self.read(path)
+            except CheckpointError as exc:
+                errors.append(str(exc).split(f"; {FIX}")[0])
+                continue
+            return LatestCheckpoint(state, path, errors[0] if errors else None)
+        if errors:
+            raise CheckpointError("; and ".join(errors) + f"; {FIX}")
+        return None
+
+    def set_aside(self, path: Path) -> Path:
+        """Move the unusable checkpoint ``path`` to ``NAME.unusable`` (``NAME.unusable.1``,
+        ``.2``, ... when that is taken: an earlier set-aside one is never replaced), out of
+        the rotation's way and kept for inspection; returns where it went."""
+        aside = path.with_name(f"{path.name}.unusable")
+        number = 0
+        while aside.exists() or aside.is_symlink():
+            number += 1
+            aside = path.with_name(f"{path.name}.unusable.{number}")
+        os.replace(path, aside)
+        return aside
+
+    def load_latest(self) -> tuple[dict[str, Any], Path, str | None] | None:
+        """:meth:`latest`, after :meth:`remove_stale`, with an unusable ``last`` set aside:
+        ``(state, path, skipped)``, ``skipped`` saying why ``last`` was passed over and
+        where it went, or None when no checkpoint exists."""
+        self.remove_stale()
+        found = self.latest()
+        if found is None:
+            return None
+        skipped = None
+        if found.skipped is not None:
+            skipped = f"{found.skipped}; moved it to {self.set_aside(self.last).name}"
+        return found.state, found.path, skipped
+
+
+class CheckpointStore(CheckpointFolder):
     """The ``checkpoints/`` folder of a run: ``last.pt``, ``previous.pt`` and ``best.pt``.
 
     :meth:`save_last` rotates (the old ``last.pt`` becomes ``previous.pt`` once the new one
@@ -158,11 +253,8 @@ class CheckpointStore:
     main process of a job uses it.
     """
 
-    def __init__(self, folder: str | Path) -> None:
-        self.folder = Path(folder)
-        self.last = self.folder / "last.pt"
-        self.previous = self.folder / "previous.pt"
-        self.best = self.folder / "best.pt"
+    def read(self, path: Path) -> dict[str, Any]:
+        return load_checkpoint(path)
 
     def save_last(self, state: Mapping[str, Any]) -> Path:
         """Write ``last.pt`` atomically, keeping the one it replaces as ``previous.pt``."""
@@ -175,57 +267,8 @@ class CheckpointStore:
     def remove_stale(self) -> None:
         """Delete temporary files a kill left behind mid-write (never a finished checkpoint)."""
         for stale in self.folder.glob(".*.tmp"):
-            stale.unlink(missing_ok=True)
-
-    def exists(self) -> bool:
-        """Whether a checkpoint to resume from (``last.pt`` or ``previous.pt``) exists."""
-        return self.last.exists() or self.previous.exists()
-
-    def latest(self) -> LatestCheckpoint | None:
-        """The newest usable checkpoint, or None when none exists; reads, changes nothing.
-
-        ``last.pt`` first; when it is unusable, ``previous.pt``, with the reason ``last.pt``
-        was passed over in :attr:`LatestCheckpoint.skipped`. When neither is usable the
-        :class:`CheckpointError` names both.
-        """
-        errors: list[str] = []
-        for path in (self.last, self.previous):
-            if not path.exists():
-                continue
-            try:
-                state = load_checkpoint(path)
-            except CheckpointError as exc:
-                errors.append(str(exc).split(f"; {_FIX}")[0])
-                continue
-            return LatestCheckpoint(state, path, errors[0] if errors else None)
-        if errors:
-            raise CheckpointError("; and ".join(errors) + f"; {_FIX}")
-        return None
-
-    def set_aside(self, path: Path) -> Path:
-        """Move the unusable checkpoint ``path`` to ``NAME.unusable`` (``NAME.unusable.1``,
-        ``.2``, ... when that is taken: an earlier set-aside file is never replaced), out of
-        the rotation's way and kept for inspection; returns where it went."""
-        aside = path.with_name(f"{path.name}.unusable")
-        number = 0
-        while aside.exists() or aside.is_symlink():
-            number += 1
-            aside = path.with_name(f"{path.name}.unusable.{number}")
-        os.replace(path, aside)
-        return aside
-
-    def load_latest(self) -> tuple[dict[str, Any], Path, str | None] | None:
-        """:meth:`latest`, after deleting stale temporary files, with an unusable ``last.pt``
-        set aside: ``(state, path, skipped)``, ``skipped`` saying why ``last.pt`` was passed
-        over and where it went, or None when no checkpoint exists."""
-        self.remove_stale()
-        found = self.latest()
-        if found is None:
-            return None
-        skipped = None
-        if found.skipped is not None:
-            skipped = f"{found.skipped}; moved it to {self.set_aside(self.last).name}"
-        return found.state, found.path, skipped
+            if stale.is_file():
+                stale.unlink(missing_ok=True)
 
 
 def capture_rng_state(device: torch.device | None = None) -> dict[str, Any]:

@@ -40,11 +40,18 @@ from invertible_train.config import (
     load_experiment,
 )
 from invertible_train.data import DatasetUnavailableError, check_dataset_name
-from invertible_train.distributed import BACKENDS, DistributedContext, process_group
+from invertible_train.distributed import (
+    BACKENDS,
+    DistributedContext,
+    process_group,
+    torchrun_ranks,
+)
 from invertible_train.interrupts import Interrupted
 from invertible_train.model import check_model_config, with_data_image_size
 from invertible_train.optim import check_optim_config
 from invertible_train.results import ResultsDirError, read_summary, results_path
+from invertible_train.sharded_checkpoint import ShardedCheckpointStore
+from invertible_train.sharding import refuse_fsdp_in_one_process
 from invertible_train.strategy import Distribution, SingleProcess, select_device
 from invertible_train.trainer import NonFiniteLossError, Trainer
 
@@ -167,6 +174,12 @@ def build_parser() -> argparse.ArgumentParser:
         "(train.sync_bn)",
     )
     parser.add_argument(
+        "--fsdp",
+        action="store_true",
+        help="under torchrun: shard every block of the model with FSDP2 instead of DDP, "
+        "and save sharded checkpoints (train.fsdp; --amp adds a mixed-precision policy)",
+    )
+    parser.add_argument(
         "--fresh",
         action="store_true",
         help="delete what this harness wrote in the experiment's results folder (the files "
@@ -218,6 +231,8 @@ def _named_options(args: argparse.Namespace) -> dict[str, Any]:
         values["model.reversible"] = args.reversible
     if args.sync_bn:
         values["train.sync_bn"] = True
+    if args.fsdp:
+        values["train.fsdp"] = True
     if args.memory_budget is not None:
         values["train.memory_budget"] = args.memory_budget
     return values
@@ -267,6 +282,8 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(dump_toml(config_to_dict(cfg)), end="")
             return 0
         device = select_device(cfg.train.device, no_cuda=args.no_cuda)
+        if cfg.train.fsdp and torchrun_ranks() is None:
+            refuse_fsdp_in_one_process()
         with process_group(device, args.backend) as job:
             return _train(args, cfg, job if job is not None else SingleProcess(device), job)
     except ConfigError as exc:
@@ -329,7 +346,8 @@ def build_eval_parser() -> argparse.ArgumentParser:
         default="best",
         help="'best' (the model with the best test figure of the run's evaluations; last.pt "
         "when there is no best.pt), 'final' (the final model, which summary.json "
-        "describes), 'last', 'previous', or a checkpoint file path (default: best)",
+        "describes), 'last', 'previous', or a checkpoint file path (or the folder of a "
+        "sharded checkpoint of an --fsdp run; default: best)",
     )
     parser.add_argument("--data-dir", help="where the dataset lives, if it moved since training")
     parser.add_argument("--batch-size", type=int, help="evaluation batch size")
@@ -339,17 +357,30 @@ def build_eval_parser() -> argparse.ArgumentParser:
 
 
 def _chosen_checkpoint(results: Path, choice: str) -> tuple[Path, str]:
-    """The file ``--checkpoint choice`` names, and which model that is: ``best``, ``final``,
+    """The checkpoint ``--checkpoint choice`` names (a file, or the folder of a sharded
+    checkpoint of an ``--fsdp`` run), and which model that is: ``best``, ``final``,
     ``last``, ``previous`` or ``file``."""
     folder = results / "checkpoints"
+
+    def named(name: str) -> Path:
+        plain, sharded = folder / f"{name}.pt", folder / f"{name}.dcp"
+        return sharded if sharded.exists() and not plain.exists() else plain
+
     if choice == "best":
-        best = folder / "best.pt"
-        return (best, "best") if best.exists() else (folder / "last.pt", "last")
+        best = named("best")
+        return (best, "best") if best.exists() else (named("last"), "last")
     if choice == "final":
-        return folder / "last.pt", "final"
+        return named("last"), "final"
     if choice in ("last", "previous"):
-        return folder / f"{choice}.pt", choice
+        return named(choice), choice
     return Path(choice), "file"
+
+
+def _read_checkpoint(path: Path) -> dict[str, Any]:
+    """The state of the checkpoint ``path``: a file, or a sharded checkpoint's folder."""
+    if path.is_dir():
+        return ShardedCheckpointStore(path.parent).read(path)
+    return load_checkpoint(path)
 
 
 def _describe(which: str, metric: str, iteration: int, total: int, results: Path) -> str:
@@ -392,11 +423,12 @@ def evaluate_main(argv: Sequence[str] | None = None) -> int:
     path, which = _chosen_checkpoint(results, args.checkpoint)
     try:
         with _one_line_warnings(prog):
-            state = load_checkpoint(path)
+            state = _read_checkpoint(path)
             if which == "final":
                 _check_final(results, state.get("iteration"), path)
             cfg = config_from_dict(state["config"], source=str(path))
-            values: dict[str, Any] = {}
+            # one process evaluates the whole model, sharded checkpoint or not
+            values: dict[str, Any] = {"train.fsdp": False}
             if args.data_dir is not None:
                 values["data.data_dir"] = args.data_dir
             if args.batch_size is not None:

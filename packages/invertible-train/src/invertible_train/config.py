@@ -164,6 +164,10 @@ class TrainConfig:
     threads: int = 0
     #: under torchrun, BatchNorm layers normalise with the statistics of the global batch.
     sync_bn: bool = False
+    #: under torchrun, shard every block with FSDP2 instead of replicating the model with
+    #: DDP; checkpoints are sharded (``torch.distributed.checkpoint``): see
+    #: ``invertible_train.sharding``.
+    fsdp: bool = False
     #: plan what to store and what to recompute for this peak memory per process ("6GiB",
     #: "512MiB"; "" plans nothing): see ``invertible_train.budget``.
     memory_budget: str = ""

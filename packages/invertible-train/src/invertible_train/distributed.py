@@ -15,7 +15,8 @@ into a running job:
   figures, the non-finite and interrupt flags), rank 0's checkpoint read once and broadcast
   (so resuming needs no shared file system), the dataset prepared by one process per machine
   before the others read it. ``data.batch_size`` stays the *global* batch; each rank trains
-  on its share.
+  on its share. With ``--fsdp`` the model is sharded instead of wrapped
+  (:meth:`DistributedContext.shard`, :mod:`invertible_train.sharding`).
 
 Reversible networks need nothing special: a :class:`~invertible_core.ReversibleSequence`
 takes its parameters as inputs of one autograd node, so each gradient reaches DDP once,
@@ -29,7 +30,7 @@ import gc
 import os
 import pickle
 import weakref
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -39,6 +40,7 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
 from invertible_train.config import ConfigError
+from invertible_train.sharding import check_fsdp_available, shard_model
 from invertible_train.strategy import Closable
 from invertible_train.sync_batchnorm import convert_sync_batchnorm
 
@@ -87,6 +89,21 @@ class DistributedContext:
         """``DistributedDataParallel`` over ``module``, on this process's GPU when there is one."""
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids, find_unused_parameters=False)
+
+    def shard(
+        self,
+        model: nn.Module,
+        param_dtype: torch.dtype | None = None,
+        methods: Sequence[str] = (),
+    ) -> nn.Module:
+        """``model`` sharded in place over every rank of the job with FSDP2 (``--fsdp``):
+        every block a unit, then the root; see :func:`~invertible_train.sharding.shard_model`
+        for ``param_dtype`` (the mixed-precision policy) and ``methods``."""
+        check_fsdp_available()
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(self.device.type, (self.world_size,))
+        return shard_model(model, mesh, param_dtype, methods)
 
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
         """``torch.nn.SyncBatchNorm`` on CUDA; on the CPU, where the stock layer cannot run,

@@ -10,6 +10,11 @@ and never enter a statistic. Random numbers drawn while evaluating (a density mo
 dequantisation noise) come from a seed fixed per test batch, with the random state forked:
 each evaluation of a run draws the same ones, and training's random state is untouched.
 
+A sharded model (``--fsdp``) gathers its parameters in every forward, a collective that
+every rank must join: there (``collective=True``) each rank runs as many forwards as the
+rank with the most test batches, a rank with fewer ending with forwards whose outputs are
+not counted.
+
 It also measures one training step of a model on a test batch
 (:meth:`Evaluator.step_memory`): the run's own step (its optimizer with its state, its
 autocast and scaler) on a copy of the model, measured as ``invertible-profile`` measures
@@ -39,7 +44,9 @@ __all__ = ["Evaluator"]
 class Evaluator:
     """The test figures of a model (see the module docstring).
 
-    ``autocast`` returns the context the forward pass runs in (mixed precision or none).
+    ``autocast`` returns the context the forward pass runs in (mixed precision or none);
+    ``collective``: the model's forward is a collective (a sharded model), see the module
+    docstring.
     """
 
     def __init__(
@@ -50,6 +57,7 @@ class Evaluator:
         distribution: Distribution,
         autocast: Callable[[], contextlib.AbstractContextManager[Any]],
         workers: int = 0,
+        collective: bool = False,
     ) -> None:
         self.task = task
         self.distribution = distribution
@@ -59,6 +67,11 @@ class Evaluator:
         rank, world_size = distribution.rank, distribution.world_size
         #: this process's test images, as positions in the test set.
         self.indices = list(range(rank, len(test), world_size))  # type: ignore[arg-type]
+        self.test = test
+        #: forwards this process runs per evaluation: its batches, or under a sharded model
+        #: (``collective``) those of the rank with the most test images.
+        most = -(-len(test) // world_size) if collective else len(self.indices)  # type: ignore[arg-type]
+        self.forwards = -(-most // batch_size)
         self.loader = make_loader(
             test,
             batch_size,
@@ -96,6 +109,11 @@ class Evaluator:
                     output = forward(self.task.test_view(images, indices))
                 output = output.float()
                 sums += self.task.sums(output, labels, self.task.loss(output, labels))
+            # forwards that only join the collectives of ranks with one more batch
+            for _ in range(self.forwards - len(self.loader)):
+                image = self.test[0][0].unsqueeze(0).to(self.device)
+                with self.autocast():
+                    forward(self.task.test_view(image, [0]))
         model.train(was_training)
         return self.task.figures(self.distribution.reduce(sums), prefix="test_")
 

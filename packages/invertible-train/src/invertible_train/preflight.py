@@ -31,7 +31,7 @@ from typing import Any
 
 from invertible_core import MemoryPlan
 from invertible_train.budget import apply_plan, plan_memory, planning_batch, reusable_plan
-from invertible_train.checkpoint import CheckpointStore
+from invertible_train.checkpoint import CheckpointFolder
 from invertible_train.results import check_results, read_summary
 from invertible_train.resume import ResumePoint, find_resume_point
 from invertible_train.run import Run
@@ -58,7 +58,7 @@ class Start:
 def check_start(
     run: Run,
     results_dir: Path,
-    checkpoints: CheckpointStore,
+    checkpoints: CheckpointFolder,
     fresh: bool,
     load_state: Callable[[dict[str, Any], Path], None],
 ) -> Start:

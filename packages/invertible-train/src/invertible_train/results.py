@@ -13,6 +13,7 @@ Layout (written by the main process only)::
                            when the run is interrupted (SIGINT, SIGTERM)
     checkpoints/previous.pt  the last.pt before it (resumed from when last.pt is unusable)
     checkpoints/best.pt    the evaluated model with the best test metric so far
+    checkpoints/*.dcp/     the same three under --fsdp, each a folder of sharded files
     samples/               density models: a PNG grid of samples at each evaluation
     tensorboard/           event files: loss, metrics, lr, throughput, memory, samples
 
@@ -187,7 +188,10 @@ def holds_results(path: Path) -> list[str]:
     training-loss lines of the iterations before its first checkpoint, which it repeats
     exactly. Anything here would be overwritten by a restart.
     """
-    found = [str(f.relative_to(path)) for f in sorted((path / "checkpoints").glob("*.pt*"))]
+    folder = path / "checkpoints"
+    found = [
+        str(f.relative_to(path)) for f in sorted([*folder.glob("*.pt*"), *folder.glob("*.dcp*")])
+    ]
     if (path / "summary.json").exists():
         found.append("summary.json")
     metrics = path / "metrics.jsonl"

@@ -6,10 +6,11 @@ rank). It only reads:
 
 1. the newest usable checkpoint is read: ``last.pt``, else ``previous.pt`` (the one before
    it, kept by the checkpoint rotation), the point saying why ``last.pt`` was passed over
-   (:func:`set_aside_skipped` moves it aside, with a warning, once the run begins);
+   (:func:`set_aside_skipped` moves it aside, with a warning, once the run begins); under
+   ``--fsdp`` the same with the sharded ``last.dcp`` and ``previous.dcp``;
 2. without one, the run starts from iteration 0, unless the folder holds what a restart
-   would overwrite (checkpoints, evaluations, a summary): then :class:`ResultsDirError`,
-   and ``--fresh`` is the way to start over;
+   would overwrite (checkpoints, of either layout, evaluations, a summary): then
+   :class:`ResultsDirError`, and ``--fresh`` is the way to start over;
 3. the checkpoint must come from as many processes as this run has (each rank's data order
    depends on their number), and from the same experiment: every config key but
    :data:`RESUMABLE_CHANGES` must be equal (:func:`config_differences`).
@@ -23,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from invertible_train.checkpoint import CheckpointStore
+from invertible_train.checkpoint import CheckpointFolder
 from invertible_train.config import ExperimentConfig, config_to_dict
 from invertible_train.results import ResultsDirError, holds_results
 from invertible_train.strategy import Distribution
@@ -97,9 +98,18 @@ def config_differences(saved: Mapping[str, Any], now: Mapping[str, Any]) -> list
     return [f"{k}: {old.get(k)!r} -> {new.get(k)!r}" for k in keys if old.get(k) != new.get(k)]
 
 
-def _read(results_dir: Path, checkpoints: CheckpointStore) -> ResumePoint | None:
+def _read(results_dir: Path, checkpoints: CheckpointFolder) -> ResumePoint | None:
     """Steps 1 and 2 of the policy, on the main process."""
     found = checkpoints.latest()
+    foreign = checkpoints.foreign()
+    if found is None and foreign:
+        sharded = foreign[0].endswith(".dcp")
+        raise ResultsDirError(
+            f"{results_dir} holds checkpoints of a run {'with' if sharded else 'without'} "
+            f"--fsdp ({', '.join(foreign)}), which this run {'without' if sharded else 'with'} "
+            f"--fsdp cannot resume; rerun {'with' if sharded else 'without'} --fsdp to "
+            "resume it, or with --fresh to start over (deleting it)"
+        )
     if found is None:
         valuable = holds_results(results_dir)
         if valuable:
@@ -114,7 +124,7 @@ def _read(results_dir: Path, checkpoints: CheckpointStore) -> ResumePoint | None
 
 def find_resume_point(
     results_dir: Path,
-    checkpoints: CheckpointStore,
+    checkpoints: CheckpointFolder,
     cfg: ExperimentConfig,
     distribution: Distribution,
 ) -> ResumePoint | None:
@@ -143,7 +153,7 @@ def find_resume_point(
     return point
 
 
-def set_aside_skipped(point: ResumePoint, checkpoints: CheckpointStore) -> None:
+def set_aside_skipped(point: ResumePoint, checkpoints: CheckpointFolder) -> None:
     """Move the ``last.pt`` that ``point`` passed over aside (numbered, never replacing an
     earlier one) and warn (:class:`ResumeWarning`); main process, once the run begins."""
     if point.skipped is None or not checkpoints.last.exists():

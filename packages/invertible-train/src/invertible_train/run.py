@@ -5,8 +5,8 @@ training loop needs: the data (:func:`~invertible_train.data.build_data`), the m
 (:func:`~invertible_train.model.build_model`, seeded by ``train.seed`` alone), the task
 (:mod:`invertible_train.tasks`: classification, or density estimation for models with
 ``log_prob`` and ``sample``), the module the loop calls (``DistributedDataParallel`` under
-torchrun), the optimizer, the schedule, the grad scaler, the resumable sampler and its
-loader, the evaluator, and the run's length and intervals in iterations. Building checks
+torchrun; under ``--fsdp`` the model itself, sharded by FSDP2), the optimizer, the
+schedule, the grad scaler, the resumable sampler and its loader, the evaluator, and the run's length and intervals in iterations. Building checks
 what only the built pieces can tell (a batch larger than the training set, a batch that does
 not split across the processes) and writes nothing: a results folder is only touched once
 every check has passed (:mod:`invertible_train.preflight`).
@@ -32,6 +32,7 @@ from invertible_train.data.transforms import BatchTransform
 from invertible_train.evaluation import Evaluator
 from invertible_train.model import build_model, has_memory_saving, initialise_data_dependent_layers
 from invertible_train.optim import build_optimizer, build_scheduler, check_optim_config
+from invertible_train.sharding import check_fsdp_available
 from invertible_train.strategy import Distribution
 from invertible_train.tasks import Task, task_for
 
@@ -84,6 +85,15 @@ class Run:
                 "SyncBatchNorm's forward is a collective, which one process cannot measure "
                 "alone; drop --sync-bn or --memory-budget"
             )
+        if cfg.train.fsdp:
+            check_fsdp_available()
+            if cfg.train.memory_budget:
+                raise ConfigError(
+                    "train.memory_budget cannot plan a sharded model (--fsdp): the planner "
+                    "measures one process's training step on the whole model, and a sharded "
+                    "step is a collective over every process's shards; drop --memory-budget "
+                    "(model.memory_saving still chooses saving or not) or --fsdp"
+                )
         check_optim_config(cfg.optimizer, cfg.scheduler)
         if cfg.train.threads:
             torch.set_num_threads(cfg.train.threads)
@@ -119,8 +129,19 @@ class Run:
             initialise_data_dependent_layers(
                 model, self._first_images, self.task.forward_module(model)
             )
-        #: what the loop calls: the DDP wrapper under torchrun, else the task's module.
-        self.wrapped_model: nn.Module = distribution.wrap(self.task.forward_module(model))
+        self.amp_dtype = AMP_DTYPES.get(cfg.train.amp)
+        #: whether the model is sharded (``--fsdp``): then its every forward is a collective,
+        #: which every process runs, and its checkpoints are sharded.
+        self.sharded = cfg.train.fsdp
+        if self.sharded:
+            distribution.shard(model, self.amp_dtype, self.task.model_methods)
+        #: what the loop calls: the DDP wrapper under torchrun (the task's module of the
+        #: sharded model under ``--fsdp``), else the task's module.
+        self.wrapped_model: nn.Module = (
+            self.task.forward_module(model)
+            if self.sharded
+            else distribution.wrap(self.task.forward_module(model))
+        )
         self.closed = False
         self.optimizer = build_optimizer(model.parameters(), cfg.optimizer)
 
@@ -145,6 +166,15 @@ class Run:
             if not distribution.is_main_process:
                 warnings.simplefilter("ignore")  # rank 0 tells the user once
             self.scheduler = build_scheduler(self.optimizer, cfg.scheduler, self.total_iterations)
+            if self.sharded and cfg.train.measure_memory:
+                warnings.warn(
+                    "train.measure_memory: the end-of-run measurement of a training step "
+                    "runs one process's step on a copy of the whole model, which a sharded "
+                    "model (--fsdp) cannot give; summary.json records no activation_bytes "
+                    "or step_peak_bytes (--set train.measure_memory=false says you know)",
+                    TrainingWarning,
+                    stacklevel=3,
+                )
             if cfg.model.memory_saving is False and not has_memory_saving(model):
                 warnings.warn(
                     f"model.memory_saving = false changes nothing: {cfg.model.name} has no "
@@ -152,7 +182,6 @@ class Run:
                     TrainingWarning,
                     stacklevel=3,
                 )
-        self.amp_dtype = AMP_DTYPES.get(cfg.train.amp)
         self.scaler = torch.amp.GradScaler(self.device.type, enabled=cfg.train.amp == "fp16")
         self.loader = make_loader(
             self.data.train,
@@ -169,6 +198,7 @@ class Run:
             distribution,
             self._autocast,
             workers=cfg.data.workers,
+            collective=self.sharded,
         )
         distribution.track(self)
 

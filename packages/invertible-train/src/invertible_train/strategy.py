@@ -13,6 +13,8 @@ the trainer asks          one process                              a torchrun ra
 ========================  =======================================  ==========================
 ``is_main_process``       yes                                      rank 0 only
 ``wrap(module)``          the module                               ``DistributedDataParallel``
+``shard(model)``          refused: nothing to shard across         FSDP2 ``fully_shard``, every
+                                                                   block a unit (``--fsdp``)
 ``sync_batchnorm(model)`` the model                                BatchNorm -> SyncBatchNorm
 ``reduce(tensor)``        the tensor                               all-reduce (sum), in place
 ``run_on_main(fn)``       ``fn()``                                 rank 0 calls, all get it
@@ -26,13 +28,14 @@ the trainer asks          one process                              a torchrun ra
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Protocol, TypeVar, runtime_checkable
 
 import torch
 from torch import nn
 
 from invertible_train.config import ConfigError
+from invertible_train.sharding import refuse_fsdp_in_one_process
 
 __all__ = ["Closable", "Distribution", "SingleProcess", "select_device"]
 
@@ -78,6 +81,17 @@ class Distribution(Protocol):
         """The module the training loop calls: ``module``, or a DDP wrapper around it."""
         ...
 
+    def shard(
+        self,
+        model: nn.Module,
+        param_dtype: torch.dtype | None = None,
+        methods: Sequence[str] = (),
+    ) -> nn.Module:
+        """``model`` sharded in place across the processes (``--fsdp``), with parameters in
+        ``param_dtype`` while a unit computes; ``methods`` besides ``forward`` that the
+        caller calls on it. See :mod:`invertible_train.sharding`."""
+        ...
+
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
         """``model`` whose BatchNorm layers normalise over every process's batch."""
         ...
@@ -120,6 +134,14 @@ class SingleProcess:
 
     def wrap(self, module: nn.Module) -> nn.Module:
         return module
+
+    def shard(
+        self,
+        model: nn.Module,
+        param_dtype: torch.dtype | None = None,
+        methods: Sequence[str] = (),
+    ) -> nn.Module:
+        refuse_fsdp_in_one_process()
 
     def sync_batchnorm(self, model: nn.Module) -> nn.Module:
         return model  # one process: the local batch is the global batch

@@ -91,6 +91,10 @@ class Task(ABC):
     #: entries of the results folder the task writes beside the trainer's (recorded in the
     #: folder's marker, so that ``--fresh`` deletes them and nothing else).
     writes: tuple[str, ...] = ()
+    #: methods of the model the harness calls besides ``forward`` (through
+    #: :meth:`forward_module` or :meth:`after_evaluation`); a sharded model (``--fsdp``)
+    #: gathers its parameters around each, as around ``forward``.
+    model_methods: tuple[str, ...] = ()
     #: the length of :meth:`sums` (the trainer and the evaluator add them up); entry 2 is
     #: the number of samples
     sums_size: int = 3
@@ -136,8 +140,12 @@ class Task(ABC):
             return math.isfinite(value)
         return value > best if self.higher_is_better else value < best
 
-    def after_evaluation(self, model: nn.Module, results_dir: Path, iteration: int) -> Any:
-        """Called on the main process after each evaluation; returns an image to log, if any."""
+    def after_evaluation(
+        self, model: nn.Module, results_dir: Path, iteration: int, write: bool = True
+    ) -> Any:
+        """Called after each evaluation (on the main process; on every process when the
+        model is sharded, whose forward is a collective, with ``write`` only on the main
+        one); returns an image to log, if any."""
         return None
 
 
@@ -238,6 +246,7 @@ class DensityEstimation(Task):
     metric = "test_bits_per_dim"
     higher_is_better = False
     writes = ("samples",)
+    model_methods = ("log_prob", "sample")
 
     def __init__(self, transform: BatchTransform, dims: int) -> None:
         super().__init__(transform)
@@ -263,8 +272,11 @@ class DensityEstimation(Task):
             [total, total, torch.tensor(count, dtype=torch.float64, device=total.device)]
         )
 
-    def after_evaluation(self, model: nn.Module, results_dir: Path, iteration: int) -> Tensor:
-        """Write ``samples/iteration-NNNNNNN.png``: a grid of :data:`~invertible_train.tasks.SAMPLE_GRID` samples.
+    def after_evaluation(
+        self, model: nn.Module, results_dir: Path, iteration: int, write: bool = True
+    ) -> Tensor:
+        """Write ``samples/iteration-NNNNNNN.png`` (where ``write``): a grid of
+        :data:`~invertible_train.tasks.SAMPLE_GRID` samples.
 
         Drawn from a fixed seed with the random state forked, so the grids of successive
         evaluations show the same latent points and training's random state is untouched.
@@ -280,6 +292,8 @@ class DensityEstimation(Task):
             samples = model.sample(SAMPLE_GRID)  # type: ignore[operator]
         model.train(was_training)
         grid = make_grid(samples.detach().float().clamp(0, 1).cpu(), nrow=8)
+        if not write:
+            return grid
         folder = results_dir / "samples"
         folder.mkdir(parents=True, exist_ok=True)
         save_image(grid, folder / f"iteration-{iteration:07d}.png")

@@ -18,7 +18,8 @@ estimation) and a :class:`~invertible_train.strategy.Distribution` (how the work
 one process, or one rank of a torchrun job).
 
 Rerunning the same command resumes from the newest usable checkpoint (``last.pt``, else
-``previous.pt``): same iteration, same position in the epoch's data order, same random
+``previous.pt``; under ``--fsdp`` the sharded folders ``last.dcp`` and ``previous.dcp``,
+:mod:`invertible_train.sharded_checkpoint`): same iteration, same position in the epoch's data order, same random
 states, so on the CPU the resumed run ends with bit-for-bit the weights of an uninterrupted
 one. A run that had finished is reported, not trained or rewritten. SIGINT (Ctrl-C) and
 SIGTERM are caught while training (:mod:`invertible_train.interrupts`): the step in
@@ -53,6 +54,8 @@ from invertible_train.results import RunLog, Throughput, package_versions, prepa
 from invertible_train.results import remove_results as remove_written_results
 from invertible_train.resume import set_aside_skipped
 from invertible_train.run import Run, TaskFactory, TrainingWarning
+from invertible_train.sharded_checkpoint import LAYOUT as SHARDED
+from invertible_train.sharded_checkpoint import ShardedCheckpointStore, load_sharded_state
 from invertible_train.strategy import Distribution, SingleProcess
 from invertible_train.tasks import task_for
 
@@ -110,7 +113,11 @@ class Trainer(Run):
         self.position = 0  # batches of the current epoch already trained
         #: the best value of the task's metric so far (None before the first evaluation).
         self.best: float | None = None
-        self.checkpoints = CheckpointStore(self.results_dir / "checkpoints")
+        folder = self.results_dir / "checkpoints"
+        #: ``last``, ``previous`` and ``best``: files, or under ``--fsdp`` sharded folders.
+        self.checkpoints: CheckpointStore | ShardedCheckpointStore = (
+            ShardedCheckpointStore(folder) if self.sharded else CheckpointStore(folder)
+        )
         self.log = RunLog(
             self.results_dir, self.distribution.is_main_process, cfg.train.tensorboard
         )
@@ -124,10 +131,17 @@ class Trainer(Run):
 
     # -- state ------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        """Everything a bit-exact resume needs, as weights-only-loadable data."""
+        """Everything a bit-exact resume needs, as weights-only-loadable data (of an
+        unsharded model: a sharded one's tensors go to its sharded checkpoints)."""
         return {
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
+            **self.run_state(),
+        }
+
+    def run_state(self) -> dict[str, Any]:
+        """:meth:`state_dict` but the model's and the optimizer's state."""
+        return {
             "scheduler": self.scheduler.state_dict(),
             "scaler": self.scaler.state_dict(),
             "iteration": self.iteration,
@@ -155,12 +169,19 @@ class Trainer(Run):
     def load_state_dict(self, state: dict[str, Any], source: Path) -> None:
         """Restore :meth:`state_dict`; contents that do not fit raise :class:`CheckpointError`.
 
-        Whether the checkpoint belongs to this experiment is
+        A sharded checkpoint's ``state`` (its ``state.pt``) brings the run's state; the
+        model's and the optimizer's load from its folder ``source``
+        (:func:`~invertible_train.sharded_checkpoint.load_sharded_state`: every process of a
+        sharded run calls this, or one process with the whole model). Whether the
+        checkpoint belongs to this experiment is
         :func:`~invertible_train.resume.find_resume_point`'s question.
         """
         try:
-            self.model.load_state_dict(state["model"])
-            self.optimizer.load_state_dict(state["optimizer"])
+            if state.get("layout") == SHARDED:
+                load_sharded_state(source, state, self.model, self.optimizer)
+            else:
+                self.model.load_state_dict(state["model"])
+                self.optimizer.load_state_dict(state["optimizer"])
             self.scheduler.load_state_dict(state["scheduler"])
             self.scaler.load_state_dict(state["scaler"])
             self.iteration = int(state["iteration"])
@@ -178,6 +199,8 @@ class Trainer(Run):
                 if isinstance(timed, dict)
                 else {"seconds": 0.0, "since_iteration": self.iteration}  # not recorded
             )
+        except CheckpointError:
+            raise
         except (KeyError, RuntimeError, ValueError, TypeError) as exc:
             raise CheckpointError(
                 f"checkpoint {source} does not fit this experiment ({type(exc).__name__}: "
@@ -342,13 +365,26 @@ class Trainer(Run):
                     with clock.paused():
                         if eval_now:
                             last_eval = self._evaluate_and_log()
-                        if save_now and self.distribution.is_main_process:
-                            self.checkpoints.save_last(self.state_dict())
+                        if save_now:
+                            self._save()
             finally:
                 batches.close()  # shuts down loader workers now rather than at garbage collection
         if last_eval is None:  # the run had trained its last step, but not written its summary
             last_eval = self.evaluate()
         return last_eval
+
+    def _save(self, best: bool = False) -> None:
+        """Write ``last`` (or ``best``): the main process writes a file, or under ``--fsdp``
+        every process its shards (with the main process's buffers, as under DDP)."""
+        if isinstance(self.checkpoints, ShardedCheckpointStore):
+            self.distribution.broadcast_buffers(self.model)
+            save = self.checkpoints.save_best if best else self.checkpoints.save_last
+            save(self.run_state(), self.model, self.optimizer)
+        elif self.distribution.is_main_process:
+            if best:
+                self.checkpoints.save_best(self.state_dict())
+            else:
+                self.checkpoints.save_last(self.state_dict())
 
     def _check(self, bad: torch.Tensor, since: int) -> bool:
         """Stop every process on a non-finite loss seen by any; True when any process was
@@ -378,8 +414,7 @@ class Trainer(Run):
 
     def _interrupt(self) -> None:
         """Save a checkpoint at this iteration, record the stop, raise :class:`Interrupted`."""
-        if self.distribution.is_main_process:
-            self.checkpoints.save_last(self.state_dict())
+        self._save()
         self.log.log(
             {
                 "kind": "stopped",
@@ -422,17 +457,19 @@ class Trainer(Run):
         self.log.log({"kind": "eval", "iteration": self.iteration, "epoch": self.epoch, **figures})
         if self.task.better(figures[self.task.metric], self.best):
             self.best = figures[self.task.metric]
-            if self.distribution.is_main_process:
-                self.checkpoints.save_best(self.state_dict())
-        if self.distribution.is_main_process:
-            image = self.task.after_evaluation(self.model, self.results_dir, self.iteration)
+            self._save(best=True)
+        main = self.distribution.is_main_process
+        if main or self.sharded:  # a sharded model's forward is every process's
+            image = self.task.after_evaluation(
+                self.model, self.results_dir, self.iteration, write=main
+            )
             if image is not None:
                 self.log.log_image("samples", image, self.iteration)
         return figures
 
     def _summarize(self, last_eval: dict[str, float]) -> dict[str, Any]:
         memory: dict[str, int | None] = {"activation_bytes": None, "step_peak_bytes": None}
-        if self.cfg.train.measure_memory:
+        if self.cfg.train.measure_memory and not self.sharded:  # (Run warned when sharded)
             memory.update(
                 self.evaluator.step_memory(
                     self.model,
