@@ -32,7 +32,8 @@ process's CPU time, which the other jobs of a shared machine barely disturb), ea
 configuration interleaved with its twin (A, B, A, B...): a RevNet with its no-saving self, a
 ResNet with its checkpointed self, a RevViT with the ViT of the same depth, so that the
 ratios hold on a loaded machine. Prints a table and writes JSON to
-``benchmarks/results/models.json`` (and ``--json PATH``).
+``benchmarks/results/models.json`` (or ``--json PATH``; a ``--quick`` run writes only where
+``--json`` says).
 
     python benchmarks/bench_models.py            # a few minutes on 2 cores
     python benchmarks/bench_models.py --quick    # batch 8, 3 timed rounds: a smoke run
@@ -307,7 +308,12 @@ def main(argv: list[str] | None = None) -> int:
         "machine) or wall time (default on CUDA)",
     )
     parser.add_argument("--only", nargs="+", metavar="LABEL", help="run only these rows")
-    parser.add_argument("--json", metavar="PATH", help="also write the results here")
+    parser.add_argument(
+        "--json",
+        metavar="PATH",
+        help="write the JSON here instead (default: benchmarks/results/models.json; a --quick "
+        "run writes none unless asked, so a smoke run never replaces the committed record)",
+    )
     args = parser.parse_args(argv)
     batch_size = args.batch_size or (8 if args.quick else 32)
     vit_batch_size = args.vit_batch_size or (8 if args.quick else 64)
@@ -425,7 +431,7 @@ def main(argv: list[str] | None = None) -> int:
         "irevnet_reconstruction": reconstruction,
         "glow_bits_per_dim": bits_per_dim,
     }
-    paths = [RESULTS] + ([Path(args.json)] if args.json else [])
+    paths = [Path(args.json)] if args.json else ([] if args.quick else [RESULTS])
     for path in paths:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")

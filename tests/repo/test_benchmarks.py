@@ -101,12 +101,23 @@ def _run(
 def test_benchmark_runs_and_writes_json(script: str, tmp_path: Path) -> None:
     args, json_flag, keys = CASES[script]
     out = tmp_path / "result.json"
+    committed = _committed_records()
     done = _run(script, args, json_flag, out)
     assert done.returncode == 0, done.stderr[-2000:]
+    assert _committed_records() == committed, (
+        f"{script} {' '.join(args)} {json_flag} PATH changed benchmarks/results/: a smoke run "
+        "must write only where it is told, never over the records the site is made from"
+    )
     assert done.stdout.strip(), "a benchmark prints a table"
     assert keys <= set(json.loads(out.read_text()))
     if script in SITE_TABLES:
         _site_tables_render(script, out, tmp_path / "site")
+
+
+def _committed_records() -> dict[str, bytes]:
+    """The bytes of every file under benchmarks/results/ (the records the site is made from)."""
+    folder = BENCHMARKS / "results"
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("*")) if p.is_file()}
 
 
 def _site_tables_render(script: str, record: Path, folder: Path) -> None:
@@ -121,7 +132,11 @@ def _site_tables_render(script: str, record: Path, folder: Path) -> None:
     shutil.copy(record, folder / file)
     for name in names:
         table = TABLES[name].render(folder)
-        assert table is not None and table.count("\n| ") >= 2, f"{name}: {table}"
+        assert table is not None, name
+        lines = table.splitlines()
+        # a header, its rule and at least one row made from the record
+        assert lines[0].startswith("| ") and lines[1].startswith("|---"), f"{name}: {table}"
+        assert lines[2].startswith("| "), f"{name}: {table}"
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from .records import Record, RecordSpec, Table, TableSpec, number, relative_error, threads
+from .records import Record, RecordSpec, Table, TableSpec, number, relative_error, short, threads
 
 
 def _conditions(record: Record) -> str:
@@ -44,26 +44,34 @@ def _in_order(values: list[Any]) -> list[Any]:
 
 def _memory_table(record: Record) -> Table:
     rows = record.rows("memory")
-    depths = sorted({record.field(row, "depth") for row in rows})
-    at = " / ".join(str(d) for d in depths)
-    table = Table(
-        [
-            "network",
-            "variant",
-            f"retained MiB, depth {at}",
-            "step peak MiB",
-            "step time / original",
-        ]
-    )
     keys = _in_order([(record.field(r, "network"), record.field(r, "variant")) for r in rows])
+    depths_of = {
+        network: sorted({record.field(r, "depth") for r in rows if r.get("network") == network})
+        for network, _ in keys
+    }
+    shared = len({tuple(d) for d in depths_of.values()}) == 1
+    # one set of depths for every network goes into the heading; otherwise (a smoke run sizes
+    # each network its own way) each network says its depths
+    heading = (
+        f"retained MiB, depth {' / '.join(str(d) for d in next(iter(depths_of.values())))}"
+        if shared
+        else "retained MiB, per depth"
+    )
+    table = Table(["network", "variant", heading, "step peak MiB", "step time / original"])
     for network, variant in keys:
+        depths = depths_of[network]
         mine = [record.find(rows, network=network, variant=variant, depth=d) for d in depths]
 
         def cells(key: str, digits: int, mine: list[dict[str, Any]] = mine) -> str:
             return " / ".join(number(record.field(row, key), digits) for row in mine)
 
+        label = network if shared else f"{network} (depth {' / '.join(map(str, depths))})"
+        note = next((row["note"] for row in mine if "note" in row), None)
+        if note is not None:  # a variant that could not be built or measured says why
+            table.add(label, VARIANTS.get(variant, variant), short(note), "", "")
+            continue
         table.add(
-            network,
+            label,
             VARIANTS.get(variant, variant),
             cells("retained_mib", 1),
             cells("peak_mib", 1),
