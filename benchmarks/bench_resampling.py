@@ -215,7 +215,11 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(1)
     steps, hidden, batch, size = (2, 8, 2, 8) if args.quick else (8, 32, 8, 32)
     freia = _freia()
-    outputs = [{"result": freia}] if isinstance(freia, str) else compare_outputs(freia)
+    outputs = (
+        [{"freia": "every layer", "result": freia}]
+        if isinstance(freia, str)
+        else compare_outputs(freia)
+    )
     flow_rows = flows(freia, steps, hidden, batch, size)
 
     print(f"torch {torch.__version__}; FrEIA against the core, images (4, 3, 16, 16)")
